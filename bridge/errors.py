@@ -1,0 +1,15 @@
+"""The errors the task store raises; transport errors are turned into these."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """The task store failed."""
+
+
+class StoreUnavailable(StoreError):
+    """The database or Supabase could not be reached or was overloaded; try again later."""
+
+
+class StoreRejected(StoreError):
+    """The database refused the call (bad input, permissions, missing migration)."""

@@ -1,0 +1,52 @@
+-- Every call the store makes, one named block each: `-- name --`, a line saying
+-- what it does, then the statement. Each calls one SQL function from the
+-- migration; the Supabase transport calls the same function through rpc() with
+-- the same named parameters, so both transports run the same code in Postgres.
+
+-- claim --
+-- Claim up to p_limit due pending rows; each gets attempts + 1 and a lease.
+select * from public.agent_tasks_claim(p_limit => %(p_limit)s::integer, p_lease_seconds => %(p_lease_seconds)s::double precision)
+
+-- start --
+-- A worker takes its attempt: fenced; returns the request payload.
+select * from public.agent_task_start(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_lease_seconds => %(p_lease_seconds)s::double precision)
+
+-- heartbeat --
+-- The holder renews its lease while the handler runs.
+select * from public.agent_task_heartbeat(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_lease_seconds => %(p_lease_seconds)s::double precision)
+
+-- progress --
+-- Partial output into response_payload while the handler streams.
+select * from public.agent_task_progress(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_response => %(p_response)s::jsonb)
+
+-- complete --
+-- The handler's answer: processing -> completed.
+select * from public.agent_task_complete(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_response => %(p_response)s::jsonb)
+
+-- fail --
+-- Final failure: processing -> failed, with the error.
+select * from public.agent_task_fail(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_error => %(p_error)s::jsonb)
+
+-- schedule_retry --
+-- A transient error: record it and stretch the lease over the backoff.
+select * from public.agent_task_schedule_retry(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_error => %(p_error)s::jsonb, p_delay_seconds => %(p_delay_seconds)s::double precision, p_lease_seconds => %(p_lease_seconds)s::double precision)
+
+-- release --
+-- Enqueueing failed: processing -> pending without waiting for the lease.
+select * from public.agent_task_release(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer)
+
+-- rescue --
+-- Expired leases -> pending, or failed once attempts are used up.
+select * from public.agent_tasks_rescue(p_limit => %(p_limit)s::integer)
+
+-- requeue --
+-- Operator retry: failed rows -> pending with fresh attempts.
+select * from public.agent_tasks_requeue(p_ids => %(p_ids)s::uuid[], p_failed_since => %(p_failed_since)s::timestamptz, p_error_type => %(p_error_type)s::text, p_more_attempts => %(p_more_attempts)s::integer)
+
+-- stats --
+-- Counts by status, expired leases and the oldest due row's age.
+select * from public.agent_tasks_stats()
+
+-- schema_version --
+-- The schema version the migration installed.
+select public.agent_bridge_schema_version() as agent_bridge_schema_version

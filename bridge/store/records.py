@@ -1,0 +1,79 @@
+"""What the store's calls return: small frozen records, the same for both transports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A row the bridge claimed: the whole Celery message is these two values."""
+
+    id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """The outcome of a fenced write, and the row as the write found it."""
+
+    applied: bool
+    status: str | None  # None: no such row
+    attempts: int | None
+    worker: str | None
+
+    def refusal(self, attempt: int) -> str:
+        """Why a fenced write changed nothing, in words for a log line."""
+        if self.status is None:
+            return "the row no longer exists"
+        if self.attempts != attempt:
+            return f"the row is at attempt {self.attempts} (status {self.status})"
+        if self.status != "processing":
+            return f"the row is already {self.status}"
+        return f"another worker holds this attempt ({self.worker})"
+
+
+@dataclass(frozen=True)
+class StartedTask:
+    """A row a worker may now run, with what its handler receives."""
+
+    id: str
+    attempt: int
+    request_payload: Any
+    max_attempts: int
+    priority: int
+    user_id: str | None
+    enterprise_id: str | None
+    created_at: str | None
+
+    def as_handler_input(self) -> dict[str, Any]:
+        """The `task` dict a handler receives (the guide's `process_task(task)`)."""
+        return {
+            "id": self.id,
+            "attempt": self.attempt,
+            "request_payload": self.request_payload,
+            "max_attempts": self.max_attempts,
+            "priority": self.priority,
+            "user_id": self.user_id,
+            "enterprise_id": self.enterprise_id,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True)
+class Rescued:
+    id: str
+    attempt: int
+    status: str  # 'pending' again, or 'failed' when attempts ran out
+
+
+@dataclass(frozen=True)
+class Stats:
+    pending: int
+    due: int
+    processing: int
+    completed: int
+    failed: int
+    expired_leases: int
+    oldest_due_seconds: float | None

@@ -1,0 +1,26 @@
+"""The seam between the store and a database driver: run one named query."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from bridge.queries import Query
+
+
+class Transport(Protocol):
+    name: str
+
+    def call(self, query: Query, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Run `query` with `params`; rows as dicts. Raises StoreUnavailable/StoreRejected."""
+        ...
+
+    def wait_for_wakeup(self, timeout: float) -> bool:
+        """Block until a row may be ready (True) or `timeout` passes (False)."""
+        ...
+
+    def interrupt(self) -> None:
+        """Make a blocked wait_for_wakeup() return now (from another thread)."""
+        ...
+
+    def close(self) -> None: ...
