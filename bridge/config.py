@@ -74,7 +74,8 @@ class Settings:
     max_retries: int = _var(
         "AGENT_MAX_RETRIES", 5, "Celery retries after a RetryableError before the task fails.")
     retry_backoff: float = _var(
-        "AGENT_RETRY_BACKOFF", 2.0, "First retry delay in seconds; doubles each retry, with jitter.")
+        "AGENT_RETRY_BACKOFF", 2.0,
+        "First retry delay in seconds; doubles each retry, with jitter.")
     retry_backoff_max: float = _var(
         "AGENT_RETRY_BACKOFF_MAX", 300.0, "Longest retry delay in seconds.")
     # Logs -----------------------------------------------------------------------
@@ -164,4 +165,5 @@ def _parse(env: str, raw: str, kind: type) -> Any:
 
 def variables() -> list[tuple[str, Any, str]]:
     """(variable, default, help) for every setting, in declaration order."""
-    return [(f.metadata["env"], f.default, f.metadata["help"]) for f in dataclasses.fields(Settings)]
+    return [(f.metadata["env"], f.default, f.metadata["help"])
+            for f in dataclasses.fields(Settings)]

@@ -37,9 +37,9 @@ def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
         conn.execute(_LOCK)  # two `migrate`s at once take turns
         row = conn.execute(_IS_SUPABASE).fetchone()
         if not (row and row[0]):
-            conn.execute(compat_sql())  # type: ignore[arg-type]  # trusted file, no params
+            conn.execute(compat_sql().encode())  # a trusted file, run without parameters
             applied.append("supabase_compat.sql")
         for path in migration_files(directory):
-            conn.execute(path.read_text("utf-8"))  # type: ignore[arg-type]
+            conn.execute(path.read_bytes())
             applied.append(path.name)
     return applied

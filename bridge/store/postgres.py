@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -47,7 +48,7 @@ class PostgresTransport:
         self._connect_timeout = connect_timeout
         self._pool = ConnectionPool(
             conninfo, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
-            kwargs={"autocommit": True, "row_factory": dict_row,
+            kwargs={"autocommit": True,
                     "connect_timeout": int(connect_timeout)},
             check=ConnectionPool.check_connection, reconnect_timeout=0,
             name="agent-bridge")
@@ -61,7 +62,9 @@ class PostgresTransport:
         try:
             self._ensure_pool()
             with self._pool.connection() as conn:
-                return list(conn.execute(query.sql, adapted).fetchall())
+                with conn.cursor(row_factory=dict_row) as cur:
+                    cur.execute(query.sql, adapted)
+                    return cur.fetchall()
         except (psycopg.Error, PoolTimeout) as exc:
             raise classify(exc) from exc
 
@@ -88,7 +91,8 @@ class PostgresTransport:
             remaining = timeout
             while remaining > 0 and not self._interrupted.is_set():
                 slice_ = min(remaining, 0.25)
-                for _ in self._listener.notifies(timeout=slice_, stop_after=1):
+                # (The generator holds the connection's lock: drain after leaving it.)
+                if any(True for _ in self._listener.notifies(timeout=slice_, stop_after=1)):
                     self._drain()
                     return True
                 remaining -= slice_
@@ -100,7 +104,8 @@ class PostgresTransport:
     def _drain(self) -> None:
         """Swallow notifications already queued: one claim round serves them all."""
         assert self._listener is not None
-        for _ in self._listener.notifies(timeout=0):
+        # (timeout=0 would mean "no timeout" to psycopg, so use a tiny one.)
+        for _ in self._listener.notifies(timeout=0.001):
             pass
 
     def interrupt(self) -> None:
@@ -108,10 +113,8 @@ class PostgresTransport:
 
     def _close_listener(self) -> None:
         if self._listener is not None:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 self._listener.close()
-            except psycopg.Error:
-                pass
             self._listener = None
 
     def close(self) -> None:

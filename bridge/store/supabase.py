@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 from postgrest.exceptions import APIError
-from supabase import Client, ClientOptions, create_client
 
 from bridge.errors import StoreRejected, StoreUnavailable
 from bridge.queries import Query
+from supabase import Client, ClientOptions, create_client
 
 # PostgREST error codes (SQLSTATE or PGRST...) that mean "try again later":
 # connection trouble, resources, shutdown, serialization/deadlock, and PostgREST's

@@ -1,0 +1,9 @@
+"""One module per subcommand; each has `register(subparsers)` setting `func`."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from bridge.commands import migrate, run
+
+COMMANDS: list[ModuleType] = [run, migrate]

@@ -1,0 +1,50 @@
+"""`agent-bridge run`: the bridge process."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from types import FrameType
+
+from bridge import logs
+from bridge.config import Settings
+from bridge.engine import Bridge
+from bridge.metrics import Metrics
+from bridge.publisher import Publisher
+from bridge.store import open_store
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run the bridge: claim pending rows and enqueue Celery jobs",
+                       description="Claim pending rows and enqueue one Celery job per row. "
+                                   "Stops cleanly on SIGTERM/SIGINT.")
+    p.add_argument("--once", action="store_true",
+                   help="do one round (rescue, claim, enqueue) and exit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    settings.require_store()
+    logs.configure(settings.log_level, settings.log_format)
+    from tasks.app import RUN_AGENT, app  # the bridge only publishes; no handler is loaded
+
+    store = open_store(settings, listen=True)
+    metrics = Metrics()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    bridge = Bridge(settings, store, Publisher(app, settings.celery_queue, RUN_AGENT), metrics)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+        store.interrupt()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        bridge.run(stop, once=args.once)
+    finally:
+        store.close()
+    return 0

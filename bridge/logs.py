@@ -1,0 +1,61 @@
+"""Logging for the entry points (CLI, Celery worker); nothing else configures it.
+
+Text mode prints the guide's friendly lines followed by the structured fields
+(`action`, `task_id`, `attempt`, ...) as key=value; JSON mode prints one object
+per line. Pass fields with `extra={...}`. Keys and payload contents are never
+logged at INFO.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+# Attributes every LogRecord has; anything else came from `extra=` and is a field.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message", "asctime", "color_message", "taskName",
+    "data"}  # Celery's own structured copy of its message
+
+
+def fields_of(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items()
+            if k not in _STANDARD and not k.startswith("_")}
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        fields = fields_of(record)
+        if fields:
+            text += "  [" + " ".join(f"{k}={v}" for k, v in fields.items()) + "]"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **fields_of(record),
+        }
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str, ensure_ascii=False)
+
+
+def configure(level: str = "INFO", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Libraries' chatter stays at WARNING unless asked for.
+    for noisy in ("httpx", "httpcore", "psycopg.pool", "kombu"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

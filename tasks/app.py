@@ -1,0 +1,80 @@
+"""The one Celery app, configured from the environment.
+
+Postgres is the record: no result backend. Jobs are JSON `(task_id, attempt)`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import Celery
+from celery.signals import setup_logging
+
+from bridge import logs
+from bridge.config import ConfigError, Settings
+
+RUN_AGENT = "tasks.run_agent"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "task_default_queue": settings.celery_queue,
+        # A job is acknowledged only when it ends, and a job whose worker process
+        # died (SIGKILL, OOM) goes back to the queue instead of being acked and lost.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # Each process holds one job beyond the one it runs: others stay in Redis
+        # where another worker (or the bridge's backpressure) can see them.
+        "worker_prefetch_multiplier": 1,
+        # Keep a running agent going when Redis blinks; the row's fencing makes a
+        # redelivered copy harmless.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_channel_error_retry": True,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": 3, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+        },
+        # Flower shows every job: sent, received, started, retried, failed.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        # The handler's own timeout (AGENT_TIME_LIMIT) ends a task first; these are
+        # the backstop for a handler that ignores it (enforced in prefork only).
+        "task_soft_time_limit": settings.time_limit + 15,
+        "task_time_limit": settings.time_limit + 45,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def load_settings() -> Settings:
+    """Settings, or a one-line refusal to start: a bad configuration must not run."""
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        print(f"agent-bridge: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+settings = load_settings()
+app = Celery("agent_bridge")
+app.conf.update(celery_config(settings))
+
+
+@setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    logs.configure(settings.log_level, settings.log_format)

@@ -1,0 +1,35 @@
+"""Handlers: the agent logic that runs one task. `AGENT_HANDLER` picks one.
+
+A handler is `handler(task: dict) -> dict` or `async def handler(task) -> dict`.
+It may carry `handler.validate_payload(payload)` that raises InvalidPayload;
+otherwise the default check (a non-empty string `prompt`) applies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+Handler = Callable[[dict[str, Any]], Any]
+
+
+class HandlerNotFound(ImportError):
+    """AGENT_HANDLER does not name an importable callable."""
+
+
+@cache
+def load_handler(spec: str) -> Handler:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise HandlerNotFound(f"AGENT_HANDLER={spec!r} must look like 'package.module:callable'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HandlerNotFound(
+            f"AGENT_HANDLER={spec!r}: cannot import {module_name}: {exc}") from exc
+    handler = getattr(module, attr, None)
+    if not callable(handler):
+        raise HandlerNotFound(f"AGENT_HANDLER={spec!r}: {module_name} has no callable {attr!r}")
+    return handler  # type: ignore[no-any-return]

@@ -1,0 +1,80 @@
+"""Keeps the leases of the attempts this worker process is running alive.
+
+One thread per process renews every held lease each third of LEASE_SECONDS, so a
+healthy long-running agent is never rescued from under itself while a vanished
+worker's task is back in the queue within about one lease. A renewal that the
+database refuses (the attempt was rescued and re-claimed elsewhere) marks the
+holding lost; the runner then writes nothing more for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+from bridge.errors import StoreError
+from bridge.store import TaskStore
+
+log = logging.getLogger("agent_bridge.worker")
+
+
+@dataclass(eq=False)
+class Holding:
+    task_id: str
+    attempt: int
+    worker: str
+    lost: threading.Event = field(default_factory=threading.Event)
+
+
+class LeaseKeeper:
+    def __init__(self, store: TaskStore, lease_seconds: float) -> None:
+        self._store = store
+        self._lease = lease_seconds
+        self._held: set[Holding] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def hold(self, task_id: str, attempt: int, worker: str) -> Holding:
+        holding = Holding(task_id, attempt, worker)
+        with self._lock:
+            self._held.add(holding)
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+                self._thread.start()
+        return holding
+
+    def drop(self, holding: Holding) -> None:
+        with self._lock:
+            self._held.discard(holding)
+
+    def _run(self) -> None:
+        failing = False
+        while True:
+            self._wake.wait(self._lease / 3)
+            with self._lock:
+                held = list(self._held)
+            for holding in held:
+                try:
+                    result = self._store.heartbeat(holding.task_id, holding.attempt,
+                                                   holding.worker, self._lease)
+                except StoreError as exc:
+                    if not failing:
+                        log.warning("⚠️  Cannot renew leases: %s", exc,
+                                    extra={"action": "lease_renew_failed"})
+                    failing = True
+                    break
+                if failing:
+                    log.info("💚 Lease renewal works again", extra={"action": "lease_renew_ok"})
+                    failing = False
+                if not result.applied:
+                    holding.lost.set()
+                    self.drop(holding)
+                    log.warning("⚠️  Task %s lost its lease: %s", holding.task_id,
+                                result.refusal(holding.attempt),
+                                extra={"action": "lease_lost", "task_id": holding.task_id,
+                                       "attempt": holding.attempt})
