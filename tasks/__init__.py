@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from tasks.app import app
 from tasks.errors import InvalidPayload, RetryableError
+from tasks.operator import requeue_failed
 from tasks.progress import report_progress
 from tasks.runner import run_agent
 
-__all__ = ["InvalidPayload", "RetryableError", "app", "report_progress", "run_agent"]
+__all__ = [
+    "InvalidPayload", "RetryableError", "app", "report_progress", "requeue_failed", "run_agent"]

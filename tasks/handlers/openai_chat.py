@@ -60,7 +60,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 from tasks.errors import InvalidPayload, RetryableError
@@ -131,6 +131,13 @@ class Settings:
     stream: bool = True
     timeout: float = 120.0
     progress_interval: float = 0.25
+
+    def __repr__(self) -> str:
+        # No key, and no credentials a base URL might carry (https://user:pw@host/v1).
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
+        shown["base_url"] = re.sub(r"^([a-z][a-z0-9+.-]*://)[^@/]*@", r"\1***@",
+                                   self.base_url, flags=re.I)
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

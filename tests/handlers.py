@@ -1,0 +1,46 @@
+"""Handlers the pipeline tests run in real workers, scripted by the request's context.
+
+context keys: `sleep` (seconds), `retryable_failures` (raise RetryableError on the
+first N runs), `raise` (raise ValueError with this message), `return_list`.
+Every run appends a line to $TEST_STATE_DIR/<task id>.runs, so a test can count
+how often the agent code ran, across processes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks import RetryableError
+
+
+def _record(task_id: str, line: str) -> int:
+    path = Path(os.environ["TEST_STATE_DIR"]) / f"{task_id}.runs"
+    with path.open("a") as f:
+        f.write(line + "\n")
+    return len(path.read_text().splitlines())
+
+
+def scripted(task: dict[str, Any]) -> Any:
+    context = task["request_payload"].get("context") or {}
+    began = time.time()
+    run = _record(task["id"], f"start {os.getpid()} {began:.3f} attempt={task['attempt']}")
+    time.sleep(float(context.get("sleep", 0)))
+    if run <= int(context.get("retryable_failures", 0)):
+        raise RetryableError(f"simulated rate limit on run {run}")
+    if "raise" in context:
+        raise ValueError(context["raise"])
+    if context.get("return_list"):
+        return ["not", "an", "object"]
+    _record(task["id"] + ".spans", f"{began:.3f} {time.time():.3f}")
+    return {"answer": f"Agent processed: {task['request_payload']['prompt']}", "run": run}
+
+
+async def scripted_async(task: dict[str, Any]) -> Any:
+    import asyncio
+
+    context = task["request_payload"].get("context") or {}
+    await asyncio.sleep(float(context.get("sleep", 0)))
+    return {"answer": f"async: {task['request_payload']['prompt']}"}

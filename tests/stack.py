@@ -1,0 +1,163 @@
+"""Real processes for pipeline tests: `celery -A tasks worker` and `agent-bridge run`.
+
+Each process logs to a file in the test's tmp dir; `Stack.wait_for` polls the
+database until a condition holds, and shows every log when it does not.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# Fast leases and sweeps so failure tests finish in seconds, not minutes.
+FAST = {
+    "LEASE_SECONDS": "2",
+    "RESCUE_INTERVAL": "0.5",
+    "POLL_INTERVAL": "0.5",
+    "HEARTBEAT_INTERVAL": "5",
+    "AGENT_TIME_LIMIT": "60",
+    "AGENT_RETRY_BACKOFF": "0.2",
+    "AGENT_RETRY_BACKOFF_MAX": "1",
+    "AGENT_HANDLER": "tests.handlers:scripted",
+    "AGENT_SIMULATED_SECONDS": "0.1",
+    "LOG_LEVEL": "INFO",
+}
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.popen = subprocess.Popen(args, env=env, cwd=REPO, stdout=self._log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait_for_output(self, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if not self.alive():
+                raise AssertionError(f"{self.name} exited ({self.popen.returncode}):\n"
+                                     f"{self.output}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: no {text!r} in {timeout}s:\n{self.output}")
+            time.sleep(0.05)
+
+    def kill9(self) -> None:
+        """SIGKILL the whole process group: a worker's pool children die with it."""
+        if self.alive():
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.alive():
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self._log.close()
+        return int(self.popen.returncode)
+
+
+class Stack:
+    """The processes of one test, all on the test's database and Redis."""
+
+    def __init__(self, db_url: str, redis_url: str, tmp: Path, **env: str) -> None:
+        self.db_url = db_url
+        self.tmp = tmp
+        self.state_dir = tmp / "handler-state"
+        self.state_dir.mkdir(exist_ok=True)
+        self.env = {**os.environ, **FAST, "DATABASE_URL": db_url, "REDIS_URL": redis_url,
+                    "BRIDGE_TRANSPORT": "postgres", "TEST_STATE_DIR": str(self.state_dir),
+                    "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env}
+        self.env.pop("CELERY_BROKER_URL", None)
+        self.procs: list[Proc] = []
+
+    def _start(self, name: str, args: list[str], **env: str) -> Proc:
+        n = sum(p.name.startswith(name) for p in self.procs)
+        proc = Proc(f"{name}{n}", args, {**self.env, **env}, self.tmp / f"{name}{n}.log")
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, *, pool: str = "prefork", concurrency: int = 2, wait: bool = True,
+               **env: str) -> Proc:
+        n = sum(p.name.startswith("worker") for p in self.procs)
+        proc = self._start("worker", [
+            str(BIN / "celery"), "-A", "tasks", "worker", "-P", pool, "-c", str(concurrency),
+            "-n", f"w{n}-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
+            "--loglevel", "INFO"], **env)
+        if wait:
+            proc.wait_for_output(" ready.", 60)
+        return proc
+
+    def bridge(self, *, wait: bool = True, **env: str) -> Proc:
+        proc = self._start("bridge", [str(BIN / "agent-bridge"), "run"], **env)
+        if wait:
+            proc.wait_for_output("ONLINE", 30)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name} =====\n{p.output}" for p in self.procs)
+
+    # Database views ----------------------------------------------------------
+    def rows(self) -> list[dict[str, Any]]:
+        with psycopg.connect(self.db_url, row_factory=dict_row) as conn:
+            return conn.execute("select * from public.agent_task_requests").fetchall()
+
+    def row(self, task_id: str) -> dict[str, Any]:
+        return next(r for r in self.rows() if str(r["id"]) == task_id)
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if check():
+                    return
+            except psycopg.OperationalError:
+                pass  # the database may be down on purpose
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}\nrows: {self._summary()}\n"
+                             f"{self.logs()}")
+
+    def wait_all_done(self, timeout: float = 60) -> list[dict[str, Any]]:
+        self.wait_for("every row to finish", lambda: all(
+            r["status"] in ("completed", "failed") for r in self.rows()), timeout)
+        return self.rows()
+
+    def _summary(self) -> str:
+        try:
+            return str([(str(r["id"])[:8], r["status"], r["attempts"]) for r in self.rows()])
+        except psycopg.Error as exc:
+            return f"(unavailable: {exc})"
+
+    def runs(self, task_id: str) -> list[str]:
+        """One line per time the handler started on this task (any process)."""
+        path = self.state_dir / f"{task_id}.runs"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def count_in_logs(self, text: str) -> int:
+        return sum(p.output.count(text) for p in self.procs)
