@@ -154,6 +154,12 @@ class Bridge:
             except StoreError as exc:  # refused: e.g. the migration is missing
                 stop.wait(self.database.failed(exc))
                 continue
+            except Exception:
+                # A bug or an error type nobody foresaw: a daemon must not die of it.
+                log.exception("💥 Unexpected error in the bridge loop; retrying",
+                              extra={"action": "loop_error"})
+                stop.wait(random.uniform(1.0, 5.0))
+                continue
             if time.monotonic() >= next_heartbeat:
                 self.heartbeat()
                 next_heartbeat = time.monotonic() + self.settings.heartbeat_interval

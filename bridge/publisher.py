@@ -27,6 +27,10 @@ class Publisher:
         self._app = app
         self._queue = queue
         self._task_name = task_name
+        # The transport's own errors too (redis-py's ConnectionError is no OSError).
+        with app.connection_for_write() as conn:
+            self._errors = (BROKER_ERRORS + tuple(conn.connection_errors)
+                            + tuple(conn.channel_errors))
 
     def queue_depth(self) -> int:
         """Jobs waiting in the broker queue (not those already reserved by workers)."""
@@ -36,7 +40,7 @@ class Publisher:
                 ok = conn.default_channel.queue_declare(
                     self._queue, passive=False, durable=True, auto_delete=False)
                 return int(ok.message_count)
-        except BROKER_ERRORS as exc:
+        except self._errors as exc:
             raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
 
     def publish(self, claims: Sequence[Claim]) -> int:
@@ -53,6 +57,6 @@ class Publisher:
                         retry_policy={"max_retries": 2, "interval_start": 0.1,
                                       "interval_step": 0.2, "interval_max": 0.5})
                     sent += 1
-        except BROKER_ERRORS as exc:
+        except self._errors as exc:
             raise BrokerUnavailable(f"broker unreachable: {exc}", sent) from exc
         return sent

@@ -23,7 +23,9 @@ class Query:
     function: str  # the SQL function it calls, i.e. the rpc() name
 
 
-def parse(text: str) -> dict[str, Query]:
+def parse(text: str, *, require_function: bool = True) -> dict[str, Query]:
+    """The named blocks of `text`. With `require_function=False` a block may be plain
+    SQL (its `function` is then "" unless it calls one)."""
     queries: dict[str, Query] = {}
     parts = _HEADER.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
@@ -32,9 +34,9 @@ def parse(text: str) -> dict[str, Query]:
         description = lines[0].removeprefix("--").strip()
         sql = "\n".join(lines[1:]).strip()
         match = _FUNCTION.search(sql)
-        if match is None:
+        if match is None and require_function:
             raise ValueError(f"query {name!r} calls no public.<function>()")
-        queries[name] = Query(name, description, sql, match.group(1))
+        queries[name] = Query(name, description, sql, match.group(1) if match else "")
     return queries
 
 

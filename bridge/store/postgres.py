@@ -61,10 +61,9 @@ class PostgresTransport:
         adapted = {k: Jsonb(v) if isinstance(v, dict) else v for k, v in params.items()}
         try:
             self._ensure_pool()
-            with self._pool.connection() as conn:
-                with conn.cursor(row_factory=dict_row) as cur:
-                    cur.execute(query.sql, adapted)
-                    return cur.fetchall()
+            with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(query.sql, adapted)
+                return cur.fetchall()
         except (psycopg.Error, PoolTimeout) as exc:
             raise classify(exc) from exc
 

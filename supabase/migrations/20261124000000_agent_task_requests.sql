@@ -3,7 +3,8 @@
 -- Idempotent: safe to run again, and safe on a database that already holds the
 -- integration guide's original table with rows in it (pending rows stay pending
 -- and are picked up after the upgrade). Every status change goes through one of
--- the functions below; nothing else writes `status`.
+-- the functions below; nothing else writes `status` (except, during an upgrade,
+-- the guide's old worker: see agent_task_requests_touch).
 --
 --   pending ──claim──▶ processing ──complete──▶ completed
 --      ▲                   │  │ ──fail─────────▶ failed ──requeue──▶ pending
@@ -107,8 +108,10 @@ begin
     end if;
     size_bytes := octet_length(new.request_payload::text);
     if size_bytes > max_bytes then
+        -- 22001 (value too long), not 54000: PostgREST answers 54xxx with a 500,
+        -- but an oversized request is the caller's mistake (400).
         raise exception 'request_payload is % bytes; the limit is % bytes', size_bytes, max_bytes
-            using errcode = '54000',
+            using errcode = '22001',
                   hint = 'Raise agent_bridge.max_request_bytes or send a reference instead of the data.';
     end if;
     return new;
@@ -120,6 +123,10 @@ create trigger agent_task_requests_check_request
     before insert or update of request_payload on public.agent_task_requests
     for each row execute function public.agent_task_requests_check_request();
 
+-- Also keeps finished_at and the lease in step with a status that a writer from before
+-- the upgrade (the guide's own worker, setting status alone) changed: without this its
+-- updates would break the constraints above while old and new workers overlap. The
+-- state functions below set both themselves, so for them this changes nothing.
 create or replace function public.agent_task_requests_touch()
 returns trigger
 language plpgsql
@@ -127,6 +134,13 @@ set search_path = ''
 as $$
 begin
     new.updated_at := now();
+    if new.status is distinct from old.status then
+        new.finished_at := case when new.status in ('completed', 'failed')
+                                then coalesce(new.finished_at, now()) end;
+        new.lease_expires_at := case when new.status = 'processing'
+                                     then coalesce(new.lease_expires_at,
+                                                   now() + interval '5 minutes') end;
+    end if;
     return new;
 end
 $$;

@@ -1,0 +1,180 @@
+"""`agent-bridge check`: is everything in place? One ✅ or ❌ line per dependency,
+each ❌ with the fix. Exit 0 only when every line is ✅."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import httpx
+from psycopg.conninfo import conninfo_to_dict
+
+from bridge.commands.status import probe_broker, probe_workers
+from bridge.config import ConfigError, Settings
+from bridge.errors import StoreError, StoreRejected
+from bridge.migrate import SCHEMA_VERSION
+from bridge.queries import load as load_queries
+from bridge.rows import PostgresRows
+
+INSTALL = "run `agent-bridge migrate` (DATABASE_URL) or `supabase db push`"
+KEY_REJECTED = "SUPABASE_SERVICE_KEY rejected: use the service_role key " \
+               "(Supabase → Project Settings → API), not the anon key"
+START_REDIS = ("start one: `redis-server` (install it with `apt install redis-server` or "
+               "`brew install redis`), or `docker compose up redis`; on Windows use "
+               "docker compose or WSL")
+# PostgREST/SQLSTATE codes that mean "the function or table is not there".
+MISSING_CODES = ("PGRST202", "PGRST205", "42883", "42P01")
+
+
+class Report:
+    def __init__(self) -> None:
+        self.ok = True
+
+    def line(self, ok: bool, text: str, fix: str | None = None) -> None:
+        self.ok = self.ok and ok
+        print(f"{'✅' if ok else '❌'} {text}" + (f" → {fix}" if fix and not ok else ""),
+              flush=True)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "check", help="check configuration, database, schema, Redis and workers",
+        description="Check every dependency in turn and say how to fix what is missing: "
+                    "configuration, the database or Supabase (and the key), the table and "
+                    "functions at the expected schema version, Redis, and a worker online. "
+                    "Exit 0 only when all pass.")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = Report()
+    try:
+        settings = Settings.from_env()
+        settings.require_store()
+    except ConfigError as exc:
+        report.line(False, f"Configuration: {exc}",
+                    "copy .env.example to .env and fill it in (or export the variables)")
+        return 1
+    report.line(True, f"Configuration found: {describe(settings)}")
+
+    if settings.store_kind == "postgres":
+        reachable = check_postgres(report, settings)
+    else:
+        reachable = check_supabase(report, settings)
+    if not reachable:
+        report.line(False, "Table and functions: not checked (database unreachable)")
+
+    broker = probe_broker(settings)
+    name = "Redis" if broker.url.startswith(("redis://", "rediss://")) else "Broker"
+    if broker.reachable:
+        report.line(True, f"{name} reachable at {broker.url} "
+                          f"({broker.queue_depth} job(s) waiting in {broker.queue})")
+    else:
+        report.line(False, f"{name} not reachable at {broker.url}: {broker.error}",
+                    START_REDIS if name == "Redis" else "check CELERY_BROKER_URL")
+
+    workers = probe_workers(broker)
+    if workers.online:
+        report.line(True, f"{len(workers.online)} worker(s) online: {', '.join(workers.online)}")
+    elif workers.error:
+        report.line(False, f"Workers: {workers.error}")
+    else:
+        report.line(False, "No worker online", start_worker_hint())
+    return 0 if report.ok else 1
+
+
+def describe(settings: Settings) -> str:
+    if settings.store_kind == "supabase":
+        return f"Supabase transport (SUPABASE_URL={settings.supabase_url}, service key set)"
+    try:
+        params = conninfo_to_dict(settings.database_url)
+    except Exception:  # psycopg rejects it later, with its own message
+        return "Postgres transport (DATABASE_URL)"
+    where = f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}" \
+            f"/{params.get('dbname') or ''}"
+    return f"Postgres transport (DATABASE_URL → {where})"
+
+
+def start_worker_hint() -> str:
+    if sys.platform == "win32":
+        return "start one: celery -A tasks worker -P threads --loglevel INFO"
+    return "start one: celery -A tasks worker --loglevel INFO (on Windows add `-P threads`)"
+
+
+def check_postgres(report: Report, settings: Settings) -> bool:
+    functions = sorted({q.function for q in load_queries().values()})
+    rows = PostgresRows(settings.database_url)
+    try:
+        has_table, missing = rows.installed(functions)
+    except StoreError as exc:
+        report.line(False, f"Database unreachable: {exc}",
+                    "check DATABASE_URL (host, port, user, password); on Supabase use the "
+                    "direct or session-pooler URL (port 5432)")
+        return False
+    finally:
+        rows.close()
+    report.line(True, "Database reachable")
+    if not has_table:
+        report.line(False, "Table public.agent_task_requests is missing", INSTALL)
+    elif missing:
+        report.line(False, f"Functions missing: {', '.join(missing)}", INSTALL)
+    else:
+        check_version(report, settings, len(functions))
+    return True
+
+
+def check_supabase(report: Report, settings: Settings) -> bool:
+    url = settings.supabase_url.rstrip("/") + "/rest/v1/"
+    key = settings.supabase_service_key
+    try:
+        response = httpx.get(url, headers={"apikey": key, "Authorization": f"Bearer {key}"},
+                             timeout=settings.supabase_timeout)
+    except httpx.HTTPError as exc:
+        report.line(False, f"Supabase unreachable at {settings.supabase_url}: "
+                           f"{type(exc).__name__}: {exc}",
+                    "check SUPABASE_URL (https://<project>.supabase.co) and your network")
+        return False
+    if response.status_code in (401, 403):
+        report.line(False, KEY_REJECTED)
+        return False
+    if response.status_code >= 500:
+        report.line(False, f"Supabase answered HTTP {response.status_code}",
+                    "is the project paused or restarting? Try again in a minute")
+        return False
+    report.line(True, "Supabase reachable with the service key")
+    check_version(report, settings, None)
+    return True
+
+
+def check_version(report: Report, settings: Settings, functions: int | None) -> None:
+    """schema_version() and stats() through the store: the same calls the bridge makes."""
+    from bridge.store import open_store
+
+    store = open_store(settings)
+    try:
+        version = store.schema_version()
+        store.stats()
+    except StoreRejected as exc:
+        code = str(getattr(exc.__cause__, "code", None) or
+                   getattr(exc.__cause__, "sqlstate", None) or "")
+        if code == "42501":
+            report.line(False, f"Permission denied calling the functions: {exc}",
+                        KEY_REJECTED if settings.store_kind == "supabase"
+                        else "connect as the database owner (postgres) or grant service_role")
+        elif code in MISSING_CODES:
+            report.line(False, f"Table or functions not installed: {exc}", INSTALL)
+        else:
+            report.line(False, f"Schema check failed: {exc}", INSTALL)
+        return
+    except StoreError as exc:
+        report.line(False, f"Schema check failed: {exc}", "try again in a moment")
+        return
+    finally:
+        store.close()
+    if version != SCHEMA_VERSION:
+        fix = INSTALL if version < SCHEMA_VERSION else "upgrade agent-bridge on this machine"
+        report.line(False, f"Schema version {version}, this agent-bridge expects "
+                           f"{SCHEMA_VERSION}", fix)
+        return
+    what = f"Table and {functions} functions" if functions else "Table and functions"
+    report.line(True, f"{what} installed (schema version {version})")

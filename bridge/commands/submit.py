@@ -1,0 +1,127 @@
+"""`agent-bridge submit`: insert a request the way the frontend does, and maybe follow it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+from bridge.config import ConfigError, Settings
+from bridge.errors import StoreUnavailable
+from bridge.rows import Rows, open_rows, request_payload
+
+EXIT_COMPLETED, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2
+POSTGRES_POLL = 0.2  # seconds between two reads of the row while waiting (Postgres mode)
+ICONS = {"pending": "⏳", "processing": "⚙️ ", "completed": "✅", "failed": "❌"}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "submit", help="insert a task request (as the frontend does); --wait follows it",
+        description="Insert a pending row {prompt, context} into agent_task_requests and "
+                    "print its id. With --wait, print each status change until the task "
+                    "ends, then the answer. Exit codes with --wait: 0 completed, 1 failed, "
+                    "2 timed out.")
+    p.add_argument("prompt", help="the request_payload.prompt")
+    p.add_argument("--context", metavar="JSON", default="{}",
+                   help="request_payload.context, a JSON object (default: {})")
+    p.add_argument("--priority", type=int, default=0, metavar="N",
+                   help="higher runs first (default: 0)")
+    p.add_argument("--wait", action="store_true",
+                   help="follow the row until it completes or fails")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="with --wait: give up after S seconds (default: 300)")
+    p.set_defaults(func=run)
+
+
+def parse_context(raw: str) -> dict[str, Any]:
+    try:
+        context = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--context is not valid JSON: {exc}") from None
+    if not isinstance(context, dict):
+        raise ConfigError(f"--context must be a JSON object such as '{{\"k\": 1}}', "
+                          f"got {type(context).__name__}")
+    return context
+
+
+def run(args: argparse.Namespace) -> int:
+    context = parse_context(args.context)
+    if not args.prompt.strip():
+        raise ConfigError("the prompt is empty")
+    settings = Settings.from_env()
+    rows = open_rows(settings)
+    try:
+        task_id = rows.insert(request_payload(args.prompt, context), args.priority)
+        print(task_id, flush=True)
+        if not args.wait:
+            return 0
+        interval = POSTGRES_POLL if settings.store_kind == "postgres" \
+            else max(0.2, settings.poll_interval)
+        return follow(rows, task_id, args.timeout, interval)
+    finally:
+        rows.close()
+
+
+def follow(rows: Rows, task_id: str, timeout: float, interval: float) -> int:
+    """Print each (status, attempt) change with a timestamp until the row ends."""
+    deadline = time.monotonic() + timeout
+    seen: tuple[str, int] | None = None
+    outage = False
+    row: dict[str, Any] | None = None
+    while True:
+        try:
+            row = rows.get(task_id)
+        except StoreUnavailable as exc:
+            if not outage:
+                print(f"⚠️  {exc} (still waiting)", file=sys.stderr, flush=True)
+            outage = True
+        else:
+            outage = False
+            if row is None:
+                print(f"❌ task {task_id} no longer exists", file=sys.stderr)
+                return EXIT_FAILED
+            state = (str(row["status"]), int(row["attempts"] or 0))
+            if state != seen:
+                seen = state
+                print(_status_line(*state), flush=True)
+            if state[0] == "completed":
+                print(answer_of(row.get("response_payload")))
+                return EXIT_COMPLETED
+            if state[0] == "failed":
+                print(error_of(row.get("error"), row.get("response_payload")), file=sys.stderr)
+                return EXIT_FAILED
+        if time.monotonic() >= deadline:
+            status = seen[0] if seen else "unknown"
+            print(f"⌛ gave up waiting after {timeout:g}s; the task is still {status}. "
+                  f"Follow it with `agent-bridge status`, or look at row {task_id}.",
+                  file=sys.stderr)
+            return EXIT_TIMEOUT
+        time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+
+
+def _status_line(status: str, attempt: int) -> str:
+    stamp = datetime.now().astimezone().strftime("%H:%M:%S")
+    icon = ICONS.get(status, "•")
+    detail = f" (attempt {attempt})" if status == "processing" and attempt else ""
+    return f"[{stamp}] {icon} {status}{detail}"
+
+
+def answer_of(response: Any) -> str:
+    """response_payload.answer, or the whole payload as JSON when it has none."""
+    if isinstance(response, dict) and isinstance(response.get("answer"), str):
+        return str(response["answer"])
+    return json.dumps(response, ensure_ascii=False)
+
+
+def error_of(error: Any, response: Any) -> str:
+    """`type: message` from the row's error, else the frontend's response_payload.error."""
+    if isinstance(error, dict) and error.get("message") is not None:
+        kind = error.get("type") or "Error"
+        return f"{kind}: {error['message']}"
+    if isinstance(response, dict) and response.get("error"):
+        return f"Error: {response['error']}"
+    return "Error: the task failed without an error message"

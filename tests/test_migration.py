@@ -1,0 +1,203 @@
+"""The migration: idempotent, and a safe upgrade of the integration guide's table with
+live rows in it; plus the table-level behaviour it installs (checks, triggers, index,
+NOTIFY, realtime)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors
+from psycopg.types.json import Jsonb
+
+from bridge.migrate import SCHEMA_VERSION, migrate
+
+# The integration guide's table, exactly as users created it before agent-bridge.
+GUIDE_TABLE = """
+CREATE TABLE agent_task_requests (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    status VARCHAR(50) NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'processing', 'completed', 'failed')),
+    request_payload JSONB NOT NULL DEFAULT '{}'::jsonb,
+    response_payload JSONB DEFAULT NULL,
+    created_at TIMESTAMPTZ DEFAULT NOW(),
+    updated_at TIMESTAMPTZ DEFAULT NOW()
+);
+"""
+
+# Everything a migration run could change, as plain comparable rows.
+SCHEMA_QUERIES = {
+    "columns": """select table_schema, table_name, column_name, data_type, column_default,
+                         is_nullable from information_schema.columns
+                   where table_schema in ('public', 'auth') order by 1, 2, 3""",
+    "functions": """select p.oid::regprocedure::text, pg_get_functiondef(p.oid),
+                           array(select a::text from unnest(p.proacl) a order by 1)
+                      from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+                     where n.nspname in ('public', 'auth') order by 1""",
+    "policies": """select policyname, cmd, roles::text, qual, with_check from pg_policies
+                    where tablename = 'agent_task_requests' order by 1""",
+    "table_grants": """select grantee, privilege_type from information_schema.role_table_grants
+                        where table_name = 'agent_task_requests' order by 1, 2""",
+    "column_grants": """select grantee, column_name, privilege_type
+                          from information_schema.column_privileges
+                         where table_name = 'agent_task_requests' order by 1, 2, 3""",
+    "constraints": """select conname, pg_get_constraintdef(oid) from pg_constraint
+                       where conrelid = 'public.agent_task_requests'::regclass order by 1""",
+    "indexes": """select indexname, indexdef from pg_indexes
+                   where tablename = 'agent_task_requests' order by 1""",
+    "triggers": """select tgname, pg_get_triggerdef(oid) from pg_trigger
+                    where tgrelid = 'public.agent_task_requests'::regclass
+                      and not tgisinternal order by 1""",
+    "types": """select a.attname, format_type(a.atttypid, a.atttypmod) from pg_attribute a
+                 where a.attrelid = 'public.agent_task_write'::regclass order by a.attnum""",
+    "rls": """select relrowsecurity, relforcerowsecurity from pg_class
+               where oid = 'public.agent_task_requests'::regclass""",
+    "publications": "select pubname, schemaname, tablename from pg_publication_tables order by 1",
+    "roles": """select rolname, rolinherit, rolbypassrls, rolcanlogin from pg_roles
+                 where rolname in ('anon', 'authenticated', 'service_role') order by 1""",
+}
+
+
+def schema_dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    with psycopg.connect(url) as conn:
+        return {name: conn.execute(q).fetchall()
+                for name, q in SCHEMA_QUERIES.items()}
+
+
+def run(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+def test_second_migration_changes_nothing(fresh_db: str) -> None:
+    """`agent-bridge migrate` is safe to run on every deploy."""
+    assert migrate(fresh_db) == ["supabase_compat.sql", "20261124000000_agent_task_requests.sql"]
+    first = schema_dump(fresh_db)
+    assert first["functions"] and first["policies"] and first["triggers"]
+    migrate(fresh_db)
+    assert schema_dump(fresh_db) == first
+
+
+@pytest.fixture
+def upgraded(fresh_db: str) -> dict[str, str]:
+    """The guide's table with one row in each state the guide's code leaves, then migrated."""
+    run(fresh_db, GUIDE_TABLE)
+    ids: dict[str, str] = {}
+    for name, status, payload in [("pending", "pending", {"prompt": "waiting"}),
+                                  ("processing", "processing", {"prompt": "running"}),
+                                  ("completed", "completed", {"prompt": "done"}),
+                                  ("array", "pending", ["not", "an", "object"])]:
+        [(ids[name],)] = run(fresh_db, "insert into agent_task_requests (status, request_payload)"
+                                       " values (%s, %s) returning id::text",
+                             [status, Jsonb(payload)])
+    run(fresh_db, "update agent_task_requests set response_payload = '{\"answer\": 1}', "
+                  "updated_at = now() - interval '1 day' where id = %s", [ids["completed"]])
+    migrate(fresh_db)
+    ids["url"] = fresh_db
+    return ids
+
+
+def test_upgrade_keeps_rows_and_carries_on(upgraded: dict[str, str]) -> None:
+    """Existing rows survive with their state, and the new machinery picks them up."""
+    url = upgraded["url"]
+    rows = {r[0]: r[1:] for r in run(
+        url, "select id::text, status, request_payload, response_payload, finished_at, "
+             "lease_expires_at, attempts, updated_at from public.agent_task_requests")}
+    assert len(rows) == 4
+    assert rows[upgraded["array"]][:2] == ("pending", ["not", "an", "object"])
+    status, _, response, finished, _, _, updated = rows[upgraded["completed"]]
+    assert (status, response, finished) == ("completed", {"answer": 1}, updated)
+    assert rows[upgraded["processing"]][4] is not None  # a lease, so rescue can recover it
+    assert rows[upgraded["pending"]][3:6] == (None, None, 0)
+
+    claimed = dict(run(url, "select id::text, attempt from public.agent_tasks_claim(10, 30)"))
+    assert claimed == {upgraded["pending"]: 1, upgraded["array"]: 1}
+    [(old_style,)] = run(url, "insert into agent_task_requests (status, request_payload) "
+                              "values ('pending', '{\"prompt\":\"x\"}') returning id::text")
+    assert run(url, "select id::text from public.agent_tasks_claim(10, 30)") == [(old_style,)]
+    assert run(url, "select public.agent_bridge_schema_version()") == [(SCHEMA_VERSION,)]
+    migrate(url)  # and again on the upgraded table
+    assert len(run(url, "select 1 from public.agent_task_requests")) == 5
+
+
+def test_guide_worker_can_still_finish_its_rows(upgraded: dict[str, str]) -> None:
+    """During a rolling upgrade the guide's own worker, which writes status directly,
+    can finish the row it holds and take new ones without breaking the constraints."""
+    url = upgraded["url"]
+    [(finished, lease)] = run(
+        url, "update agent_task_requests set status = 'completed', "
+             "response_payload = '{\"answer\": 2}' where id = %s "
+             "returning finished_at, lease_expires_at", [upgraded["processing"]])
+    assert finished is not None and lease is None
+    [(lease,)] = run(url, "update agent_task_requests set status = 'processing' where id = %s "
+                          "returning lease_expires_at", [upgraded["pending"]])
+    assert lease is not None  # so rescue recovers the row if that worker dies
+    [(finished, lease)] = run(
+        url, "update agent_task_requests set status = 'failed', response_payload = "
+             "'{\"error\": \"x\"}' where id = %s returning finished_at, lease_expires_at",
+        [upgraded["pending"]])
+    assert finished is not None and lease is None
+
+
+def test_request_payload_checks(upgraded: dict[str, str]) -> None:
+    """Inserts that the worker could not use are refused with a message saying why."""
+    url = upgraded["url"]
+    with pytest.raises(errors.InvalidParameterValue,
+                       match=r"request_payload must be a JSON object such as .*got array"):
+        run(url, "insert into agent_task_requests (request_payload) values ('[1]')")
+    with pytest.raises(errors.InvalidParameterValue, match="got string"):
+        run(url, "insert into agent_task_requests (request_payload) values ('\"hi\"')")
+    big = Jsonb({"prompt": "x" * (1024 * 1024)})
+    with pytest.raises(errors.StringDataRightTruncation,
+                       match=r"request_payload is \d+ bytes; the limit is 1048576 bytes"):
+        run(url, "insert into agent_task_requests (request_payload) values (%s)", [big])
+    with pytest.raises(errors.InvalidParameterValue):
+        run(url, "update agent_task_requests set request_payload = '3' where id = %s",
+            [upgraded["pending"]])
+
+
+def test_updated_at_trigger(upgraded: dict[str, str]) -> None:
+    """updated_at follows every change, as the guide's frontend expects."""
+    url = upgraded["url"]
+    [(before,)] = run(url, "select updated_at from agent_task_requests where id = %s",
+                      [upgraded["completed"]])
+    [(after,)] = run(url, "update agent_task_requests set priority = 1 where id = %s "
+                          "returning updated_at", [upgraded["completed"]])
+    assert after > before
+
+
+def test_insert_notifies_listeners(upgraded: dict[str, str]) -> None:
+    """A new pending row wakes a LISTENing bridge with its id."""
+    url = upgraded["url"]
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute("listen agent_task_requests")
+        [(task_id,)] = run(url, "insert into agent_task_requests (request_payload) "
+                                "values ('{\"prompt\": \"wake\"}') returning id::text")
+        got = [(n.channel, n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
+    assert got == [("agent_task_requests", task_id)]
+
+
+def test_claim_reads_the_partial_index(upgraded: dict[str, str]) -> None:
+    """With many finished rows, finding due work must not scan the table."""
+    url = upgraded["url"]
+    run(url, "insert into agent_task_requests (status, request_payload, finished_at) "
+             "select 'completed', '{}', now() from generate_series(1, 20000)")
+    run(url, "insert into agent_task_requests (request_payload) "
+             "select '{}' from generate_series(1, 20)")
+    run(url, "analyze agent_task_requests")
+    plan = "\n".join(r[0] for r in run(
+        url, "explain select t.id from public.agent_task_requests t "
+             "where t.status = 'pending' and t.run_at <= now() "
+             "order by t.priority desc, t.run_at, t.created_at limit 100 for update skip locked"))
+    assert "agent_task_requests_claim_idx" in plan
+
+
+def test_realtime_publication_and_version(fresh_db: str) -> None:
+    """The guide's frontend subscribes through supabase_realtime."""
+    migrate(fresh_db)
+    assert run(fresh_db, "select schemaname, tablename from pg_publication_tables "
+                         "where pubname = 'supabase_realtime'") == [
+        ("public", "agent_task_requests")]
+    assert run(fresh_db, "select public.agent_bridge_schema_version()") == [(1,)]

@@ -1,0 +1,56 @@
+"""The named queries in bridge/sql/queries.sql: each one parses, calls a function the
+migration installed with exactly that function's argument names (the Supabase transport
+sends them as rpc() keys), and is used by the store; no dead or dangling queries."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import bridge.store
+from bridge.queries import Query, load
+
+QUERIES = load()
+STORE_SOURCE = Path(bridge.store.__file__).read_text(encoding="utf-8")
+
+
+def input_arguments(db_url: str, function: str) -> list[list[str]]:
+    """The input argument names of each public function called `function`."""
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "select array(select a.name from unnest(p.proargnames, p.proargmodes::text[]) "
+            "with ordinality a(name, mode, n) where coalesce(a.mode, 'i') in ('i', 'b', 'v') "
+            "order by a.n) from pg_proc p join pg_namespace n on n.oid = p.pronamespace "
+            "where n.nspname = 'public' and p.proname = %s", [function]).fetchall()
+    return [list(r[0]) for r in rows]
+
+
+def test_every_query_loaded() -> None:
+    """The file parses into the blocks the store needs, each with a description."""
+    assert set(QUERIES) == {"claim", "start", "heartbeat", "progress", "complete", "fail",
+                            "schedule_retry", "release", "rescue", "requeue", "stats",
+                            "schema_version"}
+    for q in QUERIES.values():
+        assert q.description and not q.description.startswith("select")
+        assert q.sql.startswith("select ") and ";" not in q.sql
+
+
+@pytest.mark.parametrize("query", QUERIES.values(), ids=list(QUERIES))
+def test_query_calls_an_existing_function_with_its_argument_names(
+        db_url: str, query: Query) -> None:
+    """A named argument the function does not have would break only the rpc() path."""
+    named = re.findall(r"\b(\w+) => %\((\w+)\)s", query.sql)
+    assert all(arg == placeholder for arg, placeholder in named)
+    assert [arg for arg, _ in named] == re.findall(r"%\((\w+)\)s", query.sql)
+    signatures = input_arguments(db_url, query.function)
+    assert signatures, f"{query.function} is not in the migrated database"
+    assert [arg for arg, _ in named] in signatures
+
+
+@pytest.mark.parametrize("name", list(QUERIES))
+def test_query_is_used_by_the_store(name: str) -> None:
+    """A query the store never runs is dead code that would drift from the SQL."""
+    assert f'"{name}"' in STORE_SOURCE
