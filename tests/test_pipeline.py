@@ -123,3 +123,24 @@ def test_bridge_stops_cleanly_on_sigterm(stack: Stack) -> None:
     bridge = stack.bridge()
     assert bridge.stop() == 0
     assert "Bridge stopped" in bridge.output
+
+
+def test_supabase_mode_end_to_end(clean_db: str, clean_redis: str, tmp_path: Path,
+                                  postgrest: str) -> None:
+    """Bridge and worker both on the Supabase transport (supabase-py rpc() calls to the
+    PostgREST-compatible endpoint); the bridge polls instead of LISTENing."""
+    from tests.conftest import SERVICE_KEY
+
+    stack = Stack(clean_db, clean_redis, tmp_path, BRIDGE_TRANSPORT="supabase",
+                  SUPABASE_URL=postgrest, SUPABASE_SERVICE_KEY=SERVICE_KEY, DATABASE_URL="")
+    try:
+        stack.worker()
+        bridge = stack.bridge()
+        ok = insert_task(clean_db, {"prompt": "via supabase"})
+        bad = insert_task(clean_db, {"prompt": "x", "context": {"raise": "nope"}})
+        rows = {str(r["id"]): r for r in stack.wait_all_done()}
+        assert rows[ok]["response_payload"]["answer"] == "Agent processed: via supabase"
+        assert rows[bad]["error"]["message"] == "nope"
+        assert "polling every 0.5s" in bridge.output
+    finally:
+        stack.stop_all()

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
+from tasks.app import settings
+
 
 def process_task(task: dict[str, Any]) -> dict[str, Any]:
-    seconds = float(os.environ.get("AGENT_SIMULATED_SECONDS", "3") or 3)
     prompt = task["request_payload"]["prompt"]
-    time.sleep(seconds)
+    time.sleep(settings.agent_simulated_seconds)
     return {
         "answer": f"Agent processed: {prompt}",
         "simulated": True,

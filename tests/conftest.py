@@ -1,0 +1,154 @@
+"""Shared fixtures: a real PostgreSQL and a real Redis, started by the suite.
+
+TEST_DATABASE_URL / TEST_REDIS_URL point the suite at servers you run instead;
+tests that must stop or restart a server are skipped against those.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from bridge.localstack import LocalPostgres, LocalRedis, with_database
+from bridge.migrate import migrate
+from bridge.store import TaskStore
+from bridge.store.postgres import PostgresTransport
+from bridge.store.supabase import SupabaseTransport
+from tests.postgrest_stub import PostgrestStub
+
+SERVICE_KEY = "test-service-role-key"
+
+
+class PgServer:
+    """The test PostgreSQL server: make databases on it, and stop/start it if it is ours."""
+
+    def __init__(self, admin_url: str, local: LocalPostgres | None) -> None:
+        self.admin_url = admin_url
+        self.local = local
+
+    def create_database(self, name: str | None = None) -> str:
+        name = name or f"ab_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+            conn.execute(f'create database "{name}"')
+        return with_database(self.admin_url, name)
+
+    def drop_database(self, url: str) -> None:
+        name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+    def require_local(self) -> LocalPostgres:
+        if self.local is None:
+            pytest.skip("stops the database server: not done to a TEST_DATABASE_URL server")
+        return self.local
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    external = os.environ.get("TEST_DATABASE_URL")
+    if external:
+        yield PgServer(external, None)
+        return
+    local = LocalPostgres(Path(tmp_path_factory.mktemp("postgres")) / "data")
+    url = local.start()
+    try:
+        yield PgServer(url, local)
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="session")
+def db_url(pg_server: PgServer) -> str:
+    """A migrated database shared by the session; `clean_db` empties its table."""
+    url = pg_server.create_database("agent_bridge_test")
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def clean_db(db_url: str) -> str:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("truncate public.agent_task_requests")
+    return db_url
+
+
+@pytest.fixture
+def fresh_db(pg_server: PgServer) -> Iterator[str]:
+    """An empty, unmigrated database of its own."""
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    server = LocalRedis(Path(tmp_path_factory.mktemp("redis")))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def clean_redis(redis_url: str) -> str:
+    redis.Redis.from_url(redis_url).flushdb()
+    return redis_url
+
+
+@pytest.fixture(scope="session")
+def postgrest(db_url: str) -> Iterator[str]:
+    """A PostgREST-compatible RPC endpoint on the test database; yields SUPABASE_URL."""
+    stub = PostgrestStub(db_url, service_key=SERVICE_KEY)
+    url = stub.start()
+    try:
+        yield url
+    finally:
+        stub.stop()
+
+
+@pytest.fixture(params=["postgres", "supabase"])
+def store(request: pytest.FixtureRequest, clean_db: str) -> Iterator[TaskStore]:
+    """The task store over each transport, on an empty table."""
+    if request.param == "postgres":
+        s = TaskStore(PostgresTransport(clean_db))
+    else:
+        base_url = request.getfixturevalue("postgrest")
+        s = TaskStore(SupabaseTransport(base_url, SERVICE_KEY, timeout=10))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def insert_task(db_url: str, payload: object = None, **columns: object) -> str:
+    """Insert a row the way the guide's frontend does; returns its id."""
+    payload = {"prompt": "Hello Agent, are you online?"} if payload is None else payload
+    names = ["status", "request_payload", *columns]
+    values = ["pending", psycopg.types.json.Jsonb(payload), *columns.values()]
+    placeholders = ", ".join(["%s"] * len(values))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            f"insert into public.agent_task_requests ({', '.join(names)}) "
+            f"values ({placeholders}) returning id", values).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def fetch_task(db_url: str, task_id: str) -> dict[str, object]:
+    with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as conn:
+        row = conn.execute("select * from public.agent_task_requests where id = %s",
+                           [task_id]).fetchone()
+    assert row is not None
+    return dict(row)
