@@ -124,6 +124,8 @@ class Settings:
         for name in ("poll_interval", "lease_seconds", "rescue_interval", "time_limit"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be greater than 0")
+        if self.supabase_url and not self.supabase_url.startswith(("http://", "https://")):
+            raise ConfigError("SUPABASE_URL must start with https:// (Project Settings → API)")
         if self.batch_size < 1 or self.max_queued < 1:
             raise ConfigError("BRIDGE_BATCH_SIZE and BRIDGE_MAX_QUEUED must be at least 1")
         # A retry waits in worker memory (countdown) and a running job is unacked: if

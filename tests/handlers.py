@@ -1,7 +1,8 @@
 """Handlers the pipeline tests run in real workers, scripted by the request's context.
 
 context keys: `sleep` (seconds), `retryable_failures` (raise RetryableError on the
-first N runs), `raise` (raise ValueError with this message), `return_list`.
+first N runs), `raise` (raise ValueError with this message), `fail_unless_file` (raise
+ValueError while this file does not exist: a condition a test can remove), `return_list`.
 Every run appends a line to $TEST_STATE_DIR/<task id>.runs, so a test can count
 how often the agent code ran, across processes.
 """
@@ -32,6 +33,8 @@ def scripted(task: dict[str, Any]) -> Any:
         raise RetryableError(f"simulated rate limit on run {run}")
     if "raise" in context:
         raise ValueError(context["raise"])
+    if "fail_unless_file" in context and not Path(context["fail_unless_file"]).exists():
+        raise ValueError(f"{context['fail_unless_file']} does not exist")
     if context.get("return_list"):
         return ["not", "an", "object"]
     _record(task["id"] + ".spans", f"{began:.3f} {time.time():.3f}")

@@ -4,6 +4,7 @@ way a Realtime subscriber would see it."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -70,7 +71,7 @@ def test_streamed_answer_grows_in_the_row_then_is_replaced(stack: Stack, fake_ap
         watcher.join()
     partials = [p["answer"] for p in result if p.get("partial")]
     assert len(partials) >= 2, result
-    assert all(b.startswith(a) for a, b in zip(partials, partials[1:], strict=False))
+    assert all(b.startswith(a) for a, b in itertools.pairwise(partials))
     final = stack.row(task)["response_payload"]
     assert final["answer"] == "one two three four five six seven eight"
     assert final["model"] == "test-model" and final["finish_reason"] == "stop"

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bridge.commands import check, migrate, retry, run, status, submit
+from bridge.commands import check, dev, migrate, retry, run, status, submit
 
-COMMANDS: list[ModuleType] = [run, migrate, submit, status, check, retry]
+COMMANDS: list[ModuleType] = [run, dev, migrate, submit, status, check, retry]

@@ -9,12 +9,12 @@ import sys
 import httpx
 from psycopg.conninfo import conninfo_to_dict
 
-from bridge.commands.status import probe_broker, probe_workers
+from bridge.commands.status import first_line, probe_broker, probe_workers
 from bridge.config import ConfigError, Settings
 from bridge.errors import StoreError, StoreRejected
 from bridge.migrate import SCHEMA_VERSION
 from bridge.queries import load as load_queries
-from bridge.rows import PostgresRows
+from bridge.rows import PostgresRows, open_cli_store, require_store
 
 INSTALL = "run `agent-bridge migrate` (DATABASE_URL) or `supabase db push`"
 KEY_REJECTED = "SUPABASE_SERVICE_KEY rejected: use the service_role key " \
@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
     report = Report()
     try:
         settings = Settings.from_env()
-        settings.require_store()
+        require_store(settings)
     except ConfigError as exc:
         report.line(False, f"Configuration: {exc}",
-                    "copy .env.example to .env and fill it in (or export the variables)")
+                    "set it in .env or the environment (see .env.example)")
         return 1
     report.line(True, f"Configuration found: {describe(settings)}")
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         reachable = check_supabase(report, settings)
     if not reachable:
-        report.line(False, "Table and functions: not checked (database unreachable)")
+        report.line(False, "Table and functions: not checked (no working connection, see above)")
 
     broker = probe_broker(settings)
     name = "Redis" if broker.url.startswith(("redis://", "rediss://")) else "Broker"
@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
                           f"({broker.queue_depth} job(s) waiting in {broker.queue})")
     else:
         report.line(False, f"{name} not reachable at {broker.url}: {broker.error}",
-                    START_REDIS if name == "Redis" else "check CELERY_BROKER_URL")
+                    START_REDIS if name == "Redis" else
+                    f"check {'CELERY_BROKER_URL' if settings.celery_broker_url else 'REDIS_URL'}")
 
     workers = probe_workers(broker)
     if workers.online:
@@ -107,7 +108,7 @@ def check_postgres(report: Report, settings: Settings) -> bool:
     try:
         has_table, missing = rows.installed(functions)
     except StoreError as exc:
-        report.line(False, f"Database unreachable: {exc}",
+        report.line(False, f"Database unreachable: {first_line(exc.__cause__ or exc)}",
                     "check DATABASE_URL (host, port, user, password); on Supabase use the "
                     "direct or session-pooler URL (port 5432)")
         return False
@@ -148,9 +149,7 @@ def check_supabase(report: Report, settings: Settings) -> bool:
 
 def check_version(report: Report, settings: Settings, functions: int | None) -> None:
     """schema_version() and stats() through the store: the same calls the bridge makes."""
-    from bridge.store import open_store
-
-    store = open_store(settings)
+    store = open_cli_store(settings)
     try:
         version = store.schema_version()
         store.stats()

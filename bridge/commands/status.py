@@ -1,7 +1,8 @@
 """`agent-bridge status`: the table's counts, the broker queue and the workers online.
 
 Each dependency is looked at on its own: one that is down is shown as down and the
-rest is still reported. Exit 1 only when the database (or Supabase) is unreachable.
+rest is still reported. Exit 1 only when the counts cannot be read: the database
+(or Supabase) is unreachable, or not migrated.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 from kombu.utils.url import maybe_sanitize_url
 
 from bridge.config import Settings
-from bridge.errors import StoreError
+from bridge.errors import StoreError, StoreUnavailable
 from bridge.publisher import BROKER_ERRORS, BrokerUnavailable, Publisher
-from bridge.store import open_store
+from bridge.rows import open_cli_store
 
 PING_TIMEOUT = 1.0  # seconds workers get to answer a ping
 
@@ -56,7 +57,7 @@ def probe_broker(settings: Settings) -> Broker:
         broker.queue_depth = Publisher(app, settings.celery_queue, RUN_AGENT).queue_depth()
         broker.reachable = True
     except BrokerUnavailable as exc:
-        broker.error = str(exc)
+        broker.error = first_line(exc.__cause__ or exc)
     return broker
 
 
@@ -69,8 +70,13 @@ def probe_workers(broker: Broker) -> Workers:
     try:
         replies = app.control.ping(timeout=PING_TIMEOUT) or []
     except BROKER_ERRORS as exc:
-        return Workers(error=f"broker unreachable: {exc}")
+        return Workers(error=f"the broker failed while asking: {first_line(exc)}")
     return Workers(sorted(name for reply in replies for name in reply))
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def age(seconds: float | None) -> str:
@@ -89,19 +95,19 @@ def age(seconds: float | None) -> str:
 # The command --------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    settings.require_store()
     report: dict[str, Any] = {"transport": settings.store_kind,
                               "database": {"reachable": False, "error": None}}
-    store = open_store(settings)
+    store = open_cli_store(settings)
     try:
         stats = store.stats()
-    except StoreError as exc:
-        report["database"]["error"] = str(exc)
+        report["database"]["reachable"] = True
+    except StoreError as exc:  # down, or up without the migration (reachable, no stats)
+        report["database"].update(reachable=not isinstance(exc, StoreUnavailable),
+                                  error=str(exc))
         stats = None
     finally:
         store.close()
     if stats is not None:
-        report["database"]["reachable"] = True
         report.update(
             counts={"pending": stats.pending, "processing": stats.processing,
                     "completed": stats.completed, "failed": stats.failed},
@@ -118,31 +124,36 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print_table(report)
-    return 0 if report["database"]["reachable"] else 1
+    return 0 if report["counts"] is not None else 1
 
 
 def print_table(r: dict[str, Any]) -> None:
     lines: list[tuple[str, str]] = []
     where = "Postgres (DATABASE_URL)" if r["transport"] == "postgres" else "Supabase"
     db = r["database"]
-    lines.append(("Database", f"✅ {where}" if db["reachable"] else f"❌ {db['error']}"))
-    if db["reachable"]:
+    if r["counts"] is None:
+        hint = "" if not db["reachable"] else " (see `agent-bridge check`)"
+        lines.append(("Database", f"❌ {db['error']}{hint}"))
+    else:
         c = r["counts"]
+        pending = str(c["pending"])
+        if c["pending"]:
+            pending += f" ({r['due']} due now, the oldest for {age(r['oldest_due_seconds'])})"
         lines += [
-            ("Pending", f"{c['pending']} ({r['due']} due now, oldest waiting "
-                        f"{age(r['oldest_due_seconds'])})"),
-            ("Processing", f"{c['processing']}"
-                           + (f" ({r['expired_leases']} stuck past their lease ⚠️)"
-                              if r["expired_leases"] else "")),
+            ("Database", f"✅ {where}"),
+            ("Pending", pending),
+            ("Processing", str(c["processing"])),
             ("Completed", str(c["completed"])),
-            ("Failed", str(c["failed"]) + (" (requeue: agent-bridge retry --all)"
+            ("Failed", str(c["failed"]) + ("  (requeue: agent-bridge retry --all)"
                                            if c["failed"] else "")),
-            ("Expired leases", str(r["expired_leases"])),
+            ("Expired leases", str(r["expired_leases"]) + (
+                "  ⚠️  processing rows past their lease: the bridge returns them to pending"
+                if r["expired_leases"] else "")),
         ]
     b = r["broker"]
     lines.append(("Broker queue", f"✅ {b['queue_depth']} job(s) waiting in {b['queue']} "
                                   f"({b['url']})" if b["reachable"]
-                  else f"❌ {b['error']} ({b['url']})"))
+                  else f"❌ unreachable at {b['url']}: {b['error']}"))
     w = r["workers"]
     if w["error"]:
         lines.append(("Workers", f"❌ {w['error']}"))
@@ -151,6 +162,6 @@ def print_table(r: dict[str, Any]) -> None:
     else:
         lines.append(("Workers", "❌ none online (start one: celery -A tasks worker)"))
     width = max(len(k) for k, _ in lines)
-    print("📊 agent-bridge status")
+    print(f"📊 agent-bridge status · {where}")
     for key, value in lines:
         print(f"  {key.ljust(width)}  {value}")

@@ -7,7 +7,7 @@
 insert into public.agent_task_requests (status, request_payload, priority) values ('pending', %(request_payload)s::jsonb, %(priority)s::integer) returning id
 
 -- get_task --
--- One row's state and outcome, for `submit --wait`.
+-- One row's state and outcome, for `submit --wait` (`dev --demo` reads these columns by position).
 select id, status, attempts, response_payload, error from public.agent_task_requests where id = %(id)s::uuid
 
 -- installed --

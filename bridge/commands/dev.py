@@ -1,0 +1,165 @@
+"""`agent-bridge dev`: the whole stack on one machine, no Docker, no accounts.
+
+An embedded PostgreSQL (data kept in --data-dir) and a Redis, migrated; then the
+bridge, one Celery worker and Flower as child processes, their output prefixed.
+Ctrl-C stops the children, then Redis, then PostgreSQL, and leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO
+
+from bridge.localstack import LocalPostgres, LocalRedis, free_port
+from bridge.migrate import migrate
+from bridge.rows import PostgresRows, request_payload
+
+DEMO_PROMPTS = [
+    "Hello Agent, are you online?",
+    "Summarise the integration guide in one line.",
+    "What is 6 x 7?",
+]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "dev", help="run the whole stack locally: Postgres, Redis, bridge, worker, Flower",
+        description="Start an embedded PostgreSQL and a Redis, apply the migrations, and run "
+                    "the bridge, one Celery worker and Flower until Ctrl-C.")
+    p.add_argument("--data-dir", type=Path, default=Path(".agent-bridge"),
+                   help="where PostgreSQL keeps its data (default: ./.agent-bridge)")
+    p.add_argument("--demo", action="store_true",
+                   help="submit a few sample tasks and show them finish")
+    p.add_argument("--flower-port", type=int, default=5555, help="0 = no Flower")
+    p.add_argument("--concurrency", type=int, default=2, help="worker processes/threads")
+    p.set_defaults(func=run)
+
+
+class Child:
+    """A child process whose output is printed with a name in front."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.popen = subprocess.Popen(
+            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        assert self.popen.stdout is not None
+        threading.Thread(target=self._pump, args=(self.popen.stdout,), daemon=True).start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                print(f"[{self.name:6}] {line}", flush=True)
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    postgres = LocalPostgres(data_dir / "postgres")
+    redis = LocalRedis(data_dir / "redis")
+    children: list[Child] = []
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        print("🐘 Starting PostgreSQL ...", flush=True)
+        db_url = postgres.start()
+        migrate(db_url)
+        print("📮 Starting Redis ...", flush=True)
+        redis.start()
+        env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": redis.url,
+               "BRIDGE_TRANSPORT": "postgres", "PYTHONUNBUFFERED": "1"}
+        env.pop("CELERY_BROKER_URL", None)
+        py = sys.executable
+        children.append(Child("bridge", [py, "-m", "bridge.cli", "run"], env))
+        pool = "threads" if os.name == "nt" else "prefork"  # prefork does not run on Windows
+        children.append(Child("worker", [
+            py, "-m", "celery", "-A", "tasks", "worker", "-P", pool,
+            "-c", str(args.concurrency), "--loglevel", "INFO", "-n", "dev@%h"], env))
+        if args.flower_port:
+            flower_port = args.flower_port if _port_free(args.flower_port) else free_port()
+            children.append(Child("flower", [
+                py, "-m", "celery", "-A", "tasks", "flower", f"--port={flower_port}",
+                "--address=127.0.0.1", "--max_tasks=10000"], env))
+        _print_where(db_url, redis.url, args.flower_port and flower_port)
+        if args.demo:
+            threading.Thread(target=_demo, args=(db_url, stop), daemon=True).start()
+        while not stop.wait(0.5):
+            for child in children:
+                if child.popen.poll() is not None:
+                    print(f"❌ {child.name} exited with code {child.popen.returncode}; "
+                          "stopping everything", flush=True)
+                    return 1
+        return 0
+    finally:
+        print("🛑 Stopping ...", flush=True)
+        for child in reversed(children):
+            child.stop()
+        redis.stop()
+        postgres.stop()
+        print("👋 Everything stopped.", flush=True)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _print_where(db_url: str, redis_url: str, flower_port: int | None) -> None:
+    line = "-" * 60
+    print(line)
+    print(f"🗄️  Database : {db_url}")
+    print(f"              psql \"{db_url}\"")
+    print(f"📮 Redis    : {redis_url}")
+    if flower_port:
+        print(f"🌸 Flower   : http://127.0.0.1:{flower_port}")
+    print(f"✍️  Submit   : DATABASE_URL=\"{db_url}\" agent-bridge submit \"Hello\" --wait")
+    print("   Ctrl-C stops everything.")
+    print(line, flush=True)
+
+
+def _demo(db_url: str, stop: threading.Event) -> None:
+    """Insert the sample tasks the way the frontend does, then follow them."""
+    rows = PostgresRows(db_url)
+    try:
+        ids = []
+        for prompt in DEMO_PROMPTS:
+            task_id = rows.insert(request_payload(prompt, {"source": "demo"}))
+            ids.append(task_id)
+            print(f"[demo  ] 📝 submitted {task_id}: {prompt!r}", flush=True)
+        seen: dict[str, str] = {}
+        while not stop.is_set() and sum(
+                s in ("completed", "failed") for s in seen.values()) < len(ids):
+            for task_id in ids:
+                row = rows.get(task_id)
+                if row is None or seen.get(task_id) == row["status"]:
+                    continue
+                seen[task_id] = row["status"]
+                outcome = {"completed": row["response_payload"], "failed": row["error"]}
+                extra = outcome.get(row["status"])
+                print(f"[demo  ] {task_id[:8]} → {row['status']}"
+                      + (f" {json.dumps(extra)}" if extra else ""), flush=True)
+            stop.wait(0.2)
+    finally:
+        rows.close()
+    if not stop.is_set():
+        print("[demo  ] ✅ demo finished: all sample tasks are done. Ctrl-C to stop.", flush=True)

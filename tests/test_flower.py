@@ -1,0 +1,93 @@
+"""Retry through a real Flower: `POST /api/task/send-task/tasks.requeue_failed` with basic
+auth re-runs a failed row through the bridge and a worker; Flower lists the
+`tasks.run_agent` jobs it saw, with their (task id, attempt) args."""
+
+from __future__ import annotations
+
+import ast
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bridge.localstack import free_port
+from tests.conftest import insert_task
+from tests.stack import BIN, Proc, Stack
+
+AUTH = ("user", "pass")
+
+
+@pytest.fixture
+def stack(clean_db: str, clean_redis: str, tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(clean_db, clean_redis, tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop_all()
+
+
+def start_flower(stack: Stack, port: int) -> Proc:
+    proc = Proc("flower", [str(BIN / "celery"), "-A", "tasks", "flower", f"--port={port}",
+                           "--basic-auth=user:pass", "--address=127.0.0.1"],
+                stack.env, stack.tmp / "flower.log")
+    stack.procs.append(proc)  # stopped with the rest
+    return proc
+
+
+def poll(what: str, check: Callable[[], Any], proc: Proc, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = check()
+        except httpx.TransportError:
+            found = None
+        if found:
+            return found
+        if not proc.alive():
+            raise AssertionError(f"{proc.name} exited:\n{proc.output}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}\n{proc.output}")
+
+
+def run_agent_args(api: str) -> list[list[Any]]:
+    """The args of every tasks.run_agent job Flower knows about."""
+    response = httpx.get(f"{api}/tasks", params={"taskname": "tasks.run_agent"}, auth=AUTH,
+                         timeout=5)
+    response.raise_for_status()
+    return [list(ast.literal_eval(task["args"])) for task in response.json().values()]
+
+
+def test_requeue_a_failed_row_through_flower(stack: Stack) -> None:
+    port = free_port()
+    flower = start_flower(stack, port)
+    api = f"http://127.0.0.1:{port}/api"
+    poll("Flower to answer", lambda: httpx.get(f"http://127.0.0.1:{port}/healthcheck",
+                                               timeout=2).text == "OK", flower)
+    stack.worker()
+    stack.bridge()
+
+    flag = stack.tmp / "fixed"
+    task_id = insert_task(stack.db_url, {"prompt": "p", "context": {
+        "fail_unless_file": str(flag)}})
+    stack.wait_for("the failure", lambda: stack.row(task_id)["status"] == "failed")
+    poll("Flower to list attempt 1", lambda: [task_id, 1] in run_agent_args(api), flower)
+
+    send = f"{api}/task/send-task/tasks.requeue_failed"
+    denied = httpx.post(send, json={"args": [task_id]}, timeout=10)
+    assert denied.status_code == 401
+    assert stack.row(task_id)["status"] == "failed"
+
+    flag.touch()
+    sent = httpx.post(send, json={"args": [task_id]}, auth=AUTH, timeout=10)
+    assert sent.status_code == 200, sent.text
+    assert sent.json()["task-id"]
+
+    stack.wait_for("the re-run", lambda: stack.row(task_id)["status"] == "completed")
+    row = stack.row(task_id)
+    assert row["attempts"] == 2
+    assert row["response_payload"]["answer"] == "Agent processed: p"
+    poll("Flower to list attempt 2", lambda: [task_id, 2] in run_agent_args(api), flower)
+    assert stack.count_in_logs("Requeued 1 failed task(s) on operator request") == 1
