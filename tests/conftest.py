@@ -21,6 +21,7 @@ from bridge.store import TaskStore
 from bridge.store.postgres import PostgresTransport
 from bridge.store.supabase import SupabaseTransport
 from tests.postgrest_stub import PostgrestStub
+from tests.stack import Stack
 
 SERVICE_KEY = "test-service-role-key"
 
@@ -130,6 +131,16 @@ def store(request: pytest.FixtureRequest, clean_db: str) -> Iterator[TaskStore]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def stack(clean_db: str, clean_redis: str, tmp_path: Path) -> Iterator[Stack]:
+    """Real bridge and worker processes of this test, on an empty table and Redis."""
+    s = Stack(clean_db, clean_redis, tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop_all()
 
 
 def insert_task(db_url: str, payload: object = None, **columns: object) -> str:

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +51,6 @@ def fail_row(db_url: str, task_id: str, error_type: str, ago: str = "0 seconds")
             "error = jsonb_build_object('type', %s::text, 'message', 'it broke'), "
             "finished_at = now() - %s::interval where id = %s",
             [error_type, ago, task_id])
-
-
-@pytest.fixture
-def stack(clean_db: str, clean_redis: str, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(clean_db, clean_redis, tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop_all()
 
 
 # Without any service ----------------------------------------------------------------

@@ -20,15 +20,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def stack(clean_db: str, clean_redis: str, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(clean_db, clean_redis, tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop_all()
-
-
-@pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[LocalRedis]:
     """A Redis of this test's own, to kill."""
     server = LocalRedis(tmp_path / "redis")

@@ -6,27 +6,16 @@ from __future__ import annotations
 
 import ast
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import pytest
 
 from bridge.localstack import free_port
 from tests.conftest import insert_task
 from tests.stack import BIN, Proc, Stack
 
 AUTH = ("user", "pass")
-
-
-@pytest.fixture
-def stack(clean_db: str, clean_redis: str, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(clean_db, clean_redis, tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop_all()
 
 
 def start_flower(stack: Stack, port: int) -> Proc:

@@ -3,22 +3,10 @@ Celery workers on a real Redis, outcomes read back from Postgres."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import insert_task
 from tests.stack import Stack
-
-
-@pytest.fixture
-def stack(clean_db: str, clean_redis: str, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(clean_db, clean_redis, tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop_all()
 
 
 def test_rows_complete_fail_and_retry(stack: Stack) -> None:
