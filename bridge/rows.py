@@ -7,26 +7,22 @@ frontend inserts. Driver errors become StoreUnavailable/StoreRejected.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import httpx
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from bridge.config import ConfigError, Settings
+from bridge.config import Settings
 from bridge.errors import StoreRejected
 from bridge.queries import Query, parse
 from bridge.store import TaskStore, open_store
 from bridge.store import postgres as pg_store
-
-if TYPE_CHECKING:
-    from supabase import Client
 
 TABLE = "agent_task_requests"
 COLUMNS = ("id", "status", "attempts", "response_payload", "error")  # what get() returns
@@ -112,21 +108,13 @@ class PostgresRows:
             self._conn = None
 
 
-def supabase_client(url: str, service_key: str, timeout: float) -> Client:
-    """supabase-py on HTTP/1.1 with timeouts, as the Supabase transport builds it."""
-    from supabase import ClientOptions, create_client  # only in Supabase mode: slow import
-
-    http = httpx.Client(http2=False, timeout=httpx.Timeout(timeout, connect=5.0))
-    options = ClientOptions(httpx_client=http, postgrest_client_timeout=timeout,
-                            auto_refresh_token=False, persist_session=False)
-    return create_client(url, service_key, options=options)
-
-
 class SupabaseRows:
     """The table API of supabase-py (the frontend's way in), with the service key."""
 
     def __init__(self, url: str, service_key: str, *, timeout: float = 10.0) -> None:
-        self._client = supabase_client(url, service_key, timeout)
+        from bridge.store.supabase import make_client  # only in Supabase mode: slow import
+
+        self._client = make_client(url, service_key, timeout)
 
     def insert(self, payload: Mapping[str, Any], priority: int = 0) -> str:
         row = {"status": "pending", "request_payload": dict(payload), "priority": priority}
@@ -165,26 +153,17 @@ def _classify_supabase(exc: Exception) -> Exception:
     return classify(exc)
 
 
-def require_store(settings: Settings) -> None:
-    """Settings.require_store(), and a SUPABASE_URL supabase-py will accept (it raises
-    a bare "Invalid URL" otherwise)."""
-    settings.require_store()
-    if settings.store_kind == "supabase" and not re.match(r"^https?://.+", settings.supabase_url):
-        raise ConfigError(f"SUPABASE_URL={settings.supabase_url!r} must start with https:// "
-                          "(https://<project>.supabase.co)")
-
-
 def open_cli_store(settings: Settings) -> TaskStore:
     """The task store for a one-shot command: one direct connection in Postgres mode,
     the usual Supabase transport otherwise."""
-    require_store(settings)
+    settings.require_store()
     if settings.store_kind == "postgres":
         return TaskStore(PostgresRows(settings.database_url))
     return open_store(settings)
 
 
 def open_rows(settings: Settings) -> Rows:
-    require_store(settings)
+    settings.require_store()
     if settings.store_kind == "postgres":
         return PostgresRows(settings.database_url)
     return SupabaseRows(settings.supabase_url, settings.supabase_service_key,

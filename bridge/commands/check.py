@@ -14,7 +14,7 @@ from bridge.config import ConfigError, Settings
 from bridge.errors import StoreError, StoreRejected
 from bridge.migrate import SCHEMA_VERSION
 from bridge.queries import load as load_queries
-from bridge.rows import PostgresRows, open_cli_store, require_store
+from bridge.rows import PostgresRows, open_cli_store
 
 INSTALL = "run `agent-bridge migrate` (DATABASE_URL) or `supabase db push`"
 KEY_REJECTED = "SUPABASE_SERVICE_KEY rejected: use the service_role key " \
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     report = Report()
     try:
         settings = Settings.from_env()
-        require_store(settings)
+        settings.require_store()
     except ConfigError as exc:
         report.line(False, f"Configuration: {exc}",
                     "set it in .env or the environment (see .env.example)")

@@ -39,6 +39,14 @@ def classify(exc: BaseException) -> Exception:
     return StoreRejected(f"Supabase call failed: {type(exc).__name__}: {exc}")
 
 
+def make_client(url: str, service_key: str, timeout: float) -> Client:
+    """supabase-py on HTTP/1.1 with timeouts and no session handling (a service key)."""
+    http = httpx.Client(http2=False, timeout=httpx.Timeout(timeout, connect=5.0))
+    options = ClientOptions(httpx_client=http, postgrest_client_timeout=timeout,
+                            auto_refresh_token=False, persist_session=False)
+    return create_client(url, service_key, options=options)
+
+
 class SupabaseTransport:
     name = "supabase"
 
@@ -52,10 +60,7 @@ class SupabaseTransport:
 
     def _get_client(self) -> Client:
         if self._client is None or self._pid != os.getpid():
-            http = httpx.Client(http2=False, timeout=httpx.Timeout(self._timeout, connect=5.0))
-            options = ClientOptions(httpx_client=http, postgrest_client_timeout=self._timeout,
-                                    auto_refresh_token=False, persist_session=False)
-            self._client = create_client(self._url, self._key, options=options)
+            self._client = make_client(self._url, self._key, self._timeout)
             self._pid = os.getpid()
         return self._client
 
