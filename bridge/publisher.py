@@ -59,4 +59,8 @@ class Publisher:
                     sent += 1
         except self._errors as exc:
             raise BrokerUnavailable(f"broker unreachable: {exc}", sent) from exc
+        except Exception as exc:
+            # Refused by a live broker (e.g. Redis out of memory or read-only): the
+            # caller must still release what was not sent.
+            raise BrokerUnavailable(f"broker refused the job: {exc}", sent) from exc
         return sent
