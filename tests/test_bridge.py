@@ -32,7 +32,7 @@ def own_redis(tmp_path: Path) -> Iterator[LocalRedis]:
 
 
 def test_claims_are_released_when_the_broker_refuses_the_jobs(
-        clean_db: str, own_redis: LocalRedis) -> None:
+        clean_db: str, own_redis: LocalRedis, tmp_path: Path) -> None:
     """Redis answers reads but refuses writes (no replicas for min-replicas-to-write):
     the queue looks empty, the bridge claims, publishing fails, and the claims go
     straight back to pending without using up an attempt."""
@@ -47,7 +47,7 @@ def test_claims_are_released_when_the_broker_refuses_the_jobs(
     try:
         with pytest.raises(BrokerUnavailable):
             bridge.step()
-        rows = Stack(clean_db, own_redis.url, Path(".")).rows()
+        rows = Stack(clean_db, own_redis.url, tmp_path).rows()
         assert {str(r["id"]) for r in rows} == set(tasks)
         assert all(r["status"] == "pending" and r["attempts"] == 1 for r in rows)
         assert all(r["max_attempts"] == 4 for r in rows)  # the release gave the attempt back
