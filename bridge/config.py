@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 
 
 class ConfigError(ValueError):
@@ -88,7 +88,8 @@ class Settings:
         """Read settings from `environ` (default: os.environ, after loading `.env`)."""
         if environ is None:
             if dotenv:
-                load_dotenv(override=False)
+                # The .env of the directory the command runs in (or above it).
+                load_dotenv(find_dotenv(usecwd=True), override=False)
             environ = os.environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
