@@ -131,8 +131,7 @@ def open_store(settings: Settings, *, listen: bool = False) -> TaskStore:
     if settings.store_kind == "postgres":
         from bridge.store.postgres import PostgresTransport
 
-        return TaskStore(PostgresTransport(settings.database_url, listen=listen,
-                                           poll_interval=settings.poll_interval))
+        return TaskStore(PostgresTransport(settings.database_url, listen=listen))
     from bridge.store.supabase import SupabaseTransport
 
     return TaskStore(SupabaseTransport(settings.supabase_url, settings.supabase_service_key,

@@ -41,8 +41,8 @@ def _first_line(exc: BaseException) -> str:
 class PostgresTransport:
     name = "postgres"
 
-    def __init__(self, conninfo: str, *, listen: bool = False, poll_interval: float = 2.0,
-                 pool_size: int = 4, connect_timeout: float = 5.0) -> None:
+    def __init__(self, conninfo: str, *, listen: bool = False, pool_size: int = 4,
+                 connect_timeout: float = 5.0) -> None:
         self._conninfo = conninfo
         self._listen = listen
         self._connect_timeout = connect_timeout
@@ -50,8 +50,10 @@ class PostgresTransport:
             conninfo, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
             kwargs={"autocommit": True,
                     "connect_timeout": int(connect_timeout)},
-            check=ConnectionPool.check_connection, reconnect_timeout=0,
-            name="agent-bridge")
+            # No check on checkout: it would double every round trip. A connection
+            # broken by a server restart fails once (StoreUnavailable, retried by the
+            # caller) and the pool replaces it.
+            reconnect_timeout=0, name="agent-bridge")
         self._pool_opened = False
         self._listener: psycopg.Connection[Any] | None = None
         self._interrupted = threading.Event()
