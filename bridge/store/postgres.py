@@ -105,8 +105,11 @@ class PostgresTransport:
     def _drain(self) -> None:
         """Swallow notifications already queued: one claim round serves them all."""
         assert self._listener is not None
-        # (timeout=0 would mean "no timeout" to psycopg, so use a tiny one.)
-        for _ in self._listener.notifies(timeout=0.001):
+        # Without waiting: notifies(timeout=...) would block at least one poll, and
+        # timeout=0 means "forever" to psycopg. libpq's own queue answers at once.
+        pgconn = self._listener.pgconn
+        pgconn.consume_input()
+        while pgconn.notifies() is not None:
             pass
 
     def interrupt(self) -> None:
