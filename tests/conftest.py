@@ -108,6 +108,17 @@ def clean_redis(redis_url: str) -> str:
     return redis_url
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[LocalRedis]:
+    """A Redis of this test's own, to kill or misconfigure."""
+    server = LocalRedis(tmp_path / "own-redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def postgrest(db_url: str) -> Iterator[str]:
     """A PostgREST-compatible RPC endpoint on the test database; yields SUPABASE_URL."""

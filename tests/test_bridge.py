@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,6 @@ from bridge.store.postgres import PostgresTransport
 from tasks.app import RUN_AGENT, celery_config
 from tests.conftest import insert_task
 from tests.stack import Stack
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[LocalRedis]:
-    server = LocalRedis(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_claims_are_released_when_the_broker_refuses_the_jobs(

@@ -4,8 +4,6 @@ that nothing is lost and nothing is completed twice."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import psutil
 import pytest
@@ -19,15 +17,6 @@ from tests.stack import Stack
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[LocalRedis]:
-    """A Redis of this test's own, to kill."""
-    server = LocalRedis(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def completions(stack: Stack, task_id: str) -> int:
