@@ -50,10 +50,11 @@ class Settings:
     poll_interval: float = _var(
         "POLL_INTERVAL", 2.0,
         "Seconds between polls (Supabase mode); the fallback poll in Postgres mode.")
-    batch_size: int = _var("BRIDGE_BATCH_SIZE", 100, "Most rows claimed in one round trip.")
+    batch_size: int = _var("BRIDGE_BATCH_SIZE", 50, "Most rows claimed in one round trip.")
     max_queued: int = _var(
-        "BRIDGE_MAX_QUEUED", 200,
-        "Backpressure: claim nothing while this many jobs already wait in the broker queue.")
+        "BRIDGE_MAX_QUEUED", 50,
+        "Backpressure: claim nothing while this many jobs already wait in the broker queue. "
+        "Keep it below what the workers start within one lease.")
     lease_seconds: float = _var(
         "LEASE_SECONDS", 30.0,
         "Lease on a claimed row; workers renew it every third of this while a handler runs.")

@@ -23,6 +23,7 @@ log = logging.getLogger("agent_bridge.bridge")
 
 TABLE = "agent_task_requests"
 BACKPRESSURE_PAUSE = 0.05  # seconds between queue checks while the broker queue is full
+DEPTH_REFRESH = 1.0  # seconds a broker queue depth is trusted (plus what we sent since)
 
 
 @dataclass
@@ -72,6 +73,8 @@ class Bridge:
         self.database = Outage("Database" if settings.store_kind == "postgres" else "Supabase")
         self.broker = Outage("Broker")
         self.queue_full = False
+        self._depth_bound = 0
+        self._depth_measured_at = -DEPTH_REFRESH
 
     # One round ---------------------------------------------------------------
     def rescue(self) -> int:
@@ -88,8 +91,7 @@ class Bridge:
     def step(self) -> tuple[int, bool]:
         """Claim and enqueue once. Returns (claimed, full): `full` means the batch
         was limited by the batch size, so more rows may be waiting right now."""
-        depth = self.publisher.queue_depth()
-        self.metrics.queue_depth.set(depth)
+        depth = self._queue_depth()
         room = self.settings.max_queued - depth
         self.queue_full = room <= 0
         if self.queue_full:  # backpressure: the workers have enough to do
@@ -115,7 +117,21 @@ class Bridge:
         finally:
             self.metrics.enqueued.inc(sent)
             self.counts.enqueued += sent
+            self._depth_bound += sent
         return len(claims), len(claims) == limit
+
+    def _queue_depth(self) -> int:
+        """Jobs waiting in the broker, asked only when it matters. Workers only ever
+        shrink the queue, so the last measurement plus what we published since is an
+        upper bound: trusting it never claims too much, at worst too little. Measure
+        again once it reaches half the limit, or after DEPTH_REFRESH."""
+        now = time.monotonic()
+        if (2 * self._depth_bound >= self.settings.max_queued
+                or now - self._depth_measured_at > DEPTH_REFRESH):
+            self._depth_bound = self.publisher.queue_depth()
+            self._depth_measured_at = now
+            self.metrics.queue_depth.set(self._depth_bound)
+        return self._depth_bound
 
     def _release(self, claims: list[Claim]) -> None:
         for claim in claims:

@@ -50,13 +50,16 @@ class _Runtime:
         self._pid = 0
         self._store: TaskStore | None = None
         self._keeper: LeaseKeeper | None = None
+        # In the threads pool the first tasks arrive together; one store for all.
+        self._lock = threading.Lock()
 
     def get(self) -> tuple[TaskStore, LeaseKeeper]:
-        if self._store is None or self._keeper is None or self._pid != os.getpid():
-            self._store = open_store(settings)
-            self._keeper = LeaseKeeper(self._store, settings.lease_seconds)
-            self._pid = os.getpid()
-        return self._store, self._keeper
+        with self._lock:
+            if self._store is None or self._keeper is None or self._pid != os.getpid():
+                self._store = open_store(settings)
+                self._keeper = LeaseKeeper(self._store, settings.lease_seconds)
+                self._pid = os.getpid()
+            return self._store, self._keeper
 
 
 runtime = _Runtime()

@@ -170,15 +170,23 @@ def test_rescue_returns_expired_rows_and_gives_up_at_max_attempts(
     """An expired lease goes back to pending, or to failed with a message a user can read."""
     retry_id = insert_task(clean_db, max_attempts=2)
     last_id = insert_task(clean_db, max_attempts=1)
+    unstarted_id = insert_task(clean_db, max_attempts=1)
     live_id = insert_task(clean_db)
-    assert len(store.claim(3, LEASE)) == 3
-    expire(clean_db, retry_id)
-    expire(clean_db, last_id)
+    assert len(store.claim(4, LEASE)) == 4
+    for task_id in (retry_id, last_id):
+        assert store.start(task_id, 1, "w1", LEASE)[0] is not None
+        expire(clean_db, task_id)
+    expire(clean_db, unstarted_id)
 
     rescued = {r.id: (r.attempt, r.status) for r in store.rescue()}
-    assert rescued == {retry_id: (1, "pending"), last_id: (1, "failed")}
+    assert rescued == {retry_id: (1, "pending"), last_id: (1, "failed"),
+                       unstarted_id: (1, "pending")}
     assert fetch_task(clean_db, live_id)["status"] == "processing"
     assert fetch_task(clean_db, retry_id)["lease_expires_at"] is None
+    # No worker ever ran it (its job waited in, or was lost from, the broker): the
+    # attempt is given back, as a release would.
+    assert fetch_task(clean_db, unstarted_id)["max_attempts"] == 2
+    assert fetch_task(clean_db, retry_id)["max_attempts"] == 2
 
     failed = fetch_task(clean_db, last_id)
     assert failed["finished_at"] is not None and failed["worker"] is None

@@ -419,6 +419,9 @@ $$;
 
 -- Rows whose lease expired (bridge died after claiming, broker lost the message,
 -- worker vanished) go back to pending, or to failed once attempts >= max_attempts.
+-- An attempt that no worker started (its job waited in, or was lost from, the
+-- broker) does not count against max_attempts, as with release: only runs that
+-- reached a worker can use up a task.
 create or replace function public.agent_tasks_rescue(p_limit integer default 1000)
 returns table (id uuid, attempt integer, status text)
 language sql
@@ -427,7 +430,8 @@ security invoker
 set search_path = ''
 as $$
     with expired as (
-        select t.id
+        select t.id,
+               t.started_at is not null and t.attempts >= t.max_attempts as gives_up
           from public.agent_task_requests t
          where t.status = 'processing' and t.lease_expires_at < now()
          order by t.lease_expires_at
@@ -435,23 +439,25 @@ as $$
            for update skip locked
     )
     update public.agent_task_requests t
-       set status = case when t.attempts >= t.max_attempts then 'failed' else 'pending' end,
-           finished_at = case when t.attempts >= t.max_attempts then now() end,
+       set status = case when expired.gives_up then 'failed' else 'pending' end,
+           finished_at = case when expired.gives_up then now() end,
+           max_attempts = case when t.started_at is null then t.max_attempts + 1
+                               else t.max_attempts end,
            worker = null,
            lease_expires_at = null,
-           error = case when t.attempts >= t.max_attempts then
+           error = case when expired.gives_up then
                        jsonb_build_object(
                            'type', 'LeaseExpired',
                            'message', format(
-                               'Gave up after %s of %s attempts: each time the worker or '
-                               'bridge holding the task stopped before finishing it '
-                               '(crash, kill, lost broker message, or a handler that '
-                               'outlived its lease).', t.attempts, t.max_attempts),
+                               'Gave up after %s of %s attempts: each time the worker '
+                               'running the task stopped before finishing it (crash, '
+                               'kill, or a handler that outlived its lease).',
+                               t.attempts, t.max_attempts),
                            'retryable', false, 'at', now(), 'attempt', t.attempts)
                    else t.error end,
-           response_payload = case when t.attempts >= t.max_attempts then
+           response_payload = case when expired.gives_up then
                        jsonb_build_object('error', format(
-                           'Gave up after %s of %s attempts: the worker holding the task '
+                           'Gave up after %s of %s attempts: the worker running the task '
                            'stopped before finishing it.', t.attempts, t.max_attempts))
                    else t.response_payload end
       from expired

@@ -1,0 +1,1 @@
+"""Benchmarks for agent-bridge: `python -m bench` (see bench/RESULTS.md)."""

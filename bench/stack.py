@@ -1,0 +1,266 @@
+"""Throwaway servers and real processes for the benchmarks.
+
+`Servers` starts an embedded PostgreSQL (with pg_stat_statements preloaded) and a
+`redis-server` in a temporary directory; each benchmark gets a fresh, migrated
+database on it. `Proc` is one child process in its own process group (so a
+`kill -9` takes a prefork worker's children with it), logging to a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+import redis
+
+from bridge.localstack import LocalPostgres, LocalRedis, with_database
+from bridge.migrate import migrate
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# Fires when a row finishes, so a waiting benchmark wakes at once instead of polling
+# (added to benchmark databases only; it is not part of agent-bridge).
+DONE_TRIGGER = """
+create or replace function public.bench_notify_done() returns trigger
+language plpgsql as $$
+begin
+    perform pg_notify('bench_done', new.id::text);
+    return null;
+end
+$$;
+drop trigger if exists bench_notify_done on public.{table};
+create trigger bench_notify_done after update of status on public.{table}
+    for each row when (new.status in ({statuses}))
+    execute function public.bench_notify_done();
+"""
+
+
+def done_trigger_sql(table: str, statuses: Sequence[str]) -> str:
+    return DONE_TRIGGER.format(table=table, statuses=", ".join(f"'{s}'" for s in statuses))
+
+
+class Proc:
+    """A child process in its own session/process group, output to `log_path`."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.popen = subprocess.Popen(args, env=env, cwd=REPO, stdout=self._log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True)
+        self.pid = self.popen.pid
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait_for_output(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited ({self.popen.returncode}); "
+                                   f"log {self.log_path}:\n{self.output[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no {text!r} within {timeout}s; "
+                                   f"log {self.log_path}:\n{self.output[-3000:]}")
+            time.sleep(0.05)
+
+    def processes(self) -> list[psutil.Process]:
+        """The process and all its descendants (a prefork worker's pool children)."""
+        try:
+            root = psutil.Process(self.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def kill9(self) -> None:
+        """SIGKILL the whole process group."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.popen.wait()
+        self._reap_group()
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self._reap_group()
+        self._log.close()
+
+    def _reap_group(self) -> None:
+        """Leftovers of the group (a pool child outliving its parent) get SIGKILL."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+
+class Servers:
+    """One embedded PostgreSQL and one redis-server for the whole benchmark run."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self._own_root = root is None
+        self.root = Path(tempfile.mkdtemp(prefix="agent-bridge-bench-")) if root is None \
+            else root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.pg = LocalPostgres(self.root / "pgdata")
+        self.redis = LocalRedis(self.root / "redis")
+        self.admin_url = ""
+        self._dbs = 0
+
+    def start(self) -> None:
+        url = self.pg.start()
+        with psycopg.connect(url, autocommit=True) as conn:
+            preload = conn.execute("show shared_preload_libraries").fetchone()
+            if not preload or "pg_stat_statements" not in str(preload[0]):
+                conn.execute("alter system set shared_preload_libraries = 'pg_stat_statements'")
+                restart = True
+            else:
+                restart = False
+        if restart:
+            self.pg.stop()
+            self.pg.start()
+        self.admin_url = self.pg.url
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute("create extension if not exists pg_stat_statements")
+        self.redis.start()
+
+    def stop(self) -> None:
+        self.redis.stop()
+        self.pg.stop()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
+
+    def redis_client(self) -> redis.Redis[bytes]:
+        return redis.Redis.from_url(self.redis_url)
+
+    def flush_redis(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.redis_client().flushall()
+
+    def new_database(self, prefix: str, *, migrated: bool = True) -> str:
+        self._dbs += 1
+        name = f"{prefix}_{self._dbs}"
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+            conn.execute(f'create database "{name}"')
+        url = with_database(self.admin_url, name)
+        if migrated:
+            migrate(url)
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(done_trigger_sql("agent_task_requests", ("completed", "failed"))
+                             .encode())
+        return url
+
+    def workdir(self, name: str) -> Path:
+        path = self.root / "runs" / name
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        path.chmod(0o777)
+        return path
+
+    @property
+    def postgres_pid(self) -> int | None:
+        server: Any = getattr(self.pg, "_server", None)
+        if server is None:
+            return None
+        try:
+            return int(server.get_pid())
+        except Exception:
+            return None
+
+
+@contextlib.contextmanager
+def servers(root: Path | None = None) -> Iterator[Servers]:
+    s = Servers(root)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+class ProcGroup:
+    """Processes of one benchmark; `stop_all` in a finally block stops every one."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, args: list[str], **env: str) -> Proc:
+        n = sum(p.name.startswith(name) for p in self.procs)
+        proc = Proc(f"{name}{n}", args, {**self.env, **env}, self.workdir / f"{name}{n}.log")
+        self.procs.append(proc)
+        return proc
+
+    def celery_worker(self, app: str, *, pool: str, concurrency: int, wait: bool = True,
+                      name: str = "worker", **env: str) -> Proc:
+        n = sum(p.name.startswith(name) for p in self.procs)
+        proc = self.start(name, [
+            str(BIN / "celery"), "-A", app, "worker", "-P", pool, "-c", str(concurrency),
+            "-n", f"{name}{n}-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
+            "--loglevel", self.env.get("LOG_LEVEL", "INFO")], **env)
+        if wait:
+            proc.wait_for_output(" ready.", 90)
+        return proc
+
+    def bridge(self, *, wait: bool = True, **env: str) -> Proc:
+        proc = self.start("bridge", [str(BIN / "agent-bridge"), "run"], **env)
+        if wait:
+            proc.wait_for_output("ONLINE", 60)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                proc.stop()
+
+    def count_in_logs(self, text: str) -> int:
+        return sum(p.output.count(text) for p in self.procs)
+
+
+def base_env(*, db_url: str = "", redis_url: str, state_dir: Path | None = None,
+             **extra: str) -> dict[str, str]:
+    env = {**os.environ,
+           "REDIS_URL": redis_url,
+           "PYTHONPATH": str(REPO),
+           "PYTHONUNBUFFERED": "1",
+           "LOG_LEVEL": "INFO",
+           "HEARTBEAT_INTERVAL": "30",
+           }
+    for drop in ("CELERY_BROKER_URL", "DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_KEY",
+                 "BRIDGE_TRANSPORT", "AGENT_HANDLER", "BENCH_STATE_DIR"):
+        env.pop(drop, None)
+    if db_url:
+        env["DATABASE_URL"] = db_url
+        env["BRIDGE_TRANSPORT"] = "postgres"
+    if state_dir is not None:
+        env["BENCH_STATE_DIR"] = str(state_dir)
+    env.update(extra)
+    return env
