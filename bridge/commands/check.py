@@ -9,9 +9,9 @@ import sys
 import httpx
 from psycopg.conninfo import conninfo_to_dict
 
-from bridge.commands.status import first_line, probe_broker, probe_workers
+from bridge.commands.status import probe_broker, probe_workers
 from bridge.config import ConfigError, Settings
-from bridge.errors import StoreError, StoreRejected
+from bridge.errors import StoreError, StoreRejected, first_line
 from bridge.migrate import SCHEMA_VERSION
 from bridge.queries import load as load_queries
 from bridge.rows import PostgresRows, open_cli_store

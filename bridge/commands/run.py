@@ -26,7 +26,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    settings.require_store()
     logs.configure(settings.log_level, settings.log_format)
     from tasks.app import RUN_AGENT, app  # the bridge only publishes; no handler is loaded
 

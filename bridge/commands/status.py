@@ -15,7 +15,7 @@ from typing import Any
 from kombu.utils.url import maybe_sanitize_url
 
 from bridge.config import Settings
-from bridge.errors import StoreError, StoreUnavailable
+from bridge.errors import StoreError, StoreUnavailable, first_line
 from bridge.publisher import BROKER_ERRORS, BrokerUnavailable, Publisher
 from bridge.rows import open_cli_store
 
@@ -72,11 +72,6 @@ def probe_workers(broker: Broker) -> Workers:
     except BROKER_ERRORS as exc:
         return Workers(error=f"the broker failed while asking: {first_line(exc)}")
     return Workers(sorted(name for reply in replies for name in reply))
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def age(seconds: float | None) -> str:

@@ -12,7 +12,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from bridge.errors import StoreRejected, StoreUnavailable
+from bridge.errors import StoreRejected, StoreUnavailable, first_line
 from bridge.queries import Query
 
 CHANNEL = "agent_task_requests"
@@ -26,16 +26,17 @@ _TRANSIENT_CLASSES = ("08", "53", "57", "58", "40")
 def classify(exc: BaseException) -> Exception:
     """Turn a psycopg/pool error into StoreUnavailable or StoreRejected."""
     if isinstance(exc, PoolTimeout | psycopg.OperationalError | psycopg.InterfaceError):
-        return StoreUnavailable(f"database unreachable: {_first_line(exc)}")
+        return StoreUnavailable(f"database unreachable: {first_line(exc)}")
     sqlstate = getattr(exc, "sqlstate", None) or ""
     if sqlstate[:2] in _TRANSIENT_CLASSES:
-        return StoreUnavailable(f"database unavailable ({sqlstate}): {_first_line(exc)}")
-    return StoreRejected(f"database refused the call ({sqlstate}): {_first_line(exc)}")
+        return StoreUnavailable(f"database unavailable ({sqlstate}): {first_line(exc)}")
+    return StoreRejected(f"database refused the call ({sqlstate}): {first_line(exc)}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+
+def adapt(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Query parameters for psycopg: dicts are sent as jsonb."""
+    return {k: Jsonb(v) if isinstance(v, dict) else v for k, v in params.items()}
 
 
 class PostgresTransport:
@@ -60,11 +61,10 @@ class PostgresTransport:
         self._lock = threading.Lock()
 
     def call(self, query: Query, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        adapted = {k: Jsonb(v) if isinstance(v, dict) else v for k, v in params.items()}
         try:
             self._ensure_pool()
             with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-                cur.execute(query.sql, adapted)
+                cur.execute(query.sql, adapt(params))
                 return cur.fetchall()
         except (psycopg.Error, PoolTimeout) as exc:
             raise classify(exc) from exc
