@@ -10,7 +10,11 @@ def first_line(exc: BaseException) -> str:
 
 
 class StoreError(Exception):
-    """The task store failed."""
+    """The task store failed. `code`: the SQLSTATE or PostgREST code, when there is one."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class StoreUnavailable(StoreError):

@@ -1,7 +1,10 @@
-"""Loads the named SQL blocks of `sql/queries.sql`.
+"""Loads the named SQL blocks of `sql/queries.sql` and `sql/rows.sql`.
 
-Each block calls one SQL function; its name is what the Supabase transport
-passes to `rpc()`, so both transports share one definition of every call.
+A block is `-- name --`, a line saying what it does, then the statement. The
+blocks of queries.sql each call one SQL function, whose name is what the Supabase
+transport passes to `rpc()`; the blocks of rows.sql are plain row operations,
+which the Supabase transport runs through the table API. Either way every call
+has one name and one definition, shared by both transports.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ class Query:
     name: str
     description: str
     sql: str
-    function: str  # the SQL function it calls, i.e. the rpc() name
+    function: str  # the SQL function it calls (the rpc() name); "" for a row operation
 
 
 def parse(text: str, *, require_function: bool = True) -> dict[str, Query]:
-    """The named blocks of `text`. With `require_function=False` a block may be plain
-    SQL (its `function` is then "" unless it calls one)."""
+    """The named blocks of `text`. With `require_function=False` a block is a row
+    operation: its `function` is "" (it is not run through rpc())."""
     queries: dict[str, Query] = {}
     parts = _HEADER.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
@@ -34,13 +37,34 @@ def parse(text: str, *, require_function: bool = True) -> dict[str, Query]:
         description = lines[0].removeprefix("--").strip()
         sql = "\n".join(lines[1:]).strip()
         match = _FUNCTION.search(sql)
-        if match is None and require_function:
+        if require_function and match is None:
             raise ValueError(f"query {name!r} calls no public.<function>()")
-        queries[name] = Query(name, description, sql, match.group(1) if match else "")
+        queries[name] = Query(name, description, sql,
+                              match.group(1) if require_function and match else "")
     return queries
+
+
+def _read(name: str) -> str:
+    return resources.files("bridge").joinpath(f"sql/{name}").read_text(encoding="utf-8")
 
 
 @cache
 def load() -> dict[str, Query]:
-    text = resources.files("bridge").joinpath("sql/queries.sql").read_text(encoding="utf-8")
-    return parse(text)
+    """The state-function calls of queries.sql."""
+    return parse(_read("queries.sql"))
+
+
+@cache
+def load_rows() -> dict[str, Query]:
+    """The row operations of rows.sql."""
+    return parse(_read("rows.sql"), require_function=False)
+
+
+@cache
+def load_all() -> dict[str, Query]:
+    """Every named call the store makes."""
+    state, rows = load(), load_rows()
+    clash = state.keys() & rows.keys()
+    if clash:
+        raise ValueError(f"queries named twice: {sorted(clash)}")
+    return {**state, **rows}

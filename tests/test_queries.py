@@ -11,7 +11,8 @@ import psycopg
 import pytest
 
 import bridge.store
-from bridge.queries import Query, load
+import bridge.store.supabase
+from bridge.queries import Query, load, load_rows
 
 QUERIES = load()
 STORE_SOURCE = Path(bridge.store.__file__).read_text(encoding="utf-8")
@@ -54,3 +55,17 @@ def test_query_calls_an_existing_function_with_its_argument_names(
 def test_query_is_used_by_the_store(name: str) -> None:
     """A query the store never runs is dead code that would drift from the SQL."""
     assert f'"{name}"' in STORE_SOURCE
+
+
+ROWS = load_rows()
+
+
+def test_row_operations_loaded_and_used() -> None:
+    """The row operations of sql/rows.sql: plain SQL, no rpc() name, each run by the store
+    and (but for the catalog read) by the Supabase transport's table API too."""
+    assert set(ROWS) == {"insert_task", "get_task", "installed"}
+    supabase_source = Path(bridge.store.supabase.__file__).read_text(encoding="utf-8")
+    for q in ROWS.values():
+        assert q.description and q.function == ""
+        assert f'"{q.name}"' in STORE_SOURCE
+    assert '"insert_task"' in supabase_source and '"get_task"' in supabase_source

@@ -6,15 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import httpx
-from psycopg.conninfo import conninfo_to_dict
-
 from bridge.commands.status import probe_broker, probe_workers
 from bridge.config import ConfigError, Settings
 from bridge.errors import StoreError, StoreRejected, first_line
 from bridge.migrate import SCHEMA_VERSION
 from bridge.queries import load as load_queries
-from bridge.rows import PostgresRows, open_cli_store
+from bridge.store import open_store
 
 INSTALL = "run `agent-bridge migrate` (DATABASE_URL) or `supabase db push`"
 KEY_REJECTED = "SUPABASE_SERVICE_KEY rejected: use the service_role key " \
@@ -87,13 +84,9 @@ def run(args: argparse.Namespace) -> int:
 def describe(settings: Settings) -> str:
     if settings.store_kind == "supabase":
         return f"Supabase transport (SUPABASE_URL={settings.supabase_url}, service key set)"
-    try:
-        params = conninfo_to_dict(settings.database_url)
-    except Exception:  # psycopg rejects it later, with its own message
-        return "Postgres transport (DATABASE_URL)"
-    where = f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}" \
-            f"/{params.get('dbname') or ''}"
-    return f"Postgres transport (DATABASE_URL → {where})"
+    from bridge.store.postgres import describe as describe_url
+
+    return f"Postgres transport (DATABASE_URL → {describe_url(settings.database_url)})"
 
 
 def start_worker_hint() -> str:
@@ -104,16 +97,16 @@ def start_worker_hint() -> str:
 
 def check_postgres(report: Report, settings: Settings) -> bool:
     functions = sorted({q.function for q in load_queries().values()})
-    rows = PostgresRows(settings.database_url)
+    store = open_store(settings, pool=False)
     try:
-        has_table, missing = rows.installed(functions)
+        has_table, missing = store.installed(functions)
     except StoreError as exc:
         report.line(False, f"Database unreachable: {first_line(exc.__cause__ or exc)}",
                     "check DATABASE_URL (host, port, user, password); on Supabase use the "
                     "direct or session-pooler URL (port 5432)")
         return False
     finally:
-        rows.close()
+        store.close()
     report.line(True, "Database reachable")
     if not has_table:
         report.line(False, "Table public.agent_task_requests is missing", INSTALL)
@@ -125,21 +118,20 @@ def check_postgres(report: Report, settings: Settings) -> bool:
 
 
 def check_supabase(report: Report, settings: Settings) -> bool:
-    url = settings.supabase_url.rstrip("/") + "/rest/v1/"
-    key = settings.supabase_service_key
+    from bridge.store.supabase import probe  # only in Supabase mode: slow import
+
     try:
-        response = httpx.get(url, headers={"apikey": key, "Authorization": f"Bearer {key}"},
-                             timeout=settings.supabase_timeout)
-    except httpx.HTTPError as exc:
-        report.line(False, f"Supabase unreachable at {settings.supabase_url}: "
-                           f"{type(exc).__name__}: {exc}",
+        status = probe(settings.supabase_url, settings.supabase_service_key,
+                       settings.supabase_timeout)
+    except StoreError as exc:
+        report.line(False, f"Supabase unreachable at {settings.supabase_url}: {exc}",
                     "check SUPABASE_URL (https://<project>.supabase.co) and your network")
         return False
-    if response.status_code in (401, 403):
+    if status in (401, 403):
         report.line(False, KEY_REJECTED)
         return False
-    if response.status_code >= 500:
-        report.line(False, f"Supabase answered HTTP {response.status_code}",
+    if status >= 500:
+        report.line(False, f"Supabase answered HTTP {status}",
                     "is the project paused or restarting? Try again in a minute")
         return False
     report.line(True, "Supabase reachable with the service key")
@@ -149,13 +141,12 @@ def check_supabase(report: Report, settings: Settings) -> bool:
 
 def check_version(report: Report, settings: Settings, functions: int | None) -> None:
     """schema_version() and stats() through the store: the same calls the bridge makes."""
-    store = open_cli_store(settings)
+    store = open_store(settings, pool=False)
     try:
         version = store.schema_version()
         store.stats()
     except StoreRejected as exc:
-        code = str(getattr(exc.__cause__, "code", None) or
-                   getattr(exc.__cause__, "sqlstate", None) or "")
+        code = exc.code or ""
         if code == "42501":
             report.line(False, f"Permission denied calling the functions: {exc}",
                         KEY_REJECTED if settings.store_kind == "supabase"

@@ -19,7 +19,8 @@ from typing import IO
 
 from bridge.localstack import LocalPostgres, LocalRedis, free_port
 from bridge.migrate import migrate
-from bridge.rows import PostgresRows, request_payload
+from bridge.config import Settings
+from bridge.store import open_store, request_payload
 
 DEMO_PROMPTS = [
     "Hello Agent, are you online?",
@@ -139,7 +140,7 @@ def _print_where(db_url: str, redis_url: str, flower_port: int | None) -> None:
 
 def _demo(db_url: str, stop: threading.Event) -> None:
     """Insert the sample tasks the way the frontend does, then follow them."""
-    rows = PostgresRows(db_url)
+    rows = open_store(Settings(database_url=db_url, transport="postgres"), pool=False)
     try:
         ids = []
         for prompt in DEMO_PROMPTS:

@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from bridge.config import Settings
-from bridge.rows import open_cli_store
+from bridge.store import open_store
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
               "--since or --error-type", file=sys.stderr)
         return 2
     settings = Settings.from_env()
-    store = open_cli_store(settings)
+    store = open_store(settings, pool=False)
     try:
         requeued = store.requeue(ids=args.ids or None, failed_since=args.since,
                                  error_type=args.error_type, more_attempts=args.attempts)

@@ -17,7 +17,7 @@ from kombu.utils.url import maybe_sanitize_url
 from bridge.config import Settings
 from bridge.errors import StoreError, StoreUnavailable, first_line
 from bridge.publisher import BROKER_ERRORS, BrokerUnavailable, Publisher
-from bridge.rows import open_cli_store
+from bridge.store import open_store
 
 PING_TIMEOUT = 1.0  # seconds workers get to answer a ping
 
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     report: dict[str, Any] = {"transport": settings.store_kind,
                               "database": {"reachable": False, "error": None}}
-    store = open_cli_store(settings)
+    store = open_store(settings, pool=False)
     try:
         stats = store.stats()
         report["database"]["reachable"] = True

@@ -11,7 +11,7 @@ from typing import Any
 
 from bridge.config import ConfigError, Settings
 from bridge.errors import StoreUnavailable
-from bridge.rows import Rows, open_rows, request_payload
+from bridge.store import TaskStore, open_store, request_payload
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2
 POSTGRES_POLL = 0.2  # seconds between two reads of the row while waiting (Postgres mode)
@@ -53,20 +53,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty")
     settings = Settings.from_env()
-    rows = open_rows(settings)
+    store = open_store(settings, pool=False)
     try:
-        task_id = rows.insert(request_payload(args.prompt, context), args.priority)
+        task_id = store.insert(request_payload(args.prompt, context), args.priority)
         print(task_id, flush=True)
         if not args.wait:
             return 0
         interval = POSTGRES_POLL if settings.store_kind == "postgres" \
             else max(0.2, settings.poll_interval)
-        return follow(rows, task_id, args.timeout, interval)
+        return follow(store, task_id, args.timeout, interval)
     finally:
-        rows.close()
+        store.close()
 
 
-def follow(rows: Rows, task_id: str, timeout: float, interval: float) -> int:
+def follow(store: TaskStore, task_id: str, timeout: float, interval: float) -> int:
     """Print each (status, attempt) change with a timestamp until the row ends."""
     deadline = time.monotonic() + timeout
     seen: tuple[str, int] | None = None
@@ -74,7 +74,7 @@ def follow(rows: Rows, task_id: str, timeout: float, interval: float) -> int:
     row: dict[str, Any] | None = None
     while True:
         try:
-            row = rows.get(task_id)
+            row = store.get(task_id)
         except StoreUnavailable as exc:
             if not outage:
                 print(f"⚠️  {exc} (still waiting)", file=sys.stderr, flush=True)

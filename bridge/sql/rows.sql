@@ -1,15 +1,16 @@
--- Plain-SQL statements of the CLI (`agent-bridge submit` and `check`) in Postgres
--- mode, in the format of queries.sql: `-- name --`, a line saying what it does, then
--- the statement. In Supabase mode the same operations go through the table API.
+-- Row operations, in the format of queries.sql: `-- name --`, a line saying what it
+-- does, then the statement. The direct transport runs them as written; the Supabase
+-- transport runs the same operation through the table API (bridge/store/supabase.py),
+-- the way the frontend does, since PostgREST runs no ad-hoc SQL.
 
 -- insert_task --
 -- Insert a request exactly as the frontend does: pending, {prompt, context}, priority.
 insert into public.agent_task_requests (status, request_payload, priority) values ('pending', %(request_payload)s::jsonb, %(priority)s::integer) returning id
 
 -- get_task --
--- One row's state and outcome, for `submit --wait` (`dev --demo` reads these columns by position).
+-- One row's state and outcome, for `submit --wait` and `dev --demo`.
 select id, status, attempts, response_payload, error from public.agent_task_requests where id = %(id)s::uuid
 
 -- installed --
--- Whether the table exists, and which of the given public functions do not.
+-- Whether the table exists, and which of the given public functions do not (direct mode only).
 select to_regclass('public.agent_task_requests') is not null as has_table, array(select f from unnest(%(functions)s::text[]) f where not exists (select 1 from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace where n.nspname = 'public' and p.proname = f) order by f) as missing_functions

@@ -1,7 +1,9 @@
-"""The task store: every state change of agent_task_requests, over either transport.
+"""The task store: every call on agent_task_requests, over either transport.
 
-Each method runs one SQL function from the migration (see `sql/queries.sql`);
-the fencing and the state rules live there, not here.
+Each method runs one named query: a SQL function from the migration
+(`sql/queries.sql`; the fencing and the state rules live there, not here) or a
+row operation (`sql/rows.sql`). The transport is the only code that touches a
+driver: `postgres.py` (psycopg) or `supabase.py` (supabase-py).
 """
 
 from __future__ import annotations
@@ -11,17 +13,25 @@ from datetime import datetime
 from typing import Any
 
 from bridge.config import Settings
-from bridge.queries import load
-from bridge.store.records import Claim, Rescued, StartedTask, Stats, WriteResult
+from bridge.queries import load_all
+from bridge.store.records import (
+    Claim,
+    Rescued,
+    StartedTask,
+    Stats,
+    WriteResult,
+    request_payload,
+)
 from bridge.store.transport import Transport
 
-__all__ = ["Claim", "Rescued", "StartedTask", "Stats", "TaskStore", "WriteResult", "open_store"]
+__all__ = ["Claim", "Rescued", "StartedTask", "Stats", "TaskStore", "WriteResult", "open_store",
+           "request_payload"]
 
 
 class TaskStore:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
-        self._queries = load()
+        self._queries = load_all()
 
     def _call(self, name: str, **params: Any) -> list[dict[str, Any]]:
         return self.transport.call(self._queries[name], params)
@@ -108,6 +118,23 @@ class TaskStore:
     def schema_version(self) -> int:
         return int(self._call("schema_version")[0]["agent_bridge_schema_version"])
 
+    # Rows (the CLI) -----------------------------------------------------------
+    def insert(self, payload: Mapping[str, Any], priority: int = 0) -> str:
+        """Insert a pending request the way the frontend does; returns its id."""
+        rows = self._call("insert_task", request_payload=dict(payload), priority=priority)
+        return str(rows[0]["id"])
+
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        """The row's id, status, attempts, response_payload and error; None if absent."""
+        rows = self._call("get_task", id=task_id)
+        return dict(rows[0], id=str(rows[0]["id"])) if rows else None
+
+    def installed(self, functions: Sequence[str]) -> tuple[bool, list[str]]:
+        """(the table exists, the functions of `functions` that are missing).
+        Direct mode only: it reads the catalog."""
+        row = self._call("installed", functions=list(functions))[0]
+        return bool(row["has_table"]), list(row["missing_functions"])
+
     # Wake-ups -----------------------------------------------------------------
     def wait_for_work(self, timeout: float) -> bool:
         return self.transport.wait_for_wakeup(timeout)
@@ -125,13 +152,15 @@ def _str_or_none(value: Any) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
-def open_store(settings: Settings, *, listen: bool = False) -> TaskStore:
-    """A store on the configured transport. `listen`: wake on NOTIFY (Postgres only)."""
+def open_store(settings: Settings, *, listen: bool = False, pool: bool = True) -> TaskStore:
+    """A store on the configured transport: the one way the bridge, the workers and
+    the CLI open it. `listen`: wake on NOTIFY (direct mode). `pool=False`: one
+    connection that fails at once when the server is down, for one-shot commands."""
     settings.require_store()
     if settings.store_kind == "postgres":
         from bridge.store.postgres import PostgresTransport
 
-        return TaskStore(PostgresTransport(settings.database_url, listen=listen))
+        return TaskStore(PostgresTransport(settings.database_url, listen=listen, pool=pool))
     from bridge.store.supabase import SupabaseTransport
 
     return TaskStore(SupabaseTransport(settings.supabase_url, settings.supabase_service_key,

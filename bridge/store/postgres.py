@@ -1,10 +1,15 @@
-"""Direct transport: psycopg 3 with a connection pool, and LISTEN for wake-ups."""
+"""Direct transport: psycopg 3, the only module that talks to the psycopg driver.
+
+A long-running process (bridge, worker) gets a connection pool and, for the bridge,
+LISTEN for wake-ups; a one-shot command gets one connection that fails at once when
+the server is down. Every driver error is classified here, by SQLSTATE.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import psycopg
@@ -18,20 +23,44 @@ from bridge.queries import Query
 CHANNEL = "agent_task_requests"
 
 # SQLSTATE classes that mean "the server or the link is unwell, try again":
-# connection exceptions, insufficient resources, operator intervention (shutdown),
-# system errors, serialization failures and deadlocks.
-_TRANSIENT_CLASSES = ("08", "53", "57", "58", "40")
+# connection exceptions, insufficient resources, system errors, serialization
+# failures and deadlocks; and from class 57 only the shutdowns (57P0x), not a
+# cancelled statement. Everything else (22 data, 23 constraints, 42 syntax or
+# privileges, 54 limits such as a value too large) is permanent: retrying the same
+# call cannot help.
+_TRANSIENT_CLASSES = ("08", "53", "58", "40")
+_TRANSIENT_STATES = ("57P0",)
+
+
+def is_transient(sqlstate: str | None) -> bool:
+    if not sqlstate:
+        return False
+    return sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate.startswith(_TRANSIENT_STATES)
 
 
 def classify(exc: BaseException) -> Exception:
     """Turn a psycopg/pool error into StoreUnavailable or StoreRejected."""
-    if isinstance(exc, PoolTimeout | psycopg.OperationalError | psycopg.InterfaceError):
+    if isinstance(exc, PoolTimeout):
         return StoreUnavailable(f"database unreachable: {first_line(exc)}")
-    sqlstate = getattr(exc, "sqlstate", None) or ""
-    if sqlstate[:2] in _TRANSIENT_CLASSES:
-        return StoreUnavailable(f"database unavailable ({sqlstate}): {first_line(exc)}")
-    return StoreRejected(f"database refused the call ({sqlstate}): {first_line(exc)}")
+    sqlstate = getattr(exc, "sqlstate", None)
+    if is_transient(sqlstate):
+        return StoreUnavailable(f"database unavailable ({sqlstate}): {first_line(exc)}",
+                                sqlstate)
+    if sqlstate is None and isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        # No SQLSTATE: the connection itself failed (refused, reset, closed).
+        return StoreUnavailable(f"database unreachable: {first_line(exc)}")
+    return StoreRejected(f"database refused the call ({sqlstate or 'client'}): {first_line(exc)}",
+                         sqlstate)
 
+
+def describe(conninfo: str) -> str:
+    """`host:port/dbname` of a connection string, without the password."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.Error:  # psycopg rejects it later, with its own message
+        return "?"
+    return (f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+            f"/{params.get('dbname') or ''}")
 
 
 def adapt(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,38 +71,55 @@ def adapt(params: Mapping[str, Any]) -> dict[str, Any]:
 class PostgresTransport:
     name = "postgres"
 
-    def __init__(self, conninfo: str, *, listen: bool = False, pool_size: int = 4,
-                 connect_timeout: float = 5.0) -> None:
+    def __init__(self, conninfo: str, *, listen: bool = False, pool: bool = True,
+                 pool_size: int = 4, connect_timeout: float = 5.0) -> None:
         self._conninfo = conninfo
         self._listen = listen
         self._connect_timeout = connect_timeout
-        self._pool = ConnectionPool(
-            conninfo, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
-            kwargs={"autocommit": True,
-                    "connect_timeout": int(connect_timeout)},
-            # No check on checkout: it would double every round trip. A connection
-            # broken by a server restart fails once (StoreUnavailable, retried by the
-            # caller) and the pool replaces it.
-            reconnect_timeout=0, name="agent-bridge")
+        self._pool: ConnectionPool | None = None
+        if pool:
+            self._pool = ConnectionPool(
+                conninfo, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
+                kwargs={"autocommit": True, "connect_timeout": int(connect_timeout)},
+                # No check on checkout: it would double every round trip. A connection
+                # broken by a server restart fails once (StoreUnavailable, retried by the
+                # caller) and the pool replaces it.
+                reconnect_timeout=0, name="agent-bridge")
         self._pool_opened = False
+        self._single: psycopg.Connection[Any] | None = None
         self._listener: psycopg.Connection[Any] | None = None
         self._interrupted = threading.Event()
         self._lock = threading.Lock()
 
     def call(self, query: Query, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         try:
-            self._ensure_pool()
-            with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            with self._connection() as conn, conn.cursor(row_factory=dict_row) as cur:
                 cur.execute(query.sql, adapt(params))
                 return cur.fetchall()
         except (psycopg.Error, PoolTimeout) as exc:
             raise classify(exc) from exc
 
-    def _ensure_pool(self) -> None:
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        if self._pool is not None:
+            with self._lock:
+                if not self._pool_opened:
+                    self._pool.open(wait=False)
+                    self._pool_opened = True
+            with self._pool.connection() as conn:
+                yield conn
+            return
+        # One connection, opened on first use and again after it broke.
         with self._lock:
-            if not self._pool_opened:
-                self._pool.open(wait=False)
-                self._pool_opened = True
+            if self._single is None or self._single.closed:
+                self._single = psycopg.connect(self._conninfo, autocommit=True,
+                                               connect_timeout=int(self._connect_timeout))
+            conn = self._single
+            try:
+                yield conn
+            finally:
+                if conn.broken:
+                    conn.close()
 
     # LISTEN/NOTIFY ------------------------------------------------------------
     def wait_for_wakeup(self, timeout: float) -> bool:
@@ -125,6 +171,9 @@ class PostgresTransport:
         self._interrupted.set()
         self._close_listener()
         with self._lock:
-            if self._pool_opened:
+            if self._pool is not None and self._pool_opened:
                 self._pool.close()
                 self._pool_opened = False
+            if self._single is not None:
+                self._single.close()
+                self._single = None

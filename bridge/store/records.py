@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+
+def request_payload(prompt: str, context: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The frontend's request_payload: {prompt, context}."""
+    return {"prompt": prompt, "context": dict(context or {})}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Supabase transport: supabase-py with the service key, every call an rpc().
+"""Supabase transport: supabase-py with the service key, the only module that talks to
+supabase-py. State functions are rpc() calls; row operations go through the table API,
+the way the frontend reaches the table. Every driver error is classified here.
 
 One long-lived client per process (created lazily, so after a fork), on an
 HTTP/1.1 httpx client with timeouts: supabase-py's HTTP/2 default has an open
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -33,10 +35,21 @@ def classify(exc: BaseException) -> Exception:
         code = exc.code or ""
         message = exc.message or str(exc)
         if code.startswith(_TRANSIENT_PREFIXES) or code in ("502", "503", "504"):
-            return StoreUnavailable(f"Supabase unavailable ({code}): {message}")
+            return StoreUnavailable(f"Supabase unavailable ({code}): {message}", code)
         hint = f" ({exc.hint})" if exc.hint else ""
-        return StoreRejected(f"Supabase refused the call ({code}): {message}{hint}")
+        return StoreRejected(f"Supabase refused the call ({code}): {message}{hint}", code)
     return StoreRejected(f"Supabase call failed: {type(exc).__name__}: {exc}")
+
+
+def probe(url: str, key: str, timeout: float) -> int:
+    """The HTTP status of Supabase's API root with `key` (200: reachable, key accepted)."""
+    try:
+        response = httpx.get(url.rstrip("/") + "/rest/v1/",
+                             headers={"apikey": key, "Authorization": f"Bearer {key}"},
+                             timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise classify(exc) from exc
+    return response.status_code
 
 
 def make_client(url: str, service_key: str, timeout: float) -> Client:
@@ -65,8 +78,15 @@ class SupabaseTransport:
         return self._client
 
     def call(self, query: Query, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        row_operation = None if query.function else _ROW_OPERATIONS.get(query.name)
+        if not query.function and row_operation is None:
+            raise StoreRejected(f"{query.name!r} needs a direct database connection "
+                                "(DATABASE_URL); it is not available over Supabase's API")
         try:
-            data = self._get_client().rpc(query.function, dict(params)).execute().data
+            client = self._get_client()
+            if row_operation is not None:
+                return row_operation(client, params)
+            data = client.rpc(query.function, dict(params)).execute().data
         except (APIError, httpx.HTTPError) as exc:
             raise classify(exc) from exc
         if isinstance(data, list):
@@ -86,3 +106,32 @@ class SupabaseTransport:
         if self._client is not None:
             self._client.postgrest.session.close()
             self._client = None
+
+
+# Row operations (bridge/sql/rows.sql) through the table API -------------------------
+
+TABLE = "agent_task_requests"
+
+
+def _rows(data: Any) -> list[dict[str, Any]]:
+    return [dict(r) for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+
+
+def _insert_task(client: Client, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    row = {"status": "pending", "request_payload": params["request_payload"],
+           "priority": params["priority"]}
+    rows = _rows(client.table(TABLE).insert(row).execute().data)
+    if not rows or "id" not in rows[0]:
+        raise StoreRejected("Supabase stored the row but returned no id")
+    return [{"id": rows[0]["id"]}]
+
+
+def _get_task(client: Client, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    columns = "id,status,attempts,response_payload,error"
+    return _rows(client.table(TABLE).select(columns).eq("id", params["id"]).execute().data)
+
+
+_ROW_OPERATIONS: dict[str, Callable[[Client, Mapping[str, Any]], list[dict[str, Any]]]] = {
+    "insert_task": _insert_task,
+    "get_task": _get_task,
+}
