@@ -19,6 +19,19 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message says which variable and why."""
 
 
+def check_database_url(url: str) -> None:
+    """Refuse a DATABASE_URL that is not a connection string, with the expected shape."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except ProgrammingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        raise ConfigError(f"DATABASE_URL is not a valid connection string ({reason}); "
+                          "expected postgresql://user:password@host:5432/dbname") from None
+
+
 def _var(env: str, default: Any, help: str) -> Any:
     return field(default=default, metadata={"env": env, "help": help})
 
@@ -32,12 +45,23 @@ class Settings:
         "URL (port 5432): the transaction pooler (6543) breaks LISTEN/NOTIFY.")
     supabase_url: str = _var("SUPABASE_URL", "", "Supabase project URL (Supabase mode).")
     supabase_service_key: str = _var(
-        "SUPABASE_SERVICE_KEY", "", "Supabase service-role key (Supabase mode). Never logged.")
+        "SUPABASE_SERVICE_KEY", "",
+        "Supabase secret key (sb_secret_...) or legacy service_role key (Supabase mode). "
+        "Never logged.")
     transport: str = _var(
         "BRIDGE_TRANSPORT", "auto",
         "`postgres`, `supabase`, or `auto` (postgres when DATABASE_URL is set).")
     supabase_timeout: float = _var(
         "SUPABASE_TIMEOUT", 10.0, "Seconds before a Supabase RPC call gives up.")
+    supabase_realtime: bool = _var(
+        "SUPABASE_REALTIME", True,
+        "Supabase mode: the bridge wakes on Realtime when a row becomes pending "
+        "(POLL_INTERVAL stays the fallback). Needs the table in `supabase_realtime`.")
+    supabase_max_rows: int = _var(
+        "SUPABASE_MAX_ROWS", 1000,
+        "Supabase mode: the project's Data API max rows (db-max-rows; Supabase's default "
+        "1000). Every call that returns rows asks for fewer: claims, rescue and requeue "
+        "go in pages under it.")
     # Broker ---------------------------------------------------------------------
     redis_url: str = _var("REDIS_URL", "redis://localhost:6379/0", "Redis for Celery.")
     celery_broker_url: str = _var(
@@ -50,11 +74,23 @@ class Settings:
     poll_interval: float = _var(
         "POLL_INTERVAL", 2.0,
         "Seconds between polls (Supabase mode); the fallback poll in Postgres mode.")
-    batch_size: int = _var("BRIDGE_BATCH_SIZE", 50, "Most rows claimed in one round trip.")
+    batch_size: int = _var(
+        "BRIDGE_BATCH_SIZE", 50,
+        "Most rows claimed in one round trip; in Supabase mode at most SUPABASE_MAX_ROWS.")
     max_queued: int = _var(
         "BRIDGE_MAX_QUEUED", 50,
         "Backpressure: claim nothing while this many jobs already wait in the broker queue. "
         "Keep it below what the workers start within one lease.")
+    queue_seconds: float = _var(
+        "BRIDGE_QUEUE_SECONDS", 0.5,
+        "Backpressure by time: keep about this many seconds of work in each broker queue, "
+        "measured from how fast the workers take jobs (BRIDGE_MAX_QUEUED caps it); 0 = a "
+        "fixed BRIDGE_MAX_QUEUED.")
+    tenant_concurrency: int = _var(
+        "TENANT_CONCURRENCY", 0,
+        "Most rows of one tenant (enterprise_id, else user) claimed at once (queued or "
+        "running), so one tenant cannot hold every worker; 0 = no cap. Per-tenant values in "
+        "agent_tenant_limits.max_processing win.")
     lease_seconds: float = _var(
         "LEASE_SECONDS", 30.0,
         "Lease on a claimed row; workers renew it every third of this while a handler runs.")
@@ -68,6 +104,15 @@ class Settings:
     agent_handler: str = _var(
         "AGENT_HANDLER", "tasks.handlers.simulated:process_task",
         "`package.module:callable` that runs one task (sync or async).")
+    agents: str = _var(
+        "AGENTS", "",
+        "More agents besides `default` (whose handler is AGENT_HANDLER): "
+        "`name=package.module:callable`, comma-separated. Agent X's jobs go to queue "
+        "`<CELERY_QUEUE>.X`.")
+    agents_file: str = _var(
+        "AGENTS_FILE", "",
+        "TOML file of per-agent settings (time limit, retries, max attempts, OpenAI model, "
+        "system prompt, temperature); see Several agents.")
     agent_simulated_seconds: float = _var(
         "AGENT_SIMULATED_SECONDS", 3.0, "How long the default simulated handler works.")
     time_limit: float = _var(
@@ -78,7 +123,17 @@ class Settings:
         "AGENT_RETRY_BACKOFF", 2.0,
         "First retry delay in seconds; doubles each retry, with jitter.")
     retry_backoff_max: float = _var(
-        "AGENT_RETRY_BACKOFF_MAX", 300.0, "Longest retry delay in seconds.")
+        "AGENT_RETRY_BACKOFF_MAX", 300.0,
+        "Longest backoff in seconds; with jitter and any Retry-After, a retry waits at most "
+        "1.5 times this.")
+    max_response_bytes: int = _var(
+        "AGENT_MAX_RESPONSE_BYTES", 1048576,
+        "Largest handler result (bytes of JSON) written to a row; a larger one fails the task "
+        "with its size, and a larger partial-progress write is skipped.")
+    cancel_poll_interval: float = _var(
+        "CANCEL_POLL_INTERVAL", 1.0,
+        "Supabase mode: seconds between a worker process's checks for cancelled tasks (one "
+        "query for all the tasks it runs, only while it runs some). Direct mode LISTENs.")
     # Logs -----------------------------------------------------------------------
     log_level: str = _var("LOG_LEVEL", "INFO", "DEBUG shows prompts; INFO never does.")
     log_format: str = _var(
@@ -114,22 +169,45 @@ class Settings:
         return "supabase"
 
     @property
+    def longest_retry_delay(self) -> float:
+        """The longest a retry waits: backoff with jitter, or a Retry-After, cut to this."""
+        return self.retry_backoff_max * 1.5
+
+    @property
     def longest_retry_wait(self) -> float:
         """The longest a retried job can sit in a worker before it runs again and ends."""
-        return self.retry_backoff_max * 1.5 + self.time_limit
+        return self.longest_retry_delay + self.time_limit
 
     def validate(self) -> None:
         if self.transport not in ("auto", "postgres", "supabase"):
             raise ConfigError("BRIDGE_TRANSPORT must be auto, postgres or supabase")
         if self.log_format not in ("text", "json"):
             raise ConfigError("LOG_FORMAT must be text or json")
-        for name in ("poll_interval", "lease_seconds", "rescue_interval", "time_limit"):
+        for name in ("poll_interval", "lease_seconds", "rescue_interval", "time_limit",
+                     "cancel_poll_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be greater than 0")
         if self.supabase_url and not self.supabase_url.startswith(("http://", "https://")):
             raise ConfigError("SUPABASE_URL must start with https:// (Project Settings → API)")
+        if self.max_response_bytes < 1:
+            raise ConfigError("AGENT_MAX_RESPONSE_BYTES must be at least 1")
+        for name in ("retry_backoff", "retry_backoff_max"):
+            if not 0 <= getattr(self, name) < float("inf"):  # NaN fails this too
+                raise ConfigError(f"{_env(name)} must be a number of seconds, 0 or more")
+        if self.tenant_concurrency < 0:
+            raise ConfigError("TENANT_CONCURRENCY must be 0 (no cap) or more")
         if self.batch_size < 1 or self.max_queued < 1:
             raise ConfigError("BRIDGE_BATCH_SIZE and BRIDGE_MAX_QUEUED must be at least 1")
+        if self.supabase_max_rows < 1:
+            raise ConfigError("SUPABASE_MAX_ROWS must be at least 1 (Supabase: API settings, "
+                              "Max rows)")
+        if self.store_kind == "supabase" and self.batch_size > self.supabase_max_rows:
+            # PostgREST wraps the claim in a LIMIT: rows past the cap would be claimed
+            # (locked, leased) but never returned, stranded until their lease ran out.
+            raise ConfigError(f"BRIDGE_BATCH_SIZE ({self.batch_size}) is above SUPABASE_MAX_ROWS "
+                              f"({self.supabase_max_rows}): Supabase's Data API returns at most "
+                              "that many rows, and claimed rows past it would wait for their "
+                              "lease; lower BRIDGE_BATCH_SIZE")
         # A retry waits in worker memory (countdown) and a running job is unacked: if
         # either outlasts the visibility timeout, Redis hands the job to a second
         # worker while the first still holds it.
@@ -141,17 +219,27 @@ class Settings:
                 f"it, or Redis redelivers jobs that are still waiting or running. Raise "
                 f"CELERY_VISIBILITY_TIMEOUT to at least {2 * self.longest_retry_wait:g}s or "
                 f"lower the others.")
+        from bridge.agents import configure  # AGENTS and AGENTS_FILE, checked here
+
+        configure(self)
 
     def require_store(self) -> None:
         """Fail with a one-line fix when no task store is configured."""
         if self.store_kind == "postgres" and not self.database_url:
             raise ConfigError("DATABASE_URL is not set (BRIDGE_TRANSPORT=postgres)")
+        if self.store_kind == "postgres":
+            check_database_url(self.database_url)
         if self.store_kind == "supabase":
             if not self.supabase_url:
                 raise ConfigError(
                     "Set DATABASE_URL, or SUPABASE_URL and SUPABASE_SERVICE_KEY (see .env.example)")
             if not self.supabase_service_key:
-                raise ConfigError("SUPABASE_SERVICE_KEY is not set (use the service-role key)")
+                raise ConfigError("SUPABASE_SERVICE_KEY is not set (use the secret key, "
+                                  "sb_secret_..., or the legacy service_role key)")
+            if self.supabase_service_key.startswith("sb_publishable_"):
+                raise ConfigError("SUPABASE_SERVICE_KEY is a publishable key (sb_publishable_...):"
+                                  " use a secret key (sb_secret_...) or the legacy service_role "
+                                  "key, from Project Settings → API Keys")
 
 
 def _env(name: str) -> str:

@@ -6,15 +6,19 @@ with jittered backoff, and its end is logged too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 
+from bridge.agents import configure
+from bridge.backpressure import QueueGauge
 from bridge.config import Settings
-from bridge.errors import StoreError, StoreUnavailable
+from bridge.errors import StoreError, StoreUnavailable, first_line
 from bridge.metrics import Metrics
 from bridge.publisher import BrokerUnavailable, Publisher
 from bridge.store import Claim, TaskStore
@@ -22,8 +26,17 @@ from bridge.store import Claim, TaskStore
 log = logging.getLogger("agent_bridge.bridge")
 
 TABLE = "agent_task_requests"
-BACKPRESSURE_PAUSE = 0.05  # seconds between queue checks while the broker queue is full
-DEPTH_REFRESH = 1.0  # seconds a broker queue depth is trusted (plus what we sent since)
+BACKPRESSURE_PAUSE = 0.05  # seconds between queue checks while an agent's queue is full
+
+
+@dataclass(frozen=True)
+class RoundFailure:
+    """What made a `run --once` round fail: `database` (unreachable), `broker` (Redis
+    unreachable), `refused` (the database refused a call, e.g. no migration) or
+    `unexpected`; and the error's first line."""
+
+    what: str
+    message: str
 
 
 @dataclass
@@ -72,9 +85,20 @@ class Bridge:
         self.counts = Counts()
         self.database = Outage("Database" if settings.store_kind == "postgres" else "Supabase")
         self.broker = Outage("Broker")
-        self.queue_full = False
-        self._depth_bound = 0
-        self._depth_measured_at = -DEPTH_REFRESH
+        self.agents = configure(settings)
+        self.registered = False  # AGENTS written to agent_bridge_agents
+        # Backpressure is per agent queue: a full queue stops claiming that agent's rows
+        # only. `blocked`: the agents whose queue was full at the last look.
+        self.blocked: set[str] = set()
+        self.queues = {a.name: QueueGauge(self._depth_reader(a.name),
+                                          max_queued=settings.max_queued,
+                                          target_seconds=settings.queue_seconds)
+                       for a in self.agents}
+
+    @property
+    def queue_full(self) -> bool:
+        """Every agent's queue is full: nothing can be claimed now."""
+        return len(self.blocked) == len(self.agents)
 
     # One round ---------------------------------------------------------------
     def rescue(self) -> int:
@@ -88,25 +112,56 @@ class Bridge:
         self.counts.rescued += len(rescued)
         return len(rescued)
 
-    def step(self) -> tuple[int, bool]:
-        """Claim and enqueue once. Returns (claimed, full): `full` means the batch
-        was limited by the batch size, so more rows may be waiting right now."""
-        depth = self._queue_depth()
-        room = self.settings.max_queued - depth
-        self.queue_full = room <= 0
-        if self.queue_full:  # backpressure: the workers have enough to do
-            return 0, False
-        limit = min(self.settings.batch_size, room)
+    def register(self) -> None:
+        """Tell the database which agents inserts may name (AGENTS), once per start."""
+        if not self.registered:
+            names = self.store.register_agents(self.agents.registration())
+            self.registered = True
+            log.info("🧭 Agents: %s", ", ".join(
+                f"{a.name} → {a.queue}" for a in self.agents),
+                extra={"action": "agents", "agent": ",".join(["default", *names])})
+
+    def step(self, only: Collection[str] | None = None) -> tuple[int, bool]:
+        """Claim and enqueue once, for the agents whose queue has room (`only`: look at
+        these agents only). Returns (claimed, more): `more` means a claim was limited
+        by its batch size, so more rows may be waiting right now."""
+        rooms: dict[str, int] = {}
+        for agent in self.agents:
+            if only is not None and agent.name not in only:
+                continue
+            room = self.queues[agent.name].room()
+            if room <= 0:  # backpressure: this agent's workers have enough to do
+                self.blocked.add(agent.name)
+            else:
+                self.blocked.discard(agent.name)
+                rooms[agent.name] = room
+        # One claim for the agents with room for a whole batch (whichever agent the
+        # rows are for, none overfills); one claim each for the agents with less room.
+        cap = min(self.settings.batch_size, self.settings.max_queued)
+        roomy = [name for name, room in rooms.items() if room >= cap]
+        groups = [(roomy, cap)] if roomy else []
+        groups += [([name], room) for name, room in rooms.items() if room < cap]
+        claimed, more = 0, False
+        for names, limit in groups:
+            got = self._claim(names, limit)
+            claimed += got
+            more = more or got == limit
+        return claimed, more
+
+    def _claim(self, agents: list[str], limit: int) -> int:
         begun = time.perf_counter()
-        claims = self.store.claim(limit, self.settings.lease_seconds)
+        claims = self.store.claim(limit, self.settings.lease_seconds, agents=agents,
+                                  tenant_concurrency=self.settings.tenant_concurrency)
         self.metrics.claim_seconds.observe(time.perf_counter() - begun)
         if not claims:
-            return 0, False
-        self.metrics.claimed.inc(len(claims))
+            return 0
         self.counts.claimed += len(claims)
         for claim in claims:
+            self.metrics.claimed.labels(claim.agent).inc()
             log.info("⚡ Found Task %s!", claim.id,
-                     extra={"action": "claimed", "task_id": claim.id, "attempt": claim.attempt})
+                     extra={"action": "claimed", "task_id": claim.id, "attempt": claim.attempt,
+                            "agent": claim.agent})
+        sent = 0
         try:
             sent = self.publisher.publish(claims)
         except BrokerUnavailable as exc:
@@ -115,23 +170,22 @@ class Bridge:
             self._release(claims[sent:])
             raise
         finally:
-            self.metrics.enqueued.inc(sent)
             self.counts.enqueued += sent
-            self._depth_bound += sent
-        return len(claims), len(claims) == limit
+            for claim in claims[:sent]:
+                self.metrics.enqueued.labels(claim.agent).inc()
+                if claim.agent in self.queues:
+                    self.queues[claim.agent].sent(1)
+        return len(claims)
 
-    def _queue_depth(self) -> int:
-        """Jobs waiting in the broker, asked only when it matters. Workers only ever
-        shrink the queue, so the last measurement plus what we published since is an
-        upper bound: trusting it never claims too much, at worst too little. Measure
-        again once it reaches half the limit, or after DEPTH_REFRESH."""
-        now = time.monotonic()
-        if (2 * self._depth_bound >= self.settings.max_queued
-                or now - self._depth_measured_at > DEPTH_REFRESH):
-            self._depth_bound = self.publisher.queue_depth()
-            self._depth_measured_at = now
-            self.metrics.queue_depth.set(self._depth_bound)
-        return self._depth_bound
+    def _depth_reader(self, agent: str) -> Callable[[], int]:
+        queue = self.agents.by_name[agent].queue
+
+        def read() -> int:
+            depth = self.publisher.queue_depth(queue)
+            self.metrics.queue_depth.labels(agent).set(depth)
+            return depth
+
+        return read
 
     def _release(self, claims: list[Claim]) -> None:
         for claim in claims:
@@ -143,65 +197,100 @@ class Bridge:
                             extra={"action": "release_failed", "task_id": claim.id,
                                    "attempt": claim.attempt})
                 continue
-            self.metrics.released.inc()
+            self.metrics.released.labels(claim.agent).inc()
             self.counts.released += 1
 
     # The loop ----------------------------------------------------------------
-    def run(self, stop: threading.Event, *, once: bool = False) -> None:
+    def run(self, stop: threading.Event, *, once: bool = False) -> RoundFailure | None:
+        """Run until `stop`; with `once`, one round, returning what failed (None: nothing)."""
+        # Register AGENTS before saying ONLINE, so that once it is said inserts may name
+        # them; if the database is not there yet, the loop retries (and logs the outage).
+        with contextlib.suppress(StoreError):
+            self.register()
         self._banner()
         now = time.monotonic()
         next_rescue = now
         next_heartbeat = now + self.settings.heartbeat_interval
+        # While an agent's queue is full, only its queue is looked at every
+        # BACKPRESSURE_PAUSE; every agent at a wake-up, and at least every POLL_INTERVAL.
+        only: set[str] | None = None
+        next_full_round = now
         while not stop.is_set():
             now = time.monotonic()
+            if now >= next_full_round:
+                only = None
+            if only is None:
+                next_full_round = now + self.settings.poll_interval
             try:
+                self.register()
                 if now >= next_rescue:
                     self.rescue()
                     next_rescue = now + self.settings.rescue_interval
-                _, full = self.step()
+                _, full = self.step(only)
                 self.database.ok()
                 self.broker.ok()
             except BrokerUnavailable as exc:
-                stop.wait(self.broker.failed(exc))
+                pause = self.broker.failed(exc)
+                if once:
+                    return RoundFailure("broker", first_line(exc))
+                stop.wait(pause)
                 continue
             except StoreUnavailable as exc:
-                stop.wait(self.database.failed(exc))
+                pause = self.database.failed(exc)
+                if once:
+                    return RoundFailure("database", first_line(exc))
+                stop.wait(pause)
                 continue
             except StoreError as exc:  # refused: e.g. the migration is missing
-                stop.wait(self.database.failed(exc))
+                pause = self.database.failed(exc)
+                if once:
+                    return RoundFailure("refused", first_line(exc))
+                stop.wait(pause)
                 continue
-            except Exception:
+            except Exception as exc:
                 # A bug or an error type nobody foresaw: a daemon must not die of it.
                 log.exception("💥 Unexpected error in the bridge loop; retrying",
                               extra={"action": "loop_error"})
+                if once:
+                    return RoundFailure("unexpected", f"{type(exc).__name__}: {first_line(exc)}")
                 stop.wait(random.uniform(1.0, 5.0))
                 continue
             if time.monotonic() >= next_heartbeat:
                 self.heartbeat()
                 next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
             if once:
-                return
+                return None
             if full:
+                only = None
                 continue
-            if self.queue_full:
-                stop.wait(BACKPRESSURE_PAUSE)
-                continue
-            timeout = min(self.settings.poll_interval, max(0.0, next_rescue - time.monotonic()),
-                          max(0.0, next_heartbeat - time.monotonic()))
+            if self.blocked:
+                timeout = BACKPRESSURE_PAUSE
+            else:
+                timeout = min(self.settings.poll_interval,
+                              max(0.0, next_rescue - time.monotonic()),
+                              max(0.0, next_heartbeat - time.monotonic()))
             try:
-                self.store.wait_for_work(max(timeout, 0.01))
+                woke = self.store.wait_for_work(max(timeout, 0.01))
             except StoreUnavailable as exc:
                 stop.wait(self.database.failed(exc))
+                woke = True
+            # New rows (a wake-up) may be for any agent; a pause ends with another
+            # look at the full queues only.
+            only = None if woke or not self.blocked else set(self.blocked)
         log.info("👋 Bridge stopped.", extra={"action": "stopped"})
+        return None
 
     def heartbeat(self) -> None:
         c = self.counts
         backlog = "?"
         try:
-            stats = self.store.stats()
-            backlog = str(stats.due)
-            self.metrics.backlog.set(stats.due)
-            self.metrics.oldest_pending.set(stats.oldest_due_seconds or 0)
+            per_agent = self.store.agent_stats()
+            backlog = str(sum(a.due for a in per_agent))
+            for a in per_agent:
+                self.metrics.backlog.labels(a.agent).set(a.due)
+                self.metrics.oldest_pending.labels(a.agent).set(a.oldest_due_seconds or 0)
+                self.metrics.processing.labels(a.agent).set(a.processing)
+                self.metrics.failed.labels(a.agent).set(a.failed)
         except StoreError:
             pass
         log.info("💓 Bridge heartbeat: %s - Still watching for tasks... claimed=%d enqueued=%d "
@@ -214,6 +303,7 @@ class Bridge:
     def _banner(self) -> None:
         s = self.settings
         wake = ("LISTEN/NOTIFY" if s.store_kind == "postgres"
+                else f"Realtime, polling every {s.poll_interval:g}s" if s.supabase_realtime
                 else f"polling every {s.poll_interval:g}s")
         log.info("🟢 Agent Bridge is ONLINE.", extra={"action": "online"})
         log.info("👀 Watching table '%s' for 'pending' tasks (%s, %s)...", TABLE,

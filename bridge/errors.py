@@ -21,5 +21,11 @@ class StoreUnavailable(StoreError):
     """The database or Supabase could not be reached or was overloaded; try again later."""
 
 
+class StoreMisconfigured(StoreUnavailable):
+    """The database or Supabase refused our credentials (a wrong or revoked key): nothing
+    will work until the configuration is fixed. Retried like an outage, so a key fixed
+    while the bridge and workers run lets them carry on; the CLI prints the fix."""
+
+
 class StoreRejected(StoreError):
     """The database refused the call (bad input, permissions, missing migration)."""

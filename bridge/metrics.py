@@ -1,4 +1,6 @@
-"""Prometheus metrics of the bridge, served on METRICS_PORT when it is set."""
+"""Prometheus metrics of the bridge, served on METRICS_PORT when it is set.
+
+Per-row metrics carry the row's `agent` label (`sum without (agent)` gives totals)."""
 
 from __future__ import annotations
 
@@ -9,19 +11,25 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.claimed = Counter("agent_bridge_claimed", "Rows claimed", registry=r)
-        self.enqueued = Counter("agent_bridge_enqueued", "Jobs published to the broker", registry=r)
+        self.claimed = Counter("agent_bridge_claimed", "Rows claimed", ["agent"], registry=r)
+        self.enqueued = Counter("agent_bridge_enqueued", "Jobs published to the broker",
+                                ["agent"], registry=r)
         self.released = Counter("agent_bridge_released", "Claims released after a failed publish",
-                                registry=r)
+                                ["agent"], registry=r)
         self.rescued = Counter("agent_bridge_rescued", "Expired leases taken back",
                                ["outcome"], registry=r)
         self.enqueue_failures = Counter("agent_bridge_enqueue_failures",
                                         "Publishes that failed", registry=r)
-        self.backlog = Gauge("agent_bridge_backlog", "Due pending rows", registry=r)
-        self.queue_depth = Gauge("agent_bridge_queue_depth", "Jobs waiting in the broker",
+        self.backlog = Gauge("agent_bridge_backlog", "Due pending rows", ["agent"], registry=r)
+        self.queue_depth = Gauge("agent_bridge_queue_depth",
+                                 "Jobs waiting in the agent's broker queue", ["agent"],
                                  registry=r)
         self.oldest_pending = Gauge("agent_bridge_oldest_pending_seconds",
-                                    "Age of the oldest due pending row", registry=r)
+                                    "Age of the oldest due pending row", ["agent"], registry=r)
+        self.processing = Gauge("agent_bridge_processing", "Rows being processed", ["agent"],
+                                registry=r)
+        self.failed = Gauge("agent_bridge_failed", "Rows that ended failed", ["agent"],
+                            registry=r)
         self.claim_seconds = Histogram(
             "agent_bridge_claim_duration_seconds", "Time of one claim round trip", registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))

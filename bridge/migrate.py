@@ -1,37 +1,143 @@
-"""Applies the migrations in `supabase/migrations/` to a Postgres database.
+"""Applies the migrations in `supabase/migrations/` to a Postgres database, and records
+them in `supabase_migrations.schema_migrations` exactly as the Supabase CLI does.
 
 On a database that is not Supabase it first creates what Supabase would have
-provided (roles, auth.uid(), the realtime publication). Every file is
-idempotent, so running this again changes nothing.
+provided (roles, auth.uid(), the realtime publication). A migration whose version
+is already recorded (by this command or by `supabase db push`) is skipped, as the
+CLI skips it, so the two tools agree in either order.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import psycopg
 
+from bridge.queries import Query, parse
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "supabase" / "migrations"
-SCHEMA_VERSION = 1  # what agent_bridge_schema_version() returns after these migrations
+SCHEMA_VERSION = 2  # what agent_bridge_schema_version() returns after these migrations
 
 _IS_SUPABASE = "select exists (select 1 from pg_roles where rolname = 'supabase_admin')"
 _LOCK = "select pg_advisory_xact_lock(hashtext('agent-bridge migrate'))"
+# The CLI's file name pattern (pkg/migration/file.go): `<version>_<name>.sql`.
+_FILE = re.compile(r"^([0-9]+)_(.*)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    path: Path
+
+    @property
+    def filename(self) -> str:
+        return self.path.name
 
 
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
-    files = sorted(directory.glob("*.sql"))
+    files = sorted(p for p in directory.glob("*.sql") if _FILE.match(p.name))
     if not files:
         raise FileNotFoundError(f"no migrations in {directory}")
     return files
+
+
+def migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    found = []
+    for path in migration_files(directory):
+        match = _FILE.match(path.name)
+        assert match is not None
+        found.append(Migration(match[1], match[2], path))
+    return found
 
 
 def compat_sql() -> str:
     return resources.files("bridge").joinpath("sql/supabase_compat.sql").read_text("utf-8")
 
 
+def _history() -> dict[str, Query]:
+    text = resources.files("bridge").joinpath("sql/migrations.sql").read_text("utf-8")
+    return parse(text, require_function=False)
+
+
+def split_statements(text: str) -> list[str]:
+    """A migration file's statements as the Supabase CLI splits them for its history
+    (pkg/parser: split on `;` outside quotes, dollar quotes, comments, parentheses and
+    BEGIN ATOMIC bodies; each trimmed of trailing `;` and white space; empty ones dropped;
+    comments stay with the statement that follows them)."""
+    statements: list[str] = []
+    i, start, n = 0, 0, len(text)
+    parens = atomic = 0
+    while i < n:
+        c = text[i]
+        if text.startswith("--", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end + 1
+            continue
+        if text.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if text.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif text.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+            continue
+        if c in "'\"":
+            i += 1
+            while i < n:
+                if text[i] == c and text.startswith(c * 2, i):
+                    i += 2
+                elif text[i] == c:
+                    i += 1
+                    break
+                else:
+                    i += 1
+            continue
+        if c == "$":
+            tag = re.match(r"\$\w*\$", text[i:])
+            if tag:
+                end = text.find(tag[0], i + len(tag[0]))
+                i = n if end < 0 else end + len(tag[0])
+                continue
+        if c == "\\":
+            i += 2
+            continue
+        if c == "(":
+            parens += 1
+        elif c == ")" and parens:
+            parens -= 1
+        elif c in "cC" and i >= 5 and text[i - 5:i + 1].lower() == "atomic" \
+                and text[i - 6:i - 5].isspace():
+            atomic += 1
+        elif c in "dD" and atomic and text[i - 2:i + 1].lower() == "end":
+            atomic -= 1
+        elif c == ";" and not parens and not atomic:
+            statements.append(text[start:i + 1])
+            start = i + 1
+        i += 1
+    statements.append(text[start:])
+    return [s for s in (s.rstrip(";").strip() for s in statements) if s]
+
+
+def applied_versions(conninfo: str) -> list[str]:
+    """The versions recorded in supabase_migrations.schema_migrations ([] if none)."""
+    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+        exists = conn.execute(
+            "select to_regclass('supabase_migrations.schema_migrations') is not null").fetchone()
+        if not (exists and exists[0]):
+            return []
+        return [r[0] for r in conn.execute(_history()["applied_versions"].sql).fetchall()]
+
+
 def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
-    """Apply everything in one transaction; return what was applied, in order."""
+    """Apply, in one transaction, every migration whose version is not recorded yet, and
+    record each; return what was applied, in order."""
+    history = _history()
     applied: list[str] = []
     with psycopg.connect(conninfo, connect_timeout=10) as conn:
         conn.execute(_LOCK)  # two `migrate`s at once take turns
@@ -39,7 +145,19 @@ def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
         if not (row and row[0]):
             conn.execute(compat_sql().encode())  # a trusted file, run without parameters
             applied.append("supabase_compat.sql")
-        for path in migration_files(directory):
-            conn.execute(path.read_bytes())
-            applied.append(path.name)
+        conn.execute(history["create_history"].sql)
+        done = {r[0] for r in conn.execute(history["applied_versions"].sql).fetchall()}
+        for migration in migrations(directory):
+            if migration.version in done:
+                continue
+            text = migration.path.read_text("utf-8")
+            conn.execute(text.encode())
+            conn.execute(history["record_version"].sql,
+                         {"version": migration.version, "name": migration.name,
+                          "statements": split_statements(text)})
+            done.add(migration.version)
+            applied.append(migration.filename)
+        if len(applied) > 1 or applied[:1] != ["supabase_compat.sql"]:
+            # Every run that applied a migration, not only the one whose file ends so.
+            conn.execute(history["reload_schema"].sql)
     return applied

@@ -1,4 +1,4 @@
-"""Puts claimed rows on the Celery queue, and says how full that queue is."""
+"""Puts claimed rows on their agents' Celery queues, and says how full a queue is."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 
+from bridge.agents import queue_name
 from bridge.store import Claim
 
 # Errors that mean "the broker is not there right now".
@@ -32,27 +33,30 @@ class Publisher:
             self._errors = (BROKER_ERRORS + tuple(conn.connection_errors)
                             + tuple(conn.channel_errors))
 
-    def queue_depth(self) -> int:
-        """Jobs waiting in the broker queue (not those already reserved by workers)."""
+    def queue_depth(self, queue: str | None = None) -> int:
+        """Jobs waiting in a broker queue (default: the `default` agent's), not those
+        already reserved by workers."""
         try:
             with self._app.pool.acquire(block=True, timeout=5) as conn:
                 conn.ensure_connection(max_retries=1, timeout=5)
                 ok = conn.default_channel.queue_declare(
-                    self._queue, passive=False, durable=True, auto_delete=False)
+                    queue or self._queue, passive=False, durable=True, auto_delete=False)
                 return int(ok.message_count)
         except self._errors as exc:
             raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
 
     def publish(self, claims: Sequence[Claim]) -> int:
-        """One job per claim, in order, through one pooled producer; carries only
-        (task id, attempt). The Celery task id `id:attempt` never repeats."""
+        """One job per claim, in order, through one pooled producer, on the queue of the
+        claim's agent; carries only (task id, attempt). The Celery task id `id:attempt`
+        never repeats."""
         sent = 0
         try:
             with self._app.producer_or_acquire() as producer:
                 for claim in claims:
                     self._app.send_task(
                         self._task_name, args=(claim.id, claim.attempt),
-                        task_id=f"{claim.id}:{claim.attempt}", queue=self._queue,
+                        task_id=f"{claim.id}:{claim.attempt}",
+                        queue=queue_name(self._queue, claim.agent),
                         producer=producer, retry=True,
                         retry_policy={"max_retries": 2, "interval_start": 0.1,
                                       "interval_step": 0.2, "interval_max": 0.5})

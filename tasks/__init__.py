@@ -2,16 +2,22 @@
 
 Handlers raise `RetryableError` for transient trouble (retried with backoff) and
 `InvalidPayload` for requests they cannot run; any other exception fails the
-task at once. `report_progress()` streams partial output into the row.
+task at once. `report_progress()` streams partial output into the row; once the
+task is cancelled it raises `Cancelled`, and `cancelled()` returns True.
+`current_agent()` is the agent (AGENTS) whose task the handler runs.
 """
 
 from __future__ import annotations
 
+from tasks import revoke  # noqa: F401 - registers the Celery revoke hooks
+from tasks.agent import current_agent
 from tasks.app import app
+from tasks.cancellation import Cancelled, cancelled
 from tasks.errors import InvalidPayload, RetryableError
 from tasks.operator import requeue_failed
 from tasks.progress import report_progress
 from tasks.runner import run_agent
 
 __all__ = [
-    "InvalidPayload", "RetryableError", "app", "report_progress", "requeue_failed", "run_agent"]
+    "Cancelled", "InvalidPayload", "RetryableError", "app", "cancelled", "current_agent",
+    "report_progress", "requeue_failed", "run_agent"]

@@ -10,14 +10,18 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import setup_logging
+from kombu import Exchange, Queue
 
 from bridge import logs
+from bridge.agents import configure
 from bridge.config import ConfigError, Settings
 
 RUN_AGENT = "tasks.run_agent"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    agents = configure(settings)
+    longest = max(a.time_limit for a in agents)
     return {
         "broker_url": settings.broker_url,
         "result_backend": None,
@@ -26,10 +30,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "event_serializer": "json",
         "task_default_queue": settings.celery_queue,
+        # One queue per agent (`default`: CELERY_QUEUE, agent X: CELERY_QUEUE.X). A worker
+        # without -Q serves them all; `-Q agent_tasks.research` serves that agent only.
+        "task_queues": [Queue(a.queue, Exchange(a.queue), routing_key=a.queue)
+                        for a in agents],
         # A job is acknowledged only when it ends, and a job whose worker process
         # died (SIGKILL, OOM) goes back to the queue instead of being acked and lost.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A failed row's job raises TaskFailed (so Flower shows it failed); Celery's
+        # default task_acks_on_failure_or_timeout (True; in 5.7+ task_acks_on_failure)
+        # still acknowledges it: the row is failed, the message must not come back.
         # Each process holds one job beyond the one it runs: others stay in Redis
         # where another worker (or the bridge's backpressure) can see them.
         "worker_prefetch_multiplier": 1,
@@ -54,8 +65,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         # The handler's own timeout (AGENT_TIME_LIMIT) ends a task first; these are
         # the backstop for a handler that ignores it (enforced in prefork only).
-        "task_soft_time_limit": settings.time_limit + 15,
-        "task_time_limit": settings.time_limit + 45,
+        # One pair for every agent, so the longest time limit of any agent.
+        "task_soft_time_limit": longest + 15,
+        "task_time_limit": longest + 45,
         "worker_hijack_root_logger": False,
     }
 

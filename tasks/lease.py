@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.errors import StoreError
 from bridge.store import TaskStore
+from tasks.cancellation import CancelScope
 
 log = logging.getLogger("agent_bridge.worker")
 
@@ -26,6 +28,7 @@ class Holding:
     attempt: int
     worker: str
     lost: threading.Event = field(default_factory=threading.Event)
+    cancel: CancelScope = field(default_factory=CancelScope)  # fired on a cancel request
 
 
 class LeaseKeeper:
@@ -37,6 +40,8 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        # Told of every new holding (the cancel watcher).
+        self.on_hold: Callable[[Holding], None] | None = None
 
     def hold(self, task_id: str, attempt: int, worker: str) -> Holding:
         holding = Holding(task_id, attempt, worker)
@@ -46,7 +51,14 @@ class LeaseKeeper:
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
                 self._thread.start()
+        if self.on_hold is not None:
+            self.on_hold(holding)
         return holding
+
+    def held(self) -> list[Holding]:
+        """The attempts this process runs now."""
+        with self._lock:
+            return list(self._held)
 
     def drop(self, holding: Holding) -> None:
         with self._lock:

@@ -1,7 +1,9 @@
-"""The default request check: `{"prompt": "non-empty string", "context": {...}?}`."""
+"""The default request check: `{"prompt": "non-empty string", "context": {...}?}`, and
+the size of a response as JSON."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tasks.errors import InvalidPayload
@@ -21,6 +23,13 @@ def json_type(value: Any) -> str:
     if isinstance(value, list):
         return "array"
     return "object"
+
+
+def json_size(value: Any) -> int:
+    """Bytes of `value` as JSON text (UTF-8), counted piece by piece, never built
+    whole. Raises TypeError or ValueError when it is not JSON (an object, NaN)."""
+    encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, check_circular=True)
+    return sum(len(piece.encode("utf-8", "surrogatepass")) for piece in encoder.iterencode(value))
 
 
 def validate_default(payload: Any) -> None:

@@ -2,7 +2,11 @@
 
 Every write is fenced by (attempt, worker) in SQL: a stale or duplicate message
 is acknowledged, logged and dropped. Transient handler errors retry through
-Celery; everything else ends the row `failed` with a readable `error`.
+Celery; everything else ends the row `failed` with a readable `error`, once: an
+outcome the database refuses for its content (too large, a NUL, not JSON) becomes a
+failure with a readable error, never a row left to its lease, whose rescue would
+run (and pay for) the handler again. A failed row's job then raises TaskFailed, so
+Celery and Flower show it as failed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import inspect
 import logging
 import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -23,16 +28,21 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_ready
+from celery.signals import worker_init, worker_process_init, worker_ready
 
-from bridge.errors import StoreError, StoreUnavailable
+from bridge.agents import DEFAULT, Agent
+from bridge.errors import StoreError, StoreRejected, StoreUnavailable, first_line
 from bridge.store import StartedTask, TaskStore, WriteResult, open_store
-from tasks import progress
+from tasks import agent as agent_context
+from tasks import cancellation, progress
+from tasks.agent import UnknownAgent, agent_for, agents, handler_of
 from tasks.app import RUN_AGENT, app, settings
-from tasks.errors import InvalidPayload, RetryableError
-from tasks.handlers import Handler, load_handler
+from tasks.cancel_watcher import CancelWatcher
+from tasks.cancellation import Cancelled
+from tasks.errors import InvalidPayload, RetryableError, TaskFailed, clean_text
+from tasks.handlers import Handler, HandlerNotFound
 from tasks.lease import Holding, LeaseKeeper
-from tasks.payload import json_type, validate_default
+from tasks.payload import json_size, json_type, validate_default
 
 log = logging.getLogger("agent_bridge.worker")
 
@@ -41,6 +51,10 @@ PROGRESS_MIN_INTERVAL = 0.25  # seconds between two progress writes of one task
 
 class HandlerTimeout(Exception):
     """The handler ran longer than AGENT_TIME_LIMIT."""
+
+
+class WriteRefused(Exception):
+    """The database refused an outcome write for what it holds (not for being down)."""
 
 
 class _Runtime:
@@ -58,6 +72,7 @@ class _Runtime:
             if self._store is None or self._keeper is None or self._pid != os.getpid():
                 self._store = open_store(settings)
                 self._keeper = LeaseKeeper(self._store, settings.lease_seconds)
+                self._keeper.on_hold = CancelWatcher(settings, self._store, self._keeper).watch
                 self._pid = os.getpid()
             return self._store, self._keeper
 
@@ -71,22 +86,36 @@ def worker_identity() -> str:
 
 
 def retry_delay(retries: int, retry_after: float | None) -> float:
-    """Exponential backoff with jitter (0.5x-1.5x); never sooner than Retry-After."""
-    base = min(settings.retry_backoff_max, settings.retry_backoff * 2**retries)
+    """Exponential backoff with jitter (0.5x-1.5x); never sooner than Retry-After, and
+    never longer than 1.5 x AGENT_RETRY_BACKOFF_MAX (settings.longest_retry_delay),
+    whatever Retry-After asks: the visibility-timeout check counts on that bound."""
+    base = min(settings.retry_backoff_max, settings.retry_backoff * 2**min(retries, 64))
     delay = base * random.uniform(0.5, 1.5)
     if retry_after is not None:
         delay = max(delay, retry_after)
-    return float(round(delay, 3))
+    return float(round(min(delay, settings.longest_retry_delay), 3))
 
 
 def error_body(kind: str, message: str, *, retryable: bool = False, **more: Any) -> dict[str, Any]:
-    return {"type": kind, "message": message, "retryable": retryable, **more}
+    """The row's `error`; its text cleaned so the database takes it (no NUL, no lone
+    surrogate, at most 4 KB a string)."""
+    more = {k: clean_text(v) if isinstance(v, str) else v for k, v in more.items()}
+    return {"type": clean_text(kind, 200), "message": clean_text(message),
+            "retryable": retryable, **more}
 
 
-@app.task(bind=True, name=RUN_AGENT)
+# TaskFailed is "expected" (Task.throws): Celery marks the job failed (Flower shows it
+# with the row's error) and logs one INFO line, no traceback. Its message is still
+# acknowledged (task_acks_on_failure, Celery's default, set in tasks/app.py).
+@app.task(bind=True, name=RUN_AGENT, throws=(TaskFailed,))
 def run_agent(self: Task, task_id: str, attempt: int) -> str:
-    """Run attempt `attempt` of row `task_id`; returns how it ended (shown in Flower)."""
-    return Execution(self, task_id, attempt).run()
+    """Run attempt `attempt` of row `task_id`; returns how it ended (shown in Flower),
+    or raises TaskFailed once the row has been failed."""
+    execution = Execution(self, task_id, attempt)
+    outcome = execution.run()
+    if execution.failure is not None:
+        raise TaskFailed(f"{execution.failure['type']}: {execution.failure['message']}")
+    return outcome
 
 
 class Execution:
@@ -96,7 +125,10 @@ class Execution:
         self.attempt = attempt
         self.worker = worker_identity()
         self.store, self.keeper = runtime.get()
-        self.fields = {"task_id": task_id, "attempt": attempt}
+        self.fields: dict[str, Any] = {"task_id": task_id, "attempt": attempt}
+        self.agent: Agent | None = None  # the row's, once started
+        self.partial: dict[str, Any] | None = None  # the last progress the handler reported
+        self.failure: dict[str, Any] | None = None  # the error written, if it failed the row
 
     def run(self) -> str:
         try:
@@ -110,15 +142,14 @@ class Execution:
                         extra={"action": "start_unavailable", **self.fields})
             time.sleep(random.uniform(1.0, 3.0))
             raise Reject(str(exc), requeue=True) from None
-        except StoreError as exc:
-            log.error("❌ Task %s not started: %s", self.task_id, exc,
-                      extra={"action": "start_rejected", **self.fields})
-            return "rejected"
+        except Exception as exc:
+            return self._start_failed(exc)
         if started is None:
             log.info("⏭️  Task %s attempt %s skipped: %s", self.task_id, self.attempt,
                      found.refusal(self.attempt), extra={"action": "stale", **self.fields})
             return "stale"
 
+        self.fields["agent"] = started.agent
         log.info("🤖 Working on Task %s (attempt %d)", self.task_id, self.attempt,
                  extra={"action": "start", **self.fields})
         if isinstance(started.request_payload, dict):
@@ -127,71 +158,170 @@ class Execution:
         holding = self.keeper.hold(self.task_id, self.attempt, self.worker)
         try:
             return self._run_handler(started, holding)
+        except WriteRefused as refused:  # an outcome write no path above handled
+            return self._fail(holding, error_body(
+                "OutcomeRejected", f"the task's outcome could not be stored: {refused}"))
         finally:
             self.keeper.drop(holding)
 
     def _run_handler(self, started: StartedTask, holding: Holding) -> str:
         retry: tuple[float, RetryableError] | None = None
         try:
-            handler = load_handler(settings.agent_handler)
+            # The row's agent picks the handler and its limits; a worker that does not
+            # know it (AGENTS differs from the bridge's) fails the row, not the worker.
+            self.agent = agent = agent_for(started.agent)
+            handler = handler_of(agent)
             validate = getattr(handler, "validate_payload", validate_default)
             validate(started.request_payload)
             token = progress.bind(self._progress_reporter(holding))
+            scope = cancellation.bind(holding.cancel)
+            bound = agent_context.bind(agent)
             try:
-                response = call_handler(handler, started.as_handler_input(), settings.time_limit)
+                response = call_handler(handler, started.as_handler_input(), agent.time_limit)
+            except BaseException as exc:
+                if holding.cancel.is_set():  # however the handler ended: it was stopped
+                    raise Cancelled() from exc
+                raise
             finally:
+                agent_context.unbind(bound)
+                cancellation.unbind(scope)
                 progress.unbind(token)
+            if holding.cancel.is_set():  # a handler that ignored it: result discarded
+                raise Cancelled()
             if not isinstance(response, Mapping):
                 raise TypeError(f"the handler returned {json_type(response)}, expected an object "
                                 "such as {\"answer\": \"...\"}")
             return self._complete(holding, response)
+        except Cancelled:
+            return self._cancelled(holding)
         except InvalidPayload as exc:
             return self._fail(holding, error_body("InvalidPayload", str(exc)))
+        except UnknownAgent as exc:
+            return self._fail(holding, error_body("UnknownAgent", str(exc)))
         except RetryableError as exc:
             retries = self.celery_task.request.retries
-            if retries >= settings.max_retries:
+            if retries >= self._max_retries:
                 return self._fail(holding, error_body(
                     "RetryableError", f"{exc} (gave up after {retries} retries)",
                     retries=retries))
             retry = (retry_delay(retries, exc.retry_after), exc)
         except (HandlerTimeout, SoftTimeLimitExceeded):
-            return self._fail(holding, error_body(
-                "TimeLimitExceeded",
-                f"the handler ran longer than AGENT_TIME_LIMIT={settings.time_limit:g}s"))
+            return self._fail(holding, error_body("TimeLimitExceeded", self._time_limit_text()))
         except Exception as exc:
             return self._fail(holding, error_body(type(exc).__name__, str(exc) or repr(exc)))
         # Outside the except blocks: Celery's Retry must not be caught above.
         return self._retry(holding, *retry)
 
+    def _start_failed(self, exc: Exception) -> str:
+        """`start` raised: the database refused it, or its answer could not be read (a
+        payload Python's JSON decoder cannot take, e.g. one nested too deeply raises
+        RecursionError). If the start did apply, the attempt is this worker's: end it
+        InvalidPayload now. A fenced fail changes nothing if the start did not apply."""
+        if isinstance(exc, StoreError):
+            message = f"the task could not be started: {first_line(exc)}"
+        else:
+            message = f"request_payload could not be read ({type(exc).__name__}: {first_line(exc)})"
+        outcome = self._fail(Holding(self.task_id, self.attempt, self.worker),
+                             error_body("InvalidPayload", message))
+        if outcome != "failed":
+            log.error("❌ Task %s not started: %s", self.task_id, message,
+                      extra={"action": "start_rejected", **self.fields})
+            return "rejected"
+        return outcome
+
+    @property
+    def _max_retries(self) -> int:
+        return self.agent.max_retries if self.agent else settings.max_retries
+
+    def _time_limit_text(self) -> str:
+        if self.agent is None or self.agent.name == DEFAULT:
+            limit = self.agent.time_limit if self.agent else settings.time_limit
+            return f"the handler ran longer than AGENT_TIME_LIMIT={limit:g}s"
+        return (f"the handler ran longer than agent {self.agent.name!r}'s time_limit="
+                f"{self.agent.time_limit:g}s")
+
     def _retry(self, holding: Holding, delay: float, exc: RetryableError) -> str:
         retries = self.celery_task.request.retries + 1
         error = error_body("RetryableError", str(exc), retryable=True, retries=retries,
                            next_retry_in=delay)
-        result = self._write(holding, lambda: self.store.schedule_retry(
-            self.task_id, self.attempt, self.worker, error, delay, settings.lease_seconds))
+        try:
+            result = self._write(holding, lambda: self.store.schedule_retry(
+                self.task_id, self.attempt, self.worker, error, delay, settings.lease_seconds))
+        except WriteRefused as refused:
+            return self._fail(holding, error_body(
+                "RetryableError", f"{exc} (the retry could not be scheduled: {refused})"))
         if result is None or not result.applied:
             return "stale"
+        if result.status != "processing":  # a cancel request ended the row instead
+            log.warning("🛑 Task %s cancelled instead of retried", self.task_id,
+                        extra={"action": "cancelled", **self.fields})
+            return "cancelled"
         log.warning("🔁 Task %s will retry in %.1fs (retry %d of %d): %s", self.task_id, delay,
-                    retries, settings.max_retries, exc,
+                    retries, self._max_retries, exc,
                     extra={"action": "retry", "retry": retries, **self.fields})
         # If publishing this retry fails, the message is gone; the lease set above
         # (delay + lease) then runs out and the bridge's rescue takes the row back.
         raise self.celery_task.retry(countdown=delay, exc=exc, max_retries=None)
 
     def _complete(self, holding: Holding, response: Mapping[str, Any]) -> str:
-        result = self._write(holding, lambda: self.store.complete(
-            self.task_id, self.attempt, self.worker, response))
+        try:
+            size = json_size(response)
+        except (TypeError, ValueError, RecursionError) as exc:
+            return self._fail(holding, error_body(
+                "InvalidResponse", f"the handler's result is not JSON: {type(exc).__name__}: "
+                                   f"{first_line(exc)}"))
+        limit = settings.max_response_bytes
+        if size > limit:
+            return self._fail(holding, error_body(
+                "ResponseTooLarge", f"the handler's result is {size} bytes of JSON; the limit is "
+                                    f"{limit} bytes (AGENT_MAX_RESPONSE_BYTES)",
+                size=size, limit=limit))
+        try:
+            result = self._write(holding, lambda: self.store.complete(
+                self.task_id, self.attempt, self.worker, response))
+        except WriteRefused as refused:
+            return self._fail(holding, error_body(
+                "ResponseRejected", f"the database refused the handler's result: {refused}"))
         if result is None or not result.applied:
             return "stale"
+        if result.status != "completed":  # cancelled meanwhile: the result was discarded
+            log.warning("🛑 Task %s cancelled; its result was discarded", self.task_id,
+                        extra={"action": "cancelled", **self.fields})
+            return "cancelled"
         log.info("✅ Task %s Completed successfully.", self.task_id,
                  extra={"action": "completed", **self.fields})
         return "completed"
 
-    def _fail(self, holding: Holding, error: dict[str, Any]) -> str:
-        result = self._write(holding, lambda: self.store.fail(
-            self.task_id, self.attempt, self.worker, error))
+    def _cancelled(self, holding: Holding) -> str:
+        """End the attempt as cancelled, keeping the last partial answer it reported."""
+        result = self._write(holding, lambda: self.store.cancelled(
+            self.task_id, self.attempt, self.worker, self.partial))
         if result is None or not result.applied:
             return "stale"
+        log.warning("🛑 Task %s cancelled; its partial answer is kept", self.task_id,
+                    extra={"action": "cancelled", **self.fields})
+        # The row is failed (Cancelled): Flower shows the job failed with that error too.
+        self.failure = error_body("Cancelled", "cancelled on request while it was running")
+        return "cancelled"
+
+    def _fail(self, holding: Holding, error: dict[str, Any]) -> str:
+        try:
+            result = self._write(holding, lambda: self.store.fail(
+                self.task_id, self.attempt, self.worker, error))
+        except WriteRefused as refused:
+            # Still refused for its content: a minimal error, plain ASCII, instead.
+            error = error_body(_plain_name(str(error.get("type"))),
+                               f"the task failed, but its error could not be stored: {refused}")
+            try:
+                result = self._write(holding, lambda: self.store.fail(
+                    self.task_id, self.attempt, self.worker, error))
+            except WriteRefused as again:
+                log.error("❌ Task %s: the database refused to fail it: %s", self.task_id, again,
+                          extra={"action": "fail_refused", **self.fields})
+                return "rejected"
+        if result is None or not result.applied:
+            return "stale"
+        self.failure = error
         log.warning("❌ Task %s failed: %s: %s", self.task_id, error["type"], error["message"],
                     extra={"action": "failed", "error_type": error["type"], **self.fields})
         return "failed"
@@ -210,6 +340,10 @@ class Execution:
             try:
                 result = write()
                 break
+            except SoftTimeLimitExceeded:
+                continue  # Celery's limit fired just as the handler ended: write anyway
+            except StoreRejected as exc:
+                raise WriteRefused(_ascii(first_line(exc))) from exc
             except StoreUnavailable as exc:
                 if time.monotonic() + pause > deadline:
                     log.error("❌ Task %s: could not write the outcome: %s", self.task_id, exc,
@@ -217,6 +351,8 @@ class Execution:
                     return None
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
+            except Exception as exc:  # the driver could not even send it
+                raise WriteRefused(_ascii(f"{type(exc).__name__}: {first_line(exc)}")) from exc
         if not result.applied:
             log.info("⏭️  Task %s attempt %s: outcome not written: %s", self.task_id,
                      self.attempt, result.refusal(self.attempt),
@@ -229,14 +365,26 @@ class Execution:
 
         def report(response: Mapping[str, Any], force: bool) -> bool:
             nonlocal last
+            self.partial = dict(response)  # kept if the task is cancelled
             with lock:
                 now = time.monotonic()
                 if holding.lost.is_set() or (not force and now - last < PROGRESS_MIN_INTERVAL):
                     return False
                 last = now
+            # Partial output is a courtesy: one that is not JSON, too large, or refused
+            # by the database is skipped, and the task goes on.
+            try:
+                size = json_size(response)
+            except (TypeError, ValueError, RecursionError):
+                return False
+            if size > settings.max_response_bytes:
+                log.debug("Task %s: partial output of %d bytes skipped (AGENT_MAX_RESPONSE_"
+                          "BYTES=%d)", self.task_id, size, settings.max_response_bytes,
+                          extra={"action": "progress_skipped", **self.fields})
+                return False
             try:
                 result = self.store.progress(self.task_id, self.attempt, self.worker, response)
-            except StoreError:
+            except Exception:  # StoreError, or a value the driver cannot send
                 return False
             if not result.applied:
                 holding.lost.set()
@@ -245,14 +393,50 @@ class Execution:
         return report
 
 
+def _plain_name(kind: str) -> str:
+    """An error type as a plain identifier, for the minimal error."""
+    name = "".join(ch for ch in kind if ch.isascii() and (ch.isalnum() or ch == "_"))[:100]
+    return name or "Error"
+
+
+def _ascii(text: str) -> str:
+    return text.encode("ascii", "replace").decode("ascii")[:500]
+
+
+# Prefork pool children run one task at a time on their main thread: there a handler
+# runs inline, and its time limit is a timer signal (as Celery's own soft limit is a
+# signal), so nothing is left behind when it fires. Set in those children only; the
+# threads and solo pools run tasks in the worker's own process.
+_worker_pid = 0
+_inline = False
+
+
+@worker_init.connect
+def _note_worker_process(**_: Any) -> None:
+    global _worker_pid
+    _worker_pid = os.getpid()
+
+
+@worker_process_init.connect
+def _note_pool_child(**_: Any) -> None:
+    global _inline
+    _inline = (os.getpid() != _worker_pid
+               and threading.current_thread() is threading.main_thread())
+
+
 def call_handler(handler: Handler, task: dict[str, Any], timeout: float) -> Any:
     """Run a sync or async handler, bounded by `timeout` in every pool.
 
-    Celery enforces time limits only in prefork; with threads, a sync handler runs in
-    a thread of its own that is abandoned (and its result ignored) when time is up.
+    Prefork: the handler runs in the child's own thread; a SIGALRM timer raises
+    HandlerTimeout in it when time is up (Celery's soft and hard limits, a little
+    later, back that up: the hard one kills a child stuck in C code). Threads and
+    solo: a sync handler runs in a thread of its own that is abandoned (and its
+    result ignored) when time is up; it cannot be killed.
     """
     if inspect.iscoroutinefunction(handler):
         return _run_async(handler(task), timeout)
+    if _inline and threading.current_thread() is threading.main_thread():
+        return _call_inline(handler, task, timeout)
     context = contextvars.copy_context()
     box: dict[str, Any] = {}
 
@@ -275,9 +459,27 @@ def call_handler(handler: Handler, task: dict[str, Any], timeout: float) -> Any:
     return box.get("result")
 
 
+def _call_inline(handler: Handler, task: dict[str, Any], timeout: float) -> Any:
+    def expire(signum: int, frame: Any) -> None:
+        raise HandlerTimeout()
+
+    begun = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        result = handler(task)
+        if inspect.isawaitable(result):
+            result = _run_async(result, max(timeout - (time.monotonic() - begun), 0.001))
+        return result
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _run_async(awaitable: Any, timeout: float) -> Any:
     async def bounded() -> Any:
-        return await asyncio.wait_for(awaitable, timeout)
+        with cancellation.cancels_current_task():  # a cancel request cancels the handler
+            return await asyncio.wait_for(awaitable, timeout)
 
     begun = time.monotonic()
     try:
@@ -289,15 +491,41 @@ def _run_async(awaitable: Any, timeout: float) -> Any:
 
 
 @worker_init.connect
-def _check_handler(**_: Any) -> None:
-    """Refuse to start a worker whose AGENT_HANDLER cannot be imported."""
-    load_handler(settings.agent_handler)
+def _check_handler(sender: Any = None, **_: Any) -> None:
+    """Refuse to start a worker that consumes a queue no agent owns, or whose agents'
+    handlers cannot be imported (only the agents it serves: a chat worker need not
+    install the research agent's code)."""
+    for agent in served_agents(sender):
+        try:
+            handler_of(agent)
+        except HandlerNotFound as exc:
+            # SystemExit, not the ImportError: Celery logs and ignores an Exception
+            # raised by a signal handler, and the worker would fail every task.
+            raise SystemExit(f"agent-bridge: {exc}") from None
+
+
+def served_agents(worker: Any) -> list[Agent]:
+    """The agents of the queues this worker consumes (`-Q`; without it, every agent)."""
+    consumed = list(worker.app.amqp.queues.consume_from) if worker is not None else []
+    if not consumed:
+        return list(agents())
+    served: list[Agent] = []
+    for queue in consumed:
+        agent = agents().for_queue(queue)
+        if agent is None:
+            raise SystemExit(
+                f"agent-bridge: queue {queue!r} belongs to no agent (queues: "
+                f"{', '.join(a.queue for a in agents())}); check AGENTS and -Q")
+        served.append(agent)
+    return served
 
 
 @worker_ready.connect
 def _online(sender: Any = None, **_: Any) -> None:
     pool = getattr(getattr(sender, "pool_cls", None), "__name__", "?") if sender else "?"
-    log.info("🟢 Agent worker is ONLINE. Handler %s, queue '%s', %s",
-             settings.agent_handler, settings.celery_queue,
+    served = served_agents(sender)
+    log.info("🟢 Agent worker is ONLINE. %s, %s",
+             "; ".join(f"agent {a.name}: handler {a.handler}, queue '{a.queue}'" for a in served),
              datetime.now(UTC).strftime("started at %Y-%m-%d %H:%M:%S UTC"),
-             extra={"action": "worker_online", "pool": pool})
+             extra={"action": "worker_online", "pool": pool,
+                    "agent": ",".join(a.name for a in served)})

@@ -17,6 +17,8 @@ text, a chunk with `finish_reason`, a usage chunk when
 from __future__ import annotations
 
 import json
+import select
+import socket
 import threading
 import time
 from collections import deque
@@ -89,6 +91,8 @@ def _words(messages: Any) -> int:
 class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
+        # Streams whose client closed the connection early: the text chunk it was at.
+        self.hangups: list[int] = []
         self._queue: deque[Behaviour] = deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -214,6 +218,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
 
+    def _client_gone(self) -> bool:
+        """The client has closed the connection (an EOF is waiting to be read)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return bool(self.connection.recv(1, socket.MSG_PEEK) == b"")
+        except OSError:
+            return True
+
     def _event(self, data: Any) -> None:
         text = data if isinstance(data, str) else json.dumps(data)
         self.wfile.write(f"data: {text}\n\n".encode())
@@ -297,6 +311,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return  # the connection closes: a stream cut short
             if i:
                 self.owner._sleep(behaviour.delay_per_chunk)
+            if self._client_gone():
+                self.owner.hangups.append(i)
+                return
             self._event(self._chunk(request, behaviour, {"content": piece}, None, cid=cid))
         self._event(self._chunk(request, behaviour, {}, behaviour.finish_reason, cid=cid))
         options = request.get("stream_options")

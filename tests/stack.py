@@ -100,12 +100,13 @@ class Stack:
         return proc
 
     def worker(self, *, pool: str = "prefork", concurrency: int = 2, wait: bool = True,
-               **env: str) -> Proc:
+               queues: str | None = None, **env: str) -> Proc:
+        """A worker; `queues` is Celery's -Q (default: every agent's queue)."""
         n = sum(p.name.startswith("worker") for p in self.procs)
         proc = self._start("worker", [
             str(BIN / "celery"), "-A", "tasks", "worker", "-P", pool, "-c", str(concurrency),
             "-n", f"w{n}-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
-            "--loglevel", "INFO"], **env)
+            "--loglevel", "INFO", *(["-Q", queues] if queues else [])], **env)
         if wait:
             proc.wait_for_output(" ready.", 60)
         return proc

@@ -17,12 +17,12 @@ import pytest
 
 from bridge.config import variables
 from bridge.localstack import free_port
-from bridge.migrate import migration_files
+from bridge.migrate import SCHEMA_VERSION, migration_files
 from tests.conftest import SERVICE_KEY, fetch_task, insert_task
 from tests.stack import REPO, Stack
 
 AGENT_BRIDGE = Path(sys.executable).parent / "agent-bridge"
-SUBCOMMANDS = ("run", "migrate", "submit", "status", "check", "retry")
+SUBCOMMANDS = ("run", "migrate", "submit", "status", "show", "check", "retry")
 
 
 def env_with(**values: str) -> dict[str, str]:
@@ -34,9 +34,11 @@ def env_with(**values: str) -> dict[str, str]:
     return env
 
 
-def cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str], timeout: float = 60, stdin: str | None = None
+        ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(AGENT_BRIDGE), *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, input=stdin,
+                          stdin=subprocess.DEVNULL if stdin is None else None)
 
 
 def closed_port_url(scheme: str) -> str:
@@ -99,12 +101,156 @@ def test_retry_needs_a_selector() -> None:
 
 # Database and Redis, no processes -----------------------------------------------------
 def test_migrate_twice_on_a_fresh_database(fresh_db: str) -> None:
-    expected = ["✅ applied supabase_compat.sql",
-                *(f"✅ applied {path.name}" for path in migration_files())]
-    for _ in range(2):
-        result = cli("migrate", env=env_with(DATABASE_URL=fresh_db))
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.splitlines() == expected
+    first = cli("migrate", env=env_with(DATABASE_URL=fresh_db))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [
+        "✅ applied supabase_compat.sql",
+        *(f"✅ applied {path.name}" for path in migration_files())]
+    again = cli("migrate", env=env_with(DATABASE_URL=fresh_db))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == [
+        "✅ applied supabase_compat.sql",
+        "✅ up to date: every migration is recorded in supabase_migrations.schema_migrations"]
+
+
+@pytest.mark.parametrize("args", [("migrate",), ("status",), ("submit", "hi"),
+                                  ("run", "--once"), ("retry", "--all"),
+                                  ("show", "7521c2a2-ffb5-4741-afe1-9ff068e4bc8a")])
+def test_a_database_url_that_is_not_a_url_is_one_line(args: tuple[str, ...]) -> None:
+    """`DATABASE_URL=not-a-url agent-bridge migrate` printed a psycopg traceback."""
+    result = cli(*args, env=env_with(DATABASE_URL="not-a-url"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"agent-bridge {args[0]}: DATABASE_URL is not a valid connection string (missing "
+        '"=" after "not-a-url" in connection info string); expected '
+        "postgresql://user:password@host:5432/dbname"]
+
+
+def test_run_once_exits_saying_what_failed(clean_db: str, clean_redis: str) -> None:
+    """`run --once` never returned while the database or Redis was down; now it does one
+    round and its exit code says which: 3 the database, 4 Redis, 0 a good round."""
+    no_db = cli("run", "--once", env=env_with(DATABASE_URL=closed_port_url("postgresql"),
+                                              REDIS_URL=clean_redis))
+    assert no_db.returncode == 3, no_db.stderr
+    assert no_db.stderr.strip().splitlines()[-1].startswith(
+        "agent-bridge run: the round failed, the database (or Supabase) is unreachable: ")
+    no_redis = cli("run", "--once", env=env_with(DATABASE_URL=clean_db,
+                                                 REDIS_URL=closed_port_url("redis")))
+    assert no_redis.returncode == 4, no_redis.stderr
+    assert no_redis.stderr.strip().splitlines()[-1].startswith(
+        "agent-bridge run: the round failed, the broker (Redis) is unreachable: ")
+    task_id = insert_task(clean_db)
+    good = cli("run", "--once", env=env_with(DATABASE_URL=clean_db, REDIS_URL=clean_redis))
+    assert good.returncode == 0, good.stderr
+    assert fetch_task(clean_db, task_id)["status"] == "processing"  # claimed and enqueued
+    assert "Traceback" not in no_db.stderr + no_redis.stderr + good.stderr
+
+
+def test_submit_reads_the_prompt_from_stdin_or_a_file(fresh_db: str, tmp_path: Path) -> None:
+    """A 2 MiB prompt cannot go through argv (E2BIG); `-` reads stdin, --file a file."""
+    from bridge.migrate import migrate
+
+    migrate(fresh_db)
+    name = psycopg.conninfo.conninfo_to_dict(fresh_db)["dbname"]
+    with psycopg.connect(fresh_db, autocommit=True) as conn:  # the 1 MiB default, raised
+        conn.execute(f"alter database \"{name}\" set agent_bridge.max_request_bytes = '4194304'")
+    env = env_with(DATABASE_URL=fresh_db)
+    big = "é" * (1024 * 1024) + "\nthe end"  # 2 MiB of UTF-8
+    piped = cli("submit", "-", env=env, stdin=big)
+    assert piped.returncode == 0, piped.stderr
+    path = tmp_path / "prompt.txt"
+    path.write_text("from a file ✓", encoding="utf-8")
+    filed = cli("submit", "--file", str(path), env=env)
+    assert filed.returncode == 0, filed.stderr
+    with psycopg.connect(fresh_db) as conn:
+        prompts = {str(r[0]): r[1] for r in conn.execute(
+            "select id, request_payload ->> 'prompt' from public.agent_task_requests")}
+    assert prompts == {piped.stdout.strip(): big, filed.stdout.strip(): "from a file ✓"}
+    both = cli("submit", "x", "--file", str(path), env=env)
+    assert both.returncode == 1
+    assert both.stderr.strip() == ("agent-bridge submit: give the prompt as an argument or "
+                                   "with --file, not both")
+    empty = cli("submit", "-", env=env, stdin="  \n")
+    assert (empty.returncode, empty.stderr.strip()) == (1, "agent-bridge submit: the prompt "
+                                                           "is empty")
+    missing = cli("submit", "--file", str(tmp_path / "nope.txt"), env=env)
+    assert missing.returncode == 1 and "cannot read --file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("transport", ["postgres", "supabase"])
+def test_show_prints_a_task_and_status_lists_the_latest_failures(
+        transport: str, clean_db: str, clean_redis: str, request: pytest.FixtureRequest
+        ) -> None:
+    """`show ID`: status, attempts, error, answer, timings; `status`: the latest failures
+    with their errors. Both transports."""
+    env = env_with(DATABASE_URL=clean_db, REDIS_URL=clean_redis)
+    if transport == "supabase":
+        env = env_with(BRIDGE_TRANSPORT="supabase", REDIS_URL=clean_redis,
+                       SUPABASE_URL=request.getfixturevalue("postgrest"),
+                       SUPABASE_SERVICE_KEY=SERVICE_KEY)
+    failed = insert_task(clean_db, {"prompt": "breaks"})
+    fail_row(clean_db, failed, "Boom")
+    done = insert_task(clean_db, {"prompt": "works"})
+    with psycopg.connect(clean_db, autocommit=True) as conn:
+        conn.execute("update public.agent_task_requests set status = 'completed', attempts = 1,"
+                     " started_at = created_at + interval '1 second', finished_at = "
+                     "created_at + interval '3 seconds', response_payload = "
+                     "'{\"answer\": \"forty-two\"}' where id = %s", [done])
+
+    shown = cli("show", failed, env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == f"Task {failed}"
+    assert "❌ failed (attempt 1 of 3)" in lines[1]
+    assert "  error     Boom: it broke" in lines
+    ok = cli("show", done, env=env).stdout.splitlines()
+    assert "  answer    forty-two" in ok and "✅ completed (attempt 1 of 3)" in ok[1]
+    assert any(line.startswith("  finished") and line.endswith("(2.000 s)") for line in ok)
+    as_json = json.loads(cli("show", done, "--json", env=env).stdout)
+    assert as_json["status"] == "completed" and as_json["response_payload"] == {
+        "answer": "forty-two"}
+    nobody = cli("show", "7521c2a2-ffb5-4741-afe1-9ff068e4bc8a", env=env)
+    assert nobody.returncode == 1
+    assert nobody.stderr.strip() == ("agent-bridge show: no task "
+                                     "7521c2a2-ffb5-4741-afe1-9ff068e4bc8a (or not visible "
+                                     "with this key)")
+    assert cli("show", "not-a-uuid", env=env).returncode == 2
+
+    status = cli("status", env=env)
+    assert "Latest failures (agent-bridge show ID)" in status.stdout
+    assert any(failed in line and line.endswith("Boom: it broke")
+               for line in status.stdout.splitlines())
+    report = json.loads(cli("status", "--json", env=env).stdout)
+    assert [(f["id"], f["error"]) for f in report["latest_failures"]] == [
+        (failed, "Boom: it broke")]
+
+
+@pytest.mark.parametrize(("module", "handler", "says"), [
+    ("", "nowhere.at_all:handle", "cannot import nowhere.at_all: No module named 'nowhere'"),
+    ("raise RuntimeError('no API key in this environment')\n", "broken_at_import:handle",
+     "importing broken_at_import failed: RuntimeError: no API key in this environment"),
+    ("def other(task):\n    return {}\n", "no_such_callable:handle",
+     "no_such_callable has no callable 'handle'"),
+])
+def test_a_worker_whose_handler_cannot_be_imported_refuses_to_start(
+        tmp_path: Path, module: str, handler: str, says: str) -> None:
+    """It must not announce itself ONLINE and then fail every task."""
+    if module:
+        (tmp_path / f"{handler.partition(':')[0]}.py").write_text(module)
+    env = env_with(AGENT_HANDLER=handler, DATABASE_URL=closed_port_url("postgresql"),
+                   REDIS_URL=closed_port_url("redis"),
+                   PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path)]))
+    worker = subprocess.run(
+        [str(AGENT_BRIDGE.parent / "celery"), "-A", "tasks", "worker", "-P", "threads",
+         "-c", "1", "--without-mingle", "--without-gossip"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL)
+    assert worker.returncode != 0
+    assert f"agent-bridge: AGENT_HANDLER={handler!r}: {says}" in worker.stderr
+    assert "ONLINE" not in worker.stdout + worker.stderr
+    assert "Traceback" not in worker.stderr
 
 
 def test_submit_in_supabase_mode_creates_a_row(postgrest: str, clean_db: str) -> None:
@@ -144,7 +290,9 @@ def test_status_json_counts_in_both_transports(clean_db: str, clean_redis: str,
         assert report["due"] == 2 and report["expired_leases"] == 0
         assert report["oldest_due_seconds"] >= 0
         assert report["broker"]["reachable"] and report["broker"]["queue_depth"] == 0
-        assert report["workers"] == {"online": [], "error": None}
+        assert report["workers"] == {"online": [], "error": None, "queues": {}}
+        assert [(a["agent"], a["pending"], a["failed"], a["queue_depth"], a["workers"])
+                for a in report["agents"]] == [("default", 2, 1, 0, [])]
 
     table = cli("status", env=postgres)
     assert table.returncode == 0
@@ -200,11 +348,12 @@ def test_check_reports_a_rejected_supabase_key(postgrest: str, clean_redis: str)
                    SUPABASE_SERVICE_KEY="an-anon-key", REDIS_URL=clean_redis)
     result = cli("check", env=env)
     assert result.returncode == 1
-    assert "❌ SUPABASE_SERVICE_KEY rejected: use the service_role key" in result.stdout
+    assert "❌ SUPABASE_SERVICE_KEY rejected: use a secret key (sb_secret_...) or the " \
+           "legacy service_role key" in result.stdout
 
     good = cli("check", env={**env, "SUPABASE_SERVICE_KEY": SERVICE_KEY})
     assert "✅ Supabase reachable with the service key" in good.stdout
-    assert "✅ Table and functions installed (schema version 1)" in good.stdout
+    assert f"✅ Table and functions installed (schema version {SCHEMA_VERSION})" in good.stdout
 
 
 def test_retry_selects_by_age_and_error_type(clean_db: str) -> None:
@@ -259,8 +408,8 @@ def test_live_stack_check_submit_and_metrics(stack: Stack) -> None:
     assert lines[-1] == "Agent processed: Hello Agent, are you online?"
 
     text = metrics(port)
-    assert "agent_bridge_claimed_total 1.0" in text
-    assert "agent_bridge_enqueued_total 1.0" in text
+    assert 'agent_bridge_claimed_total{agent="default"} 1.0' in text
+    assert 'agent_bridge_enqueued_total{agent="default"} 1.0' in text
 
     failed = cli("submit", "x", "--context", '{"raise": "boom"}', "--wait", "--timeout", "30",
                  env=stack.env)

@@ -1,6 +1,7 @@
 """Retry through a real Flower: `POST /api/task/send-task/tasks.requeue_failed` with basic
 auth re-runs a failed row through the bridge and a worker; Flower lists the
-`tasks.run_agent` jobs it saw, with their (task id, attempt) args."""
+`tasks.run_agent` jobs it saw, with their (task id, attempt) args, a failed row's job as
+FAILURE with the row's error."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import redis
 
 from bridge.localstack import free_port
 from tests.conftest import insert_task
@@ -41,12 +43,26 @@ def poll(what: str, check: Callable[[], Any], proc: Proc, timeout: float = 30) -
     raise AssertionError(f"timed out waiting for {what}\n{proc.output}")
 
 
-def run_agent_args(api: str) -> list[list[Any]]:
-    """The args of every tasks.run_agent job Flower knows about."""
+def run_agent_jobs(api: str) -> list[dict[str, Any]]:
+    """Every tasks.run_agent job Flower knows about, its args parsed."""
     response = httpx.get(f"{api}/tasks", params={"taskname": "tasks.run_agent"}, auth=AUTH,
                          timeout=5)
     response.raise_for_status()
-    return [list(ast.literal_eval(task["args"])) for task in response.json().values()]
+    return [dict(task, args=list(ast.literal_eval(task["args"])))
+            for task in response.json().values()]
+
+
+def run_agent_args(api: str) -> list[list[Any]]:
+    """The args of every tasks.run_agent job Flower knows about."""
+    return [job["args"] for job in run_agent_jobs(api)]
+
+
+def job_state(api: str, args: list[Any]) -> tuple[str, str | None] | None:
+    """(state, exception) of the job with these args, once Flower has seen it end."""
+    for job in run_agent_jobs(api):
+        if job["args"] == args and job["state"] in ("SUCCESS", "FAILURE"):
+            return str(job["state"]), job.get("exception")
+    return None
 
 
 def test_requeue_a_failed_row_through_flower(stack: Stack) -> None:
@@ -63,6 +79,17 @@ def test_requeue_a_failed_row_through_flower(stack: Stack) -> None:
         "fail_unless_file": str(flag)}})
     stack.wait_for("the failure", lambda: stack.row(task_id)["status"] == "failed")
     poll("Flower to list attempt 1", lambda: [task_id, 1] in run_agent_args(api), flower)
+    # A failed row is a failed job in Flower, with the row's error (it was SUCCESS with
+    # result 'failed'); its message was still acknowledged, once.
+    state, exception = poll("attempt 1 to end in Flower", lambda: job_state(api, [task_id, 1]),
+                            flower)
+    assert state == "FAILURE"
+    assert exception == f"TaskFailed('ValueError: {flag} does not exist')"
+    broker = redis.Redis.from_url(stack.env["REDIS_URL"])
+    stack.wait_for("the job's ack", lambda: broker.hlen("unacked") == 0)
+    assert broker.llen("agent_tasks") == 0
+    assert stack.row(task_id)["error"]["message"] == f"{flag} does not exist"
+    assert stack.count_in_logs("raised unexpected") == 0  # an expected failure: no traceback
 
     send = f"{api}/task/send-task/tasks.requeue_failed"
     denied = httpx.post(send, json={"args": [task_id]}, timeout=10)
@@ -79,4 +106,6 @@ def test_requeue_a_failed_row_through_flower(stack: Stack) -> None:
     assert row["attempts"] == 2
     assert row["response_payload"]["answer"] == "Agent processed: p"
     poll("Flower to list attempt 2", lambda: [task_id, 2] in run_agent_args(api), flower)
+    assert poll("attempt 2 to end in Flower", lambda: job_state(api, [task_id, 2]),
+                flower)[0] == "SUCCESS"
     assert stack.count_in_logs("Requeued 1 failed task(s) on operator request") == 1

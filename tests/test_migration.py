@@ -4,6 +4,8 @@ NOTIFY, realtime)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -11,7 +13,14 @@ import pytest
 from psycopg import errors
 from psycopg.types.json import Jsonb
 
-from bridge.migrate import SCHEMA_VERSION, migrate
+from bridge.migrate import (
+    SCHEMA_VERSION,
+    applied_versions,
+    compat_sql,
+    migrate,
+    migration_files,
+    split_statements,
+)
 
 # The integration guide's table, exactly as users created it before agent-bridge.
 GUIDE_TABLE = """
@@ -73,11 +82,130 @@ def run(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
 
 def test_second_migration_changes_nothing(fresh_db: str) -> None:
     """`agent-bridge migrate` is safe to run on every deploy."""
-    assert migrate(fresh_db) == ["supabase_compat.sql", "20261124000000_agent_task_requests.sql"]
+    assert migrate(fresh_db) == ["supabase_compat.sql", *(p.name for p in migration_files())]
     first = schema_dump(fresh_db)
     assert first["functions"] and first["policies"] and first["triggers"]
-    migrate(fresh_db)
+    assert migrate(fresh_db) == ["supabase_compat.sql"]  # every version already recorded
     assert schema_dump(fresh_db) == first
+
+
+# The Supabase CLI's migration history (supabase/cli pkg/migration/history.go, file.go).
+CLI_HISTORY_DDL = [
+    "create schema if not exists supabase_migrations",
+    "create table if not exists supabase_migrations.schema_migrations "
+    "(version text not null primary key)",
+    "alter table supabase_migrations.schema_migrations add column if not exists statements text[]",
+    "alter table supabase_migrations.schema_migrations add column if not exists name text",
+]
+
+
+def cli_db_push(url: str) -> list[str]:
+    """What `supabase db push --db-url` does (the CLI itself cannot run here: its npm
+    package downloads a binary): create the history table, list the remote versions,
+    and apply each local file whose version is not among them, recording
+    (version, name, statements) in the same transaction."""
+    pushed = []
+    with psycopg.connect(url) as conn:
+        for ddl in CLI_HISTORY_DDL:
+            conn.execute(ddl)
+        remote = {r[0] for r in conn.execute(
+            "select version from supabase_migrations.schema_migrations order by version")}
+        for path in migration_files():
+            version, _, rest = path.name.partition("_")
+            if version in remote:
+                continue
+            statements = split_statements(path.read_text("utf-8"))
+            for statement in statements:
+                conn.execute(statement.encode())
+            conn.execute("insert into supabase_migrations.schema_migrations"
+                         "(version, name, statements) values (%s, %s, %s)",
+                         [version, rest.removesuffix(".sql"), statements])
+            pushed.append(path.name)
+    return pushed
+
+
+def test_history_is_recorded_as_the_supabase_cli_records_it(fresh_db: str) -> None:
+    """After `agent-bridge migrate`, `supabase migration list` sees every migration as
+    applied remotely: one row per file, (version, name, statements) as the CLI writes them."""
+    migrate(fresh_db)
+    columns = run(fresh_db, """
+        select column_name, data_type, is_nullable from information_schema.columns
+         where table_schema = 'supabase_migrations' and table_name = 'schema_migrations'
+         order by ordinal_position""")
+    assert columns == [("version", "text", "NO"), ("statements", "ARRAY", "YES"),
+                       ("name", "text", "YES")]
+    assert run(fresh_db, """select a.attname from pg_index i join pg_attribute a
+                             on a.attrelid = i.indrelid and a.attnum = any (i.indkey)
+                            where i.indrelid = 'supabase_migrations.schema_migrations'::regclass
+                              and i.indisprimary""") == [("version",)]
+    rows = run(fresh_db, "select version, name, statements "
+                         "from supabase_migrations.schema_migrations order by version")
+    expected = [(p.name.split("_", 1)[0], p.name.split("_", 1)[1].removesuffix(".sql"),
+                 split_statements(p.read_text("utf-8"))) for p in migration_files()]
+    assert rows == expected
+    assert applied_versions(fresh_db) == [v for v, _, _ in expected]
+    # `migration list`: local versions not applied remotely -> none; `db push`: nothing to do.
+    assert cli_db_push(fresh_db) == []
+
+
+def test_migrate_after_the_cli_applies_nothing_again(fresh_db: str) -> None:
+    """`supabase db push` first (on a database with Supabase's roles, here from our compat
+    script), then `agent-bridge migrate`: it sees every version recorded and runs none."""
+    run(fresh_db, compat_sql())
+    assert cli_db_push(fresh_db) == [p.name for p in migration_files()]
+    before = schema_dump(fresh_db)
+    assert migrate(fresh_db) == ["supabase_compat.sql"]
+    assert schema_dump(fresh_db) == before
+    assert len(run(fresh_db, "select 1 from supabase_migrations.schema_migrations")) == len(
+        migration_files())
+
+
+def test_migrate_applies_only_the_versions_the_cli_has_not(fresh_db: str, tmp_path: Path
+                                                           ) -> None:
+    """A history with the first version only (an older deploy): migrate applies the rest."""
+    first = tmp_path / "first"
+    first.mkdir()
+    shutil.copy(migration_files()[0], first)
+    assert migrate(fresh_db, first) == ["supabase_compat.sql", migration_files()[0].name]
+    assert migrate(fresh_db) == ["supabase_compat.sql",
+                                 *(p.name for p in migration_files()[1:])]
+
+
+def test_statements_are_split_as_the_cli_splits_them() -> None:
+    """pkg/parser: `;` inside quotes, dollar quotes, comments and parentheses does not end a
+    statement; comments stay with the next statement; trailing `;` and spaces trimmed."""
+    text = ("-- lead; comment\ncreate table t (a text default ';');\n"
+            "create function f() returns text language sql as $body$ select 'x;y' $body$;\n"
+            "/* block; /* nested; */ */ select \"we;ird\" from t;;\n"
+            "select 'it''s; fine';\n\n")
+    assert split_statements(text) == [
+        "-- lead; comment\ncreate table t (a text default ';')",
+        "create function f() returns text language sql as $body$ select 'x;y' $body$",
+        "/* block; /* nested; */ */ select \"we;ird\" from t",
+        "select 'it''s; fine'",
+    ]
+
+
+def test_no_function_is_overloaded(fresh_db: str) -> None:
+    """PostgREST answers PGRST203 for an rpc() name with two signatures, so a later
+    migration that changes a signature must drop the old one: no public function name
+    may have more than one overload after every migration ran."""
+    migrate(fresh_db)
+    assert run(fresh_db, """
+        select p.proname, array_agg(p.oid::regprocedure::text)
+          from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+         where n.nspname = 'public' group by p.proname having count(*) > 1""") == []
+
+
+def test_last_migration_reloads_postgrest_schema_cache(fresh_db: str) -> None:
+    """The newest migration ends with `notify pgrst, 'reload schema'`."""
+    last = migration_files()[-1].read_text("utf-8")
+    assert split_statements(last)[-1].endswith("notify pgrst, 'reload schema'")
+    with psycopg.connect(fresh_db, autocommit=True) as listener:
+        listener.execute("listen pgrst")
+        migrate(fresh_db)
+        payloads = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
+    assert payloads == ["reload schema"]
 
 
 @pytest.fixture
@@ -180,18 +308,25 @@ def test_insert_notifies_listeners(upgraded: dict[str, str]) -> None:
 
 
 def test_claim_reads_the_partial_index(upgraded: dict[str, str]) -> None:
-    """With many finished rows, finding due work must not scan the table."""
+    """With many finished rows, finding due work must not scan the table: every statement
+    agent_tasks_claim runs (seen through auto_explain) reads agent_task_requests by index."""
     url = upgraded["url"]
     run(url, "insert into agent_task_requests (status, request_payload, finished_at) "
              "select 'completed', '{}', now() from generate_series(1, 20000)")
-    run(url, "insert into agent_task_requests (request_payload) "
-             "select '{}' from generate_series(1, 20)")
+    run(url, "insert into agent_task_requests (request_payload, enterprise_id) "
+             "select '{}', 'tenant-' || (g % 5) from generate_series(1, 20) g")
     run(url, "analyze agent_task_requests")
-    plan = "\n".join(r[0] for r in run(
-        url, "explain select t.id from public.agent_task_requests t "
-             "where t.status = 'pending' and t.run_at <= now() "
-             "order by t.priority desc, t.run_at, t.created_at limit 100 for update skip locked"))
-    assert "agent_task_requests_claim_idx" in plan
+    plans: list[str] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
+        for setting in ("load 'auto_explain'", "set auto_explain.log_min_duration = 0",
+                        "set auto_explain.log_nested_statements = on",
+                        "set client_min_messages = log"):
+            conn.execute(setting)
+        assert len(conn.execute("select * from public.agent_tasks_claim(10, 30)").fetchall()) == 10
+    statements = [p for p in plans if "agent_task_requests" in p]
+    assert statements and "agent_task_requests_tenant_claim_idx" in "".join(statements)
+    assert not [p for p in statements if "Seq Scan on agent_task_requests" in p]
 
 
 def test_realtime_publication_and_version(fresh_db: str) -> None:
@@ -200,4 +335,4 @@ def test_realtime_publication_and_version(fresh_db: str) -> None:
     assert run(fresh_db, "select schemaname, tablename from pg_publication_tables "
                          "where pubname = 'supabase_realtime'") == [
         ("public", "agent_task_requests")]
-    assert run(fresh_db, "select public.agent_bridge_schema_version()") == [(1,)]
+    assert run(fresh_db, "select public.agent_bridge_schema_version()") == [(SCHEMA_VERSION,)]

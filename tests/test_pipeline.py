@@ -86,19 +86,17 @@ def test_a_long_task_on_a_healthy_worker_is_never_rescued(stack: Stack) -> None:
 
 
 def test_threads_pool_runs_100_io_bound_tasks_at_once(stack: Stack) -> None:
-    stack.worker(pool="threads", concurrency=100)
+    """Each handler waits at a barrier until all 100 have arrived: they can only all
+    complete if the worker runs them at the same time (no clock involved)."""
+    stack.worker(pool="threads", concurrency=100, AGENT_HANDLER="tests.hardening_handlers:odd")
     stack.bridge(BRIDGE_BATCH_SIZE="100", BRIDGE_MAX_QUEUED="200")
-    ids = [insert_task(stack.db_url, {"prompt": f"io {i}", "context": {"sleep": 2}})
-           for i in range(100)]
-    rows = stack.wait_all_done(90)
-    assert all(r["status"] == "completed" for r in rows)
-    spans = []
-    for task_id in ids:
-        began, ended = stack.runs(task_id + ".spans")[0].split()
-        spans.append((float(began), float(ended)))
-    # Every handler was running at the moment the last one began.
-    last_start = max(b for b, _ in spans)
-    assert sum(1 for b, e in spans if b <= last_start < e) == 100
+    barrier = stack.tmp / "barrier"
+    barrier.mkdir()
+    ids = [insert_task(stack.db_url, {"prompt": f"io {i}", "context": {
+        "barrier": str(barrier), "parties": 100}}) for i in range(100)]
+    rows = stack.wait_all_done(150)
+    assert all(r["status"] == "completed" for r in rows), [r["error"] for r in rows]
+    assert all(len(stack.runs(task_id)) == 1 for task_id in ids)
 
 
 def test_refuses_a_visibility_timeout_that_retries_would_outlast(stack: Stack) -> None:

@@ -33,7 +33,8 @@ def test_every_query_loaded() -> None:
     """The file parses into the blocks the store needs, each with a description."""
     assert set(QUERIES) == {"claim", "start", "heartbeat", "progress", "complete", "fail",
                             "schedule_retry", "release", "rescue", "requeue", "stats",
-                            "schema_version"}
+                            "schema_version", "cancel", "request_cancel", "cancelled",
+                            "cancel_requested", "register_agents", "agent_stats"}
     for q in QUERIES.values():
         assert q.description and not q.description.startswith("select")
         assert q.sql.startswith("select ") and ";" not in q.sql
@@ -63,9 +64,38 @@ ROWS = load_rows()
 def test_row_operations_loaded_and_used() -> None:
     """The row operations of sql/rows.sql: plain SQL, no rpc() name, each run by the store
     and (but for the catalog read) by the Supabase transport's table API too."""
-    assert set(ROWS) == {"insert_task", "get_task", "installed"}
+    assert set(ROWS) == {"insert_task", "get_task", "installed", "show_task",
+                         "latest_failures"}
     supabase_source = Path(bridge.store.supabase.__file__).read_text(encoding="utf-8")
     for q in ROWS.values():
         assert q.description and q.function == ""
         assert f'"{q.name}"' in STORE_SOURCE
-    assert '"insert_task"' in supabase_source and '"get_task"' in supabase_source
+        if q.name != "installed":
+            assert f'"{q.name}"' in supabase_source
+
+
+def test_claim_itself_does_not_scan_the_table(clean_db: str) -> None:
+    """The plans of the statements agent_tasks_claim runs (auto_explain, nested
+    statements included), with 20,000 finished rows beside 20 due ones: none reads
+    agent_task_requests from end to end. (An EXPLAIN of a hand-copied query would not
+    notice the function drifting from it.)"""
+    with psycopg.connect(clean_db, autocommit=True) as conn:
+        conn.execute("insert into public.agent_task_requests (status, request_payload, "
+                     "finished_at) select 'completed', '{}', now() "
+                     "from generate_series(1, 20000)")
+        conn.execute("insert into public.agent_task_requests (request_payload) "
+                     "select '{}' from generate_series(1, 20)")
+        conn.execute("analyze public.agent_task_requests")
+        plans: list[str] = []
+        conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
+        conn.execute("load 'auto_explain'")
+        for setting, value in (("log_min_duration", "0"), ("log_nested_statements", "on"),
+                               ("log_level", "notice")):
+            conn.execute(f"set auto_explain.{setting} = '{value}'")
+        claimed = conn.execute("select * from public.agent_tasks_claim("
+                               "p_limit => 10, p_lease_seconds => 30)").fetchall()
+    assert len(claimed) == 10
+    nested = [p for p in plans if "agent_task_requests" in p and "agent_tasks_claim" not in p]
+    assert nested, plans  # the function's own statements were explained
+    scans = [p for p in nested if re.search(r"Seq Scan on agent_task_requests\b", p)]
+    assert not scans, "\n\n".join(scans)

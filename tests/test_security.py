@@ -50,8 +50,13 @@ def client(url: str, key: str) -> Client:
         httpx_client=httpx.Client(timeout=10), auto_refresh_token=False, persist_session=False))
 
 
+# What a signed-in user may call (its own checks decide on which rows; tests/test_cancel.py).
+USER_FUNCTIONS = ("cancel_agent_task",)
+
+
 def state_functions(db_url: str) -> list[str]:
-    """A call of every state function with null arguments of the right types."""
+    """A call of every state function (every public function but USER_FUNCTIONS) with
+    null arguments of the right types."""
     with psycopg.connect(db_url) as conn:
         rows = conn.execute(
             "select format('select * from public.%I(%s)', p.proname, coalesce(string_agg("
@@ -61,6 +66,7 @@ def state_functions(db_url: str) -> list[str]:
             "left join unnest(p.proargtypes::oid[]) with ordinality a(typ, n) on true "
             "left join pg_type t on t.oid = a.typ "
             "where n.nspname = 'public' and p.prorettype <> 'trigger'::regtype "
+            f"and p.proname not in ({', '.join(map(repr, USER_FUNCTIONS))}) "
             "group by p.oid, p.proname order by 1").fetchall()
     return [r[0] for r in rows]
 
@@ -76,6 +82,9 @@ def test_user_inserts_own_pending_row(clean_db: str) -> None:
 
 @pytest.mark.parametrize(("columns", "values"), [
     ("status, request_payload", "'completed', '{}'"),
+    # 'processing' passes the constraints 'completed' trips first, so only RLS and the
+    # grants stop it: a user must not hand a row straight to the workers.
+    ("status, request_payload", "'processing', '{\"prompt\": \"hi\"}'"),
     ("request_payload, user_id", f"'{{}}', '{BOB}'"),
     ("request_payload, response_payload", "'{}', '{\"answer\": \"forged\"}'"),
     ("request_payload, attempts", "'{}', 99"),
@@ -170,3 +179,75 @@ def test_anon_key_through_postgrest_is_refused(clean_db: str) -> None:
             "expired_leases": 0, "oldest_due_seconds": stats[0]["oldest_due_seconds"]}
     finally:
         stub.stop()
+
+
+# The same rules through the PostgREST stand-in, as supabase-js sends them: the anon key in
+# `apikey` (the gateway requires it) and the user's signed JWT (`sub`) as the bearer token.
+
+@pytest.fixture
+def gateway(clean_db: str) -> Iterator[Any]:
+    from tests.supabase_gateway import StandIns
+
+    standins = StandIns(clean_db)
+    standins.start()
+    try:
+        yield standins
+    finally:
+        standins.stop()
+
+
+def as_user(gateway: Any, user: str | None) -> Client:
+    """supabase-py as a signed-in user's frontend: the anon key, then the user's token."""
+    from tests.supabase_jwt import user_token
+
+    c = client(gateway.url, gateway.anon_key)
+    if user is not None:
+        c.postgrest.auth(user_token(user))
+    return c
+
+
+def test_user_rls_through_postgrest_with_a_signed_jwt(gateway: Any, clean_db: str) -> None:
+    """Alice's token inserts her own pending row (user_id from `sub`) and reads it; Bob's
+    token sees none of it; neither may insert a row as processing, completed, answered,
+    or owned by someone else."""
+    alice, bob = as_user(gateway, ALICE), as_user(gateway, BOB)
+    table = "agent_task_requests"
+    inserted = alice.table(table).insert({"status": "pending",
+                                          "request_payload": {"prompt": "hi"}}).execute().data
+    assert isinstance(inserted, list) and len(inserted) == 1
+    row: dict[str, Any] = dict(inserted[0])  # type: ignore[arg-type]
+    assert row["user_id"] == ALICE and row["status"] == "pending"
+    mine = alice.table(table).select("id,user_id").execute().data
+    assert mine == [{"id": row["id"], "user_id": ALICE}]
+    assert bob.table(table).select("id").eq("id", row["id"]).execute().data == []
+    for forged in ({"status": "processing", "request_payload": {"prompt": "x"}},
+                   {"status": "completed", "request_payload": {"prompt": "x"}},
+                   {"request_payload": {"prompt": "x"}, "response_payload": {"answer": "f"}},
+                   {"request_payload": {"prompt": "x"}, "user_id": BOB},
+                   {"request_payload": {"prompt": "x"}, "attempts": 99}):
+        with pytest.raises(APIError) as refused:
+            alice.table(table).insert(forged).execute()
+        assert refused.value.code in ("42501", "23514"), (forged, refused.value)
+    with psycopg.connect(clean_db) as conn:
+        rows = conn.execute("select user_id::text, status from public.agent_task_requests"
+                            ).fetchall()
+    assert rows == [(ALICE, "pending")]
+    with pytest.raises(APIError) as refused:  # and the state machine stays the service's
+        alice.rpc("agent_tasks_claim", {"p_limit": 10, "p_lease_seconds": 30}).execute()
+    assert refused.value.code == "42501"
+
+
+def test_the_gateway_requires_the_apikey_header(gateway: Any) -> None:
+    """Without `apikey` the gateway refuses even a valid user token: 401, before PostgREST."""
+    from tests.supabase_jwt import user_token
+
+    token = user_token(ALICE)
+    no_key = httpx.get(f"{gateway.url}/rest/v1/agent_task_requests",
+                       headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert no_key.status_code == 401
+    assert no_key.json()["message"] == "No API key found in request"
+    with_key = httpx.get(f"{gateway.url}/rest/v1/agent_task_requests",
+                         headers={"apikey": gateway.anon_key, "Authorization": f"Bearer {token}"},
+                         timeout=10)
+    assert with_key.status_code == 200 and with_key.json() == []
+

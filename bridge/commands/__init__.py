@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bridge.commands import check, dev, migrate, retry, run, status, submit
+from bridge.commands import cancel, check, dev, migrate, retry, run, show, status, submit
 
-COMMANDS: list[ModuleType] = [run, dev, migrate, submit, status, check, retry]
+COMMANDS: list[ModuleType] = [run, dev, migrate, submit, status, show, check, retry, cancel]

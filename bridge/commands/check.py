@@ -14,8 +14,9 @@ from bridge.queries import load as load_queries
 from bridge.store import open_store
 
 INSTALL = "run `agent-bridge migrate` (DATABASE_URL) or `supabase db push`"
-KEY_REJECTED = "SUPABASE_SERVICE_KEY rejected: use the service_role key " \
-               "(Supabase → Project Settings → API), not the anon key"
+KEY_REJECTED = "SUPABASE_SERVICE_KEY rejected: use a secret key (sb_secret_...) or the " \
+               "legacy service_role key (Supabase → Project Settings → API Keys), not the " \
+               "publishable or anon key"
 START_REDIS = ("start one: `redis-server` (install it with `apt install redis-server` or "
                "`brew install redis`), or `docker compose up redis`; on Windows use "
                "docker compose or WSL")

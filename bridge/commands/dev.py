@@ -1,7 +1,10 @@
 """`agent-bridge dev`: the whole stack on one machine, no Docker, no accounts.
 
 An embedded PostgreSQL (data kept in --data-dir) and a Redis, migrated; then the
-bridge, one Celery worker and Flower as child processes, their output prefixed.
+bridge, one Celery worker and Flower (with a password) as child processes, their
+output prefixed. Ports and the Flower password are kept in <data-dir>/dev.json, so a
+restart on the same data dir keeps them; <data-dir>/env holds the variables a second
+shell needs (`source` it). If its own Redis or PostgreSQL dies, dev says so and stops.
 Ctrl-C stops the children, then Redis, then PostgreSQL, and leaves nothing running.
 """
 
@@ -10,16 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from bridge.config import Settings
 from bridge.localstack import LocalPostgres, LocalRedis, free_port
 from bridge.migrate import migrate
-from bridge.config import Settings
 from bridge.store import open_store, request_payload
 
 DEMO_PROMPTS = [
@@ -38,7 +43,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="where PostgreSQL keeps its data (default: ./.agent-bridge)")
     p.add_argument("--demo", action="store_true",
                    help="submit a few sample tasks and show them finish")
-    p.add_argument("--flower-port", type=int, default=5555, help="0 = no Flower")
+    p.add_argument("--flower-port", type=int, default=5555,
+                   help="0 = no Flower; taken: the port of the last run, else a free one")
     p.add_argument("--concurrency", type=int, default=2, help="worker processes/threads")
     p.set_defaults(func=run)
 
@@ -70,11 +76,53 @@ class Child:
                 self.popen.wait()
 
 
+FLOWER_USER = "dev"
+
+
+def load_state(data_dir: Path) -> dict[str, Any]:
+    """What the last run on this data dir chose: ports and Flower's password."""
+    try:
+        state = json.loads((data_dir / "dev.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def pick_port(wanted: int | None, previous: Any) -> int:
+    """`wanted` if free, else the last run's port if free, else any free port."""
+    for port in (wanted, previous):
+        if isinstance(port, int) and 0 < port < 65536 and _port_free(port):
+            return port
+    return free_port()
+
+
+def write_env(data_dir: Path, variables: dict[str, str]) -> Path:
+    """<data-dir>/env: `export` lines a second shell can `source`."""
+    path = data_dir / "env"
+    lines = ["# agent-bridge dev: `source` this file in another shell to reach this stack."]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in variables.items()]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)  # it holds Flower's password
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    state = load_state(data_dir)
     postgres = LocalPostgres(data_dir / "postgres")
-    redis = LocalRedis(data_dir / "redis")
+    redis_port = pick_port(state.get("redis_port"), None)
+    if state.get("redis_port") not in (None, redis_port):
+        print(f"⚠️  Redis port {state['redis_port']} is taken now; using {redis_port} "
+              f"(re-source {data_dir / 'env'} in other shells)", flush=True)
+    redis = LocalRedis(data_dir / "redis", port=redis_port)
+    flower_port = pick_port(args.flower_port, state.get("flower_port")) \
+        if args.flower_port else 0
+    flower_password = str(state.get("flower_password") or secrets.token_urlsafe(12))
+    (data_dir / "dev.json").write_text(json.dumps(
+        {"redis_port": redis_port, "flower_port": flower_port or state.get("flower_port"),
+         "flower_password": flower_password}))
+    (data_dir / "dev.json").chmod(0o600)
     children: list[Child] = []
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -85,24 +133,30 @@ def run(args: argparse.Namespace) -> int:
         migrate(db_url)
         print("📮 Starting Redis ...", flush=True)
         redis.start()
-        env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": redis.url,
-               "BRIDGE_TRANSPORT": "postgres", "PYTHONUNBUFFERED": "1"}
-        env.pop("CELERY_BROKER_URL", None)
+        shared = {"DATABASE_URL": db_url, "REDIS_URL": redis.url,
+                  "CELERY_BROKER_URL": redis.url, "BRIDGE_TRANSPORT": "postgres",
+                  "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{flower_password}"}
+        env_file = write_env(data_dir, shared)
+        env = {**os.environ, **shared, "PYTHONUNBUFFERED": "1"}
         py = sys.executable
         children.append(Child("bridge", [py, "-m", "bridge.cli", "run"], env))
         pool = "threads" if os.name == "nt" else "prefork"  # prefork does not run on Windows
         children.append(Child("worker", [
             py, "-m", "celery", "-A", "tasks", "worker", "-P", pool,
             "-c", str(args.concurrency), "--loglevel", "INFO", "-n", "dev@%h"], env))
-        if args.flower_port:
-            flower_port = args.flower_port if _port_free(args.flower_port) else free_port()
+        if flower_port:
             children.append(Child("flower", [
                 py, "-m", "celery", "-A", "tasks", "flower", f"--port={flower_port}",
-                "--address=127.0.0.1", "--max_tasks=10000"], env))
-        _print_where(db_url, redis.url, args.flower_port and flower_port)
+                "--address=127.0.0.1", "--max_tasks=10000",
+                f"--basic-auth={FLOWER_USER}:{flower_password}"], env))
+        _print_where(shared, env_file, flower_port)
         if args.demo:
             threading.Thread(target=_demo, args=(db_url, stop), daemon=True).start()
         while not stop.wait(0.5):
+            died = _dead_service(postgres, redis)
+            if died:
+                print(f"❌ {died}; stopping everything", flush=True)
+                return 1
             for child in children:
                 if child.popen.poll() is not None:
                     print(f"❌ {child.name} exited with code {child.popen.returncode}; "
@@ -125,15 +179,31 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _print_where(db_url: str, redis_url: str, flower_port: int | None) -> None:
+def _dead_service(postgres: LocalPostgres, redis: LocalRedis) -> str | None:
+    """Which of dev's own servers died under it, said for a person; None if both run."""
+    if redis.process is not None and redis.process.poll() is not None:
+        return (f"Redis (port {redis.port}) died with code {redis.process.returncode}; see "
+                f"{redis.data_dir / 'redis.log'}")
+    if postgres.pid() is None:
+        return (f"PostgreSQL ({postgres.data_dir}) is no longer running; see its log in "
+                f"{postgres.data_dir}")
+    return None
+
+
+def _print_where(shared: dict[str, str], env_file: Path, flower_port: int) -> None:
     line = "-" * 60
+    db_url = shared["DATABASE_URL"]
     print(line)
     print(f"🗄️  Database : {db_url}")
     print(f"              psql \"{db_url}\"")
-    print(f"📮 Redis    : {redis_url}")
+    print(f"📮 Redis    : {shared['REDIS_URL']}")
     if flower_port:
-        print(f"🌸 Flower   : http://127.0.0.1:{flower_port}")
-    print(f"✍️  Submit   : DATABASE_URL=\"{db_url}\" agent-bridge submit \"Hello\" --wait")
+        user, _, password = shared["FLOWER_BASIC_AUTH"].partition(":")
+        print(f"🌸 Flower   : http://127.0.0.1:{flower_port}  (user {user}, password {password})")
+    print(f"🐚 Another shell: source {shlex.quote(str(env_file))}   (it sets:)")
+    for name, value in shared.items():
+        print(f"     export {name}={shlex.quote(value)}")
+    print("✍️  Then     : agent-bridge submit \"Hello\" --wait; agent-bridge status")
     print("   Ctrl-C stops everything.")
     print(line, flush=True)
 

@@ -7,17 +7,19 @@ from pathlib import Path
 
 import psycopg
 
-from bridge.config import ConfigError, Settings
-from bridge.errors import StoreUnavailable
+from bridge.config import ConfigError, Settings, check_database_url
+from bridge.errors import StoreRejected, StoreUnavailable, first_line
 from bridge.migrate import MIGRATIONS_DIR, migrate
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "migrate", help="create or upgrade the table and its functions (DATABASE_URL)",
-        description="Apply supabase/migrations/*.sql to DATABASE_URL. On a plain PostgreSQL "
-                    "it first creates the roles and auth.uid() Supabase would provide. "
-                    "Idempotent. On Supabase you can use `supabase db push` instead.")
+        description="Apply supabase/migrations/*.sql to DATABASE_URL and record them in "
+                    "supabase_migrations.schema_migrations as the Supabase CLI does, so "
+                    "`supabase db push` and `supabase migration list` agree. On a plain "
+                    "PostgreSQL it first creates the roles and auth.uid() Supabase would "
+                    "provide. Versions already recorded are skipped.")
     p.add_argument("--database-url", help="default: $DATABASE_URL")
     p.add_argument("--dir", type=Path, default=MIGRATIONS_DIR, help="migrations directory")
     p.set_defaults(func=run)
@@ -28,10 +30,19 @@ def run(args: argparse.Namespace) -> int:
     if not url:
         raise ConfigError("DATABASE_URL is not set (Supabase: Settings → Database → "
                           "Connection string, session mode)")
+    check_database_url(url)
     try:
         applied = migrate(url, args.dir)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
     except psycopg.OperationalError as exc:
-        raise StoreUnavailable(f"cannot connect: {str(exc).strip().splitlines()[0]}") from None
+        raise StoreUnavailable(f"cannot connect: {first_line(exc)}") from None
+    except psycopg.Error as exc:
+        raise StoreRejected(f"the database refused a migration ({exc.sqlstate}): "
+                            f"{first_line(exc)}; nothing was applied") from None
     for name in applied:
         print(f"✅ applied {name}")
+    if not any(name[0].isdigit() for name in applied):
+        print("✅ up to date: every migration is recorded in "
+              "supabase_migrations.schema_migrations")
     return 0

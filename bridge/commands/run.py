@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 from types import FrameType
 
@@ -14,13 +15,22 @@ from bridge.metrics import Metrics
 from bridge.publisher import Publisher
 from bridge.store import open_store
 
+# `run --once`: what failed -> (what to say, exit code).
+ONCE_FAILURES = {
+    "database": ("the database (or Supabase) is unreachable", 3),
+    "broker": ("the broker (Redis) is unreachable", 4),
+    "refused": ("the database refused a call", 1),
+    "unexpected": ("unexpected error", 1),
+}
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run the bridge: claim pending rows and enqueue Celery jobs",
                        description="Claim pending rows and enqueue one Celery job per row. "
                                    "Stops cleanly on SIGTERM/SIGINT.")
     p.add_argument("--once", action="store_true",
-                   help="do one round (rescue, claim, enqueue) and exit")
+                   help="do one round (rescue, claim, enqueue) and exit: 0 done, 3 database "
+                        "or Supabase unreachable, 4 Redis unreachable, 1 refused or other")
     p.set_defaults(func=run)
 
 
@@ -43,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        bridge.run(stop, once=args.once)
+        failure = bridge.run(stop, once=args.once)
     finally:
         store.close()
-    return 0
+    if failure is None:
+        return 0
+    what, code = ONCE_FAILURES[failure.what]
+    print(f"agent-bridge run: the round failed, {what}: {failure.message}", file=sys.stderr)
+    return code

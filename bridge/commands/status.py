@@ -1,4 +1,5 @@
-"""`agent-bridge status`: the table's counts, the broker queue and the workers online.
+"""`agent-bridge status`: the table's counts, the broker queue and the workers online,
+in total and per agent (backlog, processing, failures, queue, the workers serving it).
 
 Each dependency is looked at on its own: one that is down is shown as down and the
 rest is still reported. Exit 1 only when the counts cannot be read: the database
@@ -10,16 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
+from bridge.agents import configure, queue_name
+from bridge.commands.submit import error_of
 from bridge.config import Settings
 from bridge.errors import StoreError, StoreUnavailable, first_line
 from bridge.publisher import BROKER_ERRORS, BrokerUnavailable, Publisher
-from bridge.store import open_store
+from bridge.store import AgentStats, open_store
 
 PING_TIMEOUT = 1.0  # seconds workers get to answer a ping
+LATEST_FAILURES = 5  # failed rows listed, newest first
 
 
 @dataclass
@@ -35,6 +40,7 @@ class Broker:
 class Workers:
     online: list[str] = field(default_factory=list)
     error: str | None = None  # why they could not be asked
+    queues: dict[str, list[str]] = field(default_factory=dict)  # worker -> queues it consumes
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,16 +68,50 @@ def probe_broker(settings: Settings) -> Broker:
 
 
 def probe_workers(broker: Broker) -> Workers:
-    """Ping the workers (only when the broker answered: asking through a dead one hangs)."""
+    """Ask the workers which queues they consume (only when the broker answered: asking
+    through a dead one hangs). Answering is being online."""
     if not broker.reachable:
         return Workers(error="not asked: the broker is unreachable")
     from tasks.app import app
 
     try:
-        replies = app.control.ping(timeout=PING_TIMEOUT) or []
+        replies = app.control.inspect(timeout=PING_TIMEOUT).active_queues() or {}
     except BROKER_ERRORS as exc:
         return Workers(error=f"the broker failed while asking: {first_line(exc)}")
-    return Workers(sorted(name for reply in replies for name in reply))
+    queues = {name: sorted(str(q.get("name")) for q in reply or [])
+              for name, reply in replies.items()}
+    return Workers(sorted(queues), queues=queues)
+
+
+def agent_rows(settings: Settings, store_agents: list[AgentStats] | None, workers: Workers,
+               broker: Broker) -> list[dict[str, Any]]:
+    """One entry per agent: the configured ones, and any other that has rows."""
+    from tasks.app import RUN_AGENT, app
+
+    agents = configure(settings)
+    counts = {a.agent: a for a in store_agents or []}
+    names = [*agents.names, *sorted(set(counts) - set(agents.names))]
+    publisher = Publisher(app, settings.celery_queue, RUN_AGENT) if broker.reachable else None
+    rows = []
+    for name in names:
+        queue = queue_name(settings.celery_queue, name)
+        c = counts.get(name)
+        depth: int | None = None
+        if publisher is not None:
+            try:
+                depth = publisher.queue_depth(queue)
+            except BrokerUnavailable:
+                depth = None
+        rows.append({
+            "agent": name, "configured": name in agents.names, "queue": queue,
+            "pending": c.pending if c else (None if store_agents is None else 0),
+            "due": c.due if c else (None if store_agents is None else 0),
+            "oldest_due_seconds": c.oldest_due_seconds if c else None,
+            "processing": c.processing if c else (None if store_agents is None else 0),
+            "failed": c.failed if c else (None if store_agents is None else 0),
+            "queue_depth": depth,
+            "workers": sorted(w for w, qs in workers.queues.items() if queue in qs)})
+    return rows
 
 
 def age(seconds: float | None) -> str:
@@ -93,13 +133,23 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"transport": settings.store_kind,
                               "database": {"reachable": False, "error": None}}
     store = open_store(settings, pool=False)
+    per_agent: list[AgentStats] | None = None
+    report["latest_failures"] = []
     try:
         stats = store.stats()
         report["database"]["reachable"] = True
+        if stats.failed:
+            report["latest_failures"] = [
+                {"id": f["id"], "agent": f.get("agent"), "attempts": f.get("attempts"),
+                 "finished_at": _iso(f.get("finished_at")),
+                 "error": error_of(f.get("error"), None)}
+                for f in store.latest_failures(LATEST_FAILURES)]
+        per_agent = store.agent_stats()
     except StoreError as exc:  # down, or up without the migration (reachable, no stats)
-        report["database"].update(reachable=not isinstance(exc, StoreUnavailable),
-                                  error=str(exc))
-        stats = None
+        if not report["database"]["reachable"]:  # else: totals, but no per-agent counts
+            report["database"].update(reachable=not isinstance(exc, StoreUnavailable),
+                                      error=str(exc))
+            stats = None
     finally:
         store.close()
     if stats is not None:
@@ -114,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     workers = probe_workers(broker)
     report["broker"] = asdict(broker)
     report["workers"] = asdict(workers)
+    report["agents"] = agent_rows(settings, per_agent, workers, broker)
 
     if args.json:
         print(json.dumps(report))
@@ -160,3 +211,47 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"📊 agent-bridge status · {where}")
     for key, value in lines:
         print(f"  {key.ljust(width)}  {value}")
+    print_agents(r["agents"])
+    print_failures(r.get("latest_failures") or [])
+
+
+def print_failures(failures: list[dict[str, Any]]) -> None:
+    """The latest failed rows with their errors (`agent-bridge show ID` for the rest)."""
+    if not failures:
+        return
+    print("  Latest failures (agent-bridge show ID)")
+    for f in failures:
+        when = (f["finished_at"] or "")[:19].replace("T", " ")
+        print(f"    {f['id']}  {when}  {f['error']}"[:200])
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def print_agents(agents: list[dict[str, Any]]) -> None:
+    """Per agent: backlog, processing, failures, queue depth, workers serving it."""
+    if len(agents) == 1 and agents[0]["agent"] == "default" and not agents[0]["failed"]:
+        return  # one agent: the lines above say it all
+    header = ("agent", "backlog", "processing", "failed", "queue", "workers")
+    table = [header]
+    for a in agents:
+        backlog = "?" if a["due"] is None else str(a["due"])
+        if a["due"]:
+            backlog += f" (oldest {age(a['oldest_due_seconds'])})"
+        workers = (f"{len(a['workers'])}" if a["workers"]
+                   else "⚠️  none" if a["configured"] else "-")
+        name = a["agent"] if a["configured"] else f"{a['agent']} (⚠️  not in AGENTS)"
+        table.append((name, backlog, _n(a["processing"]), _n(a["failed"]),
+                      f"{a['queue']}: {_n(a['queue_depth'])}", workers))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print("  Agents")
+    for row in table:
+        print("    " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+              .rstrip())
+
+
+def _n(value: int | None) -> str:
+    return "?" if value is None else str(value)

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from bridge.config import ConfigError, Settings
@@ -25,11 +26,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "print its id. With --wait, print each status change until the task "
                     "ends, then the answer. Exit codes with --wait: 0 completed, 1 failed, "
                     "2 timed out.")
-    p.add_argument("prompt", help="the request_payload.prompt")
+    p.add_argument("prompt", nargs="?",
+                   help="the request_payload.prompt; `-` reads it from stdin")
+    p.add_argument("--file", "-f", type=Path, metavar="PATH",
+                   help="read the prompt from this file (UTF-8), e.g. one too long for "
+                        "the command line")
     p.add_argument("--context", metavar="JSON", default="{}",
                    help="request_payload.context, a JSON object (default: {})")
     p.add_argument("--priority", type=int, default=0, metavar="N",
                    help="higher runs first (default: 0)")
+    p.add_argument("--agent", default="default", metavar="NAME",
+                   help="the agent that runs it, one of AGENTS (default: default)")
     p.add_argument("--wait", action="store_true",
                    help="follow the row until it completes or fails")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
@@ -48,14 +55,37 @@ def parse_context(raw: str) -> dict[str, Any]:
     return context
 
 
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt from the argument, stdin (`-`) or --file."""
+    if args.file is not None and args.prompt is not None:
+        raise ConfigError("give the prompt as an argument or with --file, not both")
+    if args.file is not None:
+        try:
+            prompt = str(args.file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --file {args.file}: {exc}") from None
+    elif args.prompt == "-":
+        try:
+            prompt = sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"stdin is not UTF-8 text: {exc}") from None
+    elif args.prompt is None:
+        raise ConfigError("no prompt: give it as an argument, `-` to read stdin, or --file")
+    else:
+        prompt = str(args.prompt)
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty")
+    return prompt
+
+
 def run(args: argparse.Namespace) -> int:
     context = parse_context(args.context)
-    if not args.prompt.strip():
-        raise ConfigError("the prompt is empty")
+    prompt = read_prompt(args)
     settings = Settings.from_env()
     store = open_store(settings, pool=False)
     try:
-        task_id = store.insert(request_payload(args.prompt, context), args.priority)
+        task_id = store.insert(request_payload(prompt, context), args.priority,
+                               args.agent)
         print(task_id, flush=True)
         if not args.wait:
             return 0

@@ -4,8 +4,8 @@
 -- the same named parameters, so both transports run the same code in Postgres.
 
 -- claim --
--- Claim up to p_limit due pending rows; each gets attempts + 1 and a lease.
-select * from public.agent_tasks_claim(p_limit => %(p_limit)s::integer, p_lease_seconds => %(p_lease_seconds)s::double precision)
+-- Claim up to p_limit due pending rows, taking turns across tenants; each gets attempts + 1 and a lease.
+select * from public.agent_tasks_claim(p_limit => %(p_limit)s::integer, p_lease_seconds => %(p_lease_seconds)s::double precision, p_tenant_concurrency => %(p_tenant_concurrency)s::integer, p_agents => %(p_agents)s::text[])
 
 -- start --
 -- A worker takes its attempt: fenced; returns the request payload.
@@ -40,12 +40,36 @@ select * from public.agent_task_release(p_id => %(p_id)s::uuid, p_attempt => %(p
 select * from public.agent_tasks_rescue(p_limit => %(p_limit)s::integer)
 
 -- requeue --
--- Operator retry: failed rows -> pending with fresh attempts.
-select * from public.agent_tasks_requeue(p_ids => %(p_ids)s::uuid[], p_failed_since => %(p_failed_since)s::timestamptz, p_error_type => %(p_error_type)s::text, p_more_attempts => %(p_more_attempts)s::integer)
+-- Operator retry: failed rows -> pending with fresh attempts, at most p_limit (oldest first).
+select * from public.agent_tasks_requeue(p_ids => %(p_ids)s::uuid[], p_failed_since => %(p_failed_since)s::timestamptz, p_error_type => %(p_error_type)s::text, p_more_attempts => %(p_more_attempts)s::integer, p_limit => %(p_limit)s::integer)
 
 -- stats --
 -- Counts by status, expired leases and the oldest due row's age.
 select * from public.agent_tasks_stats()
+
+-- register_agents --
+-- The bridge's AGENTS, replacing those registered before; returns what is registered.
+select * from public.agent_bridge_register_agents(p_agents => %(p_agents)s::jsonb)
+
+-- agent_stats --
+-- Counts per agent: backlog, processing, failures.
+select * from public.agent_tasks_agent_stats()
+
+-- cancel --
+-- cancel_agent_task: pending -> failed now; a held row gets a cancel request. The status after.
+select public.cancel_agent_task(task_id => %(task_id)s::uuid) as cancel_agent_task
+
+-- request_cancel --
+-- Cancel one attempt (Celery revoke); p_holder_gone ends it now. The status after.
+select public.agent_task_request_cancel(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_holder_gone => %(p_holder_gone)s::boolean) as agent_task_request_cancel
+
+-- cancelled --
+-- The holder ends a cancelled attempt: processing -> failed (Cancelled), partial answer kept.
+select * from public.agent_task_cancelled(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_response => %(p_response)s::jsonb)
+
+-- cancel_requested --
+-- Which of the given (id, attempt) pairs have been asked to stop.
+select * from public.agent_tasks_cancel_requested(p_ids => %(p_ids)s::uuid[], p_attempts => %(p_attempts)s::integer[])
 
 -- schema_version --
 -- The schema version the migration installed.

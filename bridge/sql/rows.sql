@@ -4,8 +4,8 @@
 -- the way the frontend does, since PostgREST runs no ad-hoc SQL.
 
 -- insert_task --
--- Insert a request exactly as the frontend does: pending, {prompt, context}, priority.
-insert into public.agent_task_requests (status, request_payload, priority) values ('pending', %(request_payload)s::jsonb, %(priority)s::integer) returning id
+-- Insert a request exactly as the frontend does: pending, {prompt, context}, priority, agent.
+insert into public.agent_task_requests (status, request_payload, priority, agent) values ('pending', %(request_payload)s::jsonb, %(priority)s::integer, %(agent)s::text) returning id
 
 -- get_task --
 -- One row's state and outcome, for `submit --wait` and `dev --demo`.
@@ -14,3 +14,11 @@ select id, status, attempts, response_payload, error from public.agent_task_requ
 -- installed --
 -- Whether the table exists, and which of the given public functions do not (direct mode only).
 select to_regclass('public.agent_task_requests') is not null as has_table, array(select f from unnest(%(functions)s::text[]) f where not exists (select 1 from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace where n.nspname = 'public' and p.proname = f) order by f) as missing_functions
+
+-- show_task --
+-- One row in full but its request, for `agent-bridge show`: state, attempts, error, answer, timings.
+select id, status, agent, priority, attempts, max_attempts, created_at, run_at, started_at, finished_at, updated_at, lease_expires_at, worker, cancel_requested_at, error, response_payload from public.agent_task_requests where id = %(id)s::uuid
+
+-- latest_failures --
+-- The most recently failed rows with their errors, newest first, for `agent-bridge status`.
+select id, agent, attempts, finished_at, error from public.agent_task_requests where status = 'failed' order by finished_at desc nulls last, id limit %(limit)s::integer

@@ -38,6 +38,24 @@ begin
 end
 $$;
 
+-- Supabase's auth.jwt(): the request's JWT claims as jsonb (app_metadata and all).
+do $$
+begin
+    if not exists (select 1 from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+                    where n.nspname = 'auth' and p.proname = 'jwt') then
+        create function auth.jwt() returns jsonb
+        language sql stable
+        as $fn$
+            select coalesce(
+                nullif(current_setting('request.jwt.claim', true), ''),
+                nullif(current_setting('request.jwt.claims', true), '')
+            )::jsonb
+        $fn$;
+        grant execute on function auth.jwt() to anon, authenticated, service_role;
+    end if;
+end
+$$;
+
 do $$
 begin
     if not exists (select 1 from pg_publication where pubname = 'supabase_realtime') then

@@ -15,6 +15,7 @@ from typing import Any
 from bridge.config import Settings
 from bridge.queries import load_all
 from bridge.store.records import (
+    AgentStats,
     Claim,
     Rescued,
     StartedTask,
@@ -24,8 +25,11 @@ from bridge.store.records import (
 )
 from bridge.store.transport import Transport
 
-__all__ = ["Claim", "Rescued", "StartedTask", "Stats", "TaskStore", "WriteResult", "open_store",
-           "request_payload"]
+WAKE_CHANNEL = "agent_task_requests"  # NOTIFY: a row became pending (the bridge listens)
+CANCEL_CHANNEL = "agent_task_cancel"  # NOTIFY 'id:attempt': a held row was asked to stop
+
+__all__ = ["CANCEL_CHANNEL", "WAKE_CHANNEL", "AgentStats", "Claim", "Rescued", "StartedTask",
+           "Stats", "TaskStore", "WriteResult", "open_store", "request_payload"]
 
 
 class TaskStore:
@@ -44,16 +48,38 @@ class TaskStore:
         return WriteResult(bool(row["applied"]), row["status"], row["attempts"], row["worker"])
 
     # Bridge -------------------------------------------------------------------
-    def claim(self, limit: int, lease_seconds: float) -> list[Claim]:
-        rows = self._call("claim", p_limit=limit, p_lease_seconds=lease_seconds)
-        return [Claim(str(r["id"]), int(r["attempt"])) for r in rows]
+    def claim(self, limit: int, lease_seconds: float, *, tenant_concurrency: int = 0,
+              agents: Sequence[str] | None = None) -> list[Claim]:
+        """Up to `limit` due rows, taking turns across tenants, in the order they should
+        run; at most `tenant_concurrency` rows of one tenant processing (0: no cap;
+        agent_tenant_limits may say otherwise per tenant); `agents`: only their rows."""
+        if self.transport.max_rows is not None:
+            # Over Supabase's API, rows past db-max-rows would be claimed but not returned.
+            limit = min(limit, self.transport.max_rows)
+        rows = self._call("claim", p_limit=limit, p_lease_seconds=lease_seconds,
+                          p_tenant_concurrency=tenant_concurrency,
+                          p_agents=list(agents) if agents is not None else None)
+        return [Claim(str(r["id"]), int(r["attempt"]), str(r.get("agent") or "default"))
+                for r in rows]
 
     def release(self, claim: Claim) -> WriteResult:
         return self._write("release", p_id=claim.id, p_attempt=claim.attempt)
 
     def rescue(self, limit: int = 1000) -> list[Rescued]:
-        rows = self._call("rescue", p_limit=limit)
-        return [Rescued(str(r["id"]), int(r["attempt"]), str(r["status"])) for r in rows]
+        """Every expired lease, in pages of at most `limit` (and under the transport's
+        max rows), until a page comes back short."""
+        page = self._page(limit)
+        rescued: list[Rescued] = []
+        while True:
+            rows = self._call("rescue", p_limit=page)
+            rescued += [Rescued(str(r["id"]), int(r["attempt"]), str(r["status"]))
+                        for r in rows]
+            if len(rows) < page:
+                return rescued
+
+    def _page(self, limit: int) -> int:
+        cap = self.transport.max_rows
+        return max(1, min(limit, cap) if cap is not None else limit)
 
     # Worker -------------------------------------------------------------------
     def start(self, task_id: str, attempt: int, worker: str, lease_seconds: float
@@ -70,7 +96,7 @@ class TaskStore:
             id=task_id, attempt=attempt, request_payload=r["request_payload"],
             max_attempts=int(r["max_attempts"]), priority=int(r["priority"]),
             user_id=_str_or_none(r["user_id"]), enterprise_id=r["enterprise_id"],
-            created_at=_str_or_none(r["created_at"]))
+            created_at=_str_or_none(r["created_at"]), agent=str(r.get("agent") or "default"))
         return started, result
 
     def heartbeat(self, task_id: str, attempt: int, worker: str, lease_seconds: float
@@ -99,14 +125,64 @@ class TaskStore:
                            p_error=dict(error), p_delay_seconds=delay_seconds,
                            p_lease_seconds=lease_seconds)
 
+    # Cancellation -------------------------------------------------------------
+    def cancel(self, task_id: str) -> str | None:
+        """cancel_agent_task(): the row's status afterwards ('failed': ended now;
+        'processing': its worker was asked to stop); None if there is no such row."""
+        rows = self._call("cancel", task_id=task_id)
+        return _str_or_none(rows[0]["cancel_agent_task"]) if rows else None
+
+    def request_cancel(self, task_id: str, attempt: int, *, holder_gone: bool = False
+                       ) -> str | None:
+        """Cancel attempt `attempt` only (a revoked Celery job); `holder_gone`: its worker
+        process is dead, so end the row now. The status afterwards; None if no such row."""
+        rows = self._call("request_cancel", p_id=task_id, p_attempt=attempt,
+                          p_holder_gone=holder_gone)
+        return _str_or_none(rows[0]["agent_task_request_cancel"]) if rows else None
+
+    def cancelled(self, task_id: str, attempt: int, worker: str,
+                  partial: Mapping[str, Any] | None) -> WriteResult:
+        """End a cancelled attempt, keeping `partial` (else the row's partial answer)."""
+        return self._write("cancelled", p_id=task_id, p_attempt=attempt, p_worker=worker,
+                           p_response=dict(partial) if partial is not None else None)
+
+    def cancel_requested(self, held: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+        """The (id, attempt) pairs of `held` that have been asked to stop."""
+        if not held:
+            return set()
+        rows = self._call("cancel_requested", p_ids=[i for i, _ in held],
+                          p_attempts=[a for _, a in held])
+        return {(str(r["id"]), int(r["attempt"])) for r in rows}
+
+    def wait_for_cancels(self, timeout: float) -> list[tuple[str, int]] | None:
+        """(id, attempt) pairs asked to stop, from NOTIFY (a store opened with
+        channel=CANCEL_CHANNEL); None when notifications may have been missed."""
+        payloads = self.transport.wait_for_notifications(timeout)
+        if payloads is None:
+            return None
+        found = []
+        for payload in payloads:
+            task_id, _, attempt = payload.rpartition(":")
+            if task_id and attempt.isdigit():
+                found.append((task_id, int(attempt)))
+        return found
+
     # Operators ----------------------------------------------------------------
     def requeue(self, ids: Sequence[str] | None = None, failed_since: datetime | None = None,
-                error_type: str | None = None, more_attempts: int = 3) -> list[str]:
-        rows = self._call(
-            "requeue", p_ids=list(ids) if ids is not None else None,
-            p_failed_since=failed_since.isoformat() if failed_since else None,
-            p_error_type=error_type, p_more_attempts=more_attempts)
-        return [str(r["id"]) for r in rows]
+                error_type: str | None = None, more_attempts: int = 3, page: int = 1000
+                ) -> list[str]:
+        """Failed rows back to pending, in pages (under the transport's max rows) until
+        a page comes back short; the ids requeued."""
+        size = self._page(page)
+        requeued: list[str] = []
+        while True:
+            rows = self._call(
+                "requeue", p_ids=list(ids) if ids is not None else None,
+                p_failed_since=failed_since.isoformat() if failed_since else None,
+                p_error_type=error_type, p_more_attempts=more_attempts, p_limit=size)
+            requeued += [str(r["id"]) for r in rows]
+            if len(rows) < size:
+                return requeued
 
     def stats(self) -> Stats:
         r = self._call("stats")[0]
@@ -115,19 +191,45 @@ class TaskStore:
                      int(r["failed"]), int(r["expired_leases"]),
                      None if oldest is None else float(oldest))
 
+    def agent_stats(self) -> list[AgentStats]:
+        """Counts per agent (every agent that has rows)."""
+        return [AgentStats(str(r["agent"]), int(r["pending"]), int(r["due"]),
+                           int(r["processing"]), int(r["completed"]), int(r["failed"]),
+                           None if r["oldest_due_seconds"] is None
+                           else float(r["oldest_due_seconds"]))
+                for r in self._call("agent_stats")]
+
+    def register_agents(self, agents: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """Make `agents` ({name: {"queue", "max_attempts"}}) the agents inserts may name,
+        besides `default`; returns the names now registered."""
+        rows = self._call("register_agents", p_agents={k: dict(v) for k, v in agents.items()})
+        return [str(r["name"]) for r in rows]
+
     def schema_version(self) -> int:
         return int(self._call("schema_version")[0]["agent_bridge_schema_version"])
 
     # Rows (the CLI) -----------------------------------------------------------
-    def insert(self, payload: Mapping[str, Any], priority: int = 0) -> str:
+    def insert(self, payload: Mapping[str, Any], priority: int = 0, agent: str = "default"
+               ) -> str:
         """Insert a pending request the way the frontend does; returns its id."""
-        rows = self._call("insert_task", request_payload=dict(payload), priority=priority)
+        rows = self._call("insert_task", request_payload=dict(payload), priority=priority,
+                          agent=agent)
         return str(rows[0]["id"])
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         """The row's id, status, attempts, response_payload and error; None if absent."""
         rows = self._call("get_task", id=task_id)
         return dict(rows[0], id=str(rows[0]["id"])) if rows else None
+
+    def show(self, task_id: str) -> dict[str, Any] | None:
+        """The row in full but its request_payload (state, attempts, error, answer and
+        timings), for `agent-bridge show`; None if absent."""
+        rows = self._call("show_task", id=task_id)
+        return dict(rows[0], id=str(rows[0]["id"])) if rows else None
+
+    def latest_failures(self, limit: int = 5) -> list[dict[str, Any]]:
+        """The `limit` most recently failed rows: id, agent, attempts, finished_at, error."""
+        return [dict(r, id=str(r["id"])) for r in self._call("latest_failures", limit=limit)]
 
     def installed(self, functions: Sequence[str]) -> tuple[bool, list[str]]:
         """(the table exists, the functions of `functions` that are missing).
@@ -152,16 +254,22 @@ def _str_or_none(value: Any) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
-def open_store(settings: Settings, *, listen: bool = False, pool: bool = True) -> TaskStore:
+def open_store(settings: Settings, *, listen: bool = False, pool: bool = True,
+               channel: str = WAKE_CHANNEL) -> TaskStore:
     """A store on the configured transport: the one way the bridge, the workers and
-    the CLI open it. `listen`: wake on NOTIFY (direct mode). `pool=False`: one
-    connection that fails at once when the server is down, for one-shot commands."""
+    the CLI open it. `listen`: wake on NOTIFY on `channel` (direct mode; a worker's
+    cancel watcher listens on CANCEL_CHANNEL). `pool=False`: one connection that
+    fails at once when the server is down, for one-shot commands."""
     settings.require_store()
     if settings.store_kind == "postgres":
         from bridge.store.postgres import PostgresTransport
 
-        return TaskStore(PostgresTransport(settings.database_url, listen=listen, pool=pool))
+        return TaskStore(PostgresTransport(settings.database_url, listen=listen, pool=pool,
+                                           channel=channel))
     from bridge.store.supabase import SupabaseTransport
 
     return TaskStore(SupabaseTransport(settings.supabase_url, settings.supabase_service_key,
-                                       timeout=settings.supabase_timeout))
+                                       timeout=settings.supabase_timeout,
+                                       realtime=(listen and channel == WAKE_CHANNEL
+                                                 and settings.supabase_realtime),
+                                       max_rows=settings.supabase_max_rows))

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -70,11 +71,14 @@ def adapt(params: Mapping[str, Any]) -> dict[str, Any]:
 
 class PostgresTransport:
     name = "postgres"
+    max_rows: int | None = None
 
     def __init__(self, conninfo: str, *, listen: bool = False, pool: bool = True,
-                 pool_size: int = 4, connect_timeout: float = 5.0) -> None:
+                 pool_size: int = 4, connect_timeout: float = 5.0, channel: str = CHANNEL
+                 ) -> None:
         self._conninfo = conninfo
         self._listen = listen
+        self._channel = sql.Identifier(channel)
         self._connect_timeout = connect_timeout
         self._pool: ConnectionPool | None = None
         if pool:
@@ -133,7 +137,7 @@ class PostgresTransport:
             if self._listener is None or self._listener.closed:
                 self._listener = psycopg.connect(
                     self._conninfo, autocommit=True, connect_timeout=int(self._connect_timeout))
-                self._listener.execute(f"listen {CHANNEL}")
+                self._listener.execute(sql.SQL("listen {}").format(self._channel))
                 return True
             remaining = timeout
             while remaining > 0 and not self._interrupted.is_set():
@@ -144,6 +148,36 @@ class PostgresTransport:
                     return True
                 remaining -= slice_
             return False
+        except psycopg.Error as exc:
+            self._close_listener()
+            raise classify(exc) from exc
+
+    def wait_for_notifications(self, timeout: float) -> list[str] | None:
+        """The payloads of NOTIFYs on the channel within `timeout`, in short slices so
+        that interrupt() is seen quickly. None after (re)connecting the listener:
+        notifications sent while it was away are lost, so the caller should look."""
+        if not self._listen:
+            self._interrupted.wait(timeout)
+            return []
+        try:
+            if self._listener is None or self._listener.closed:
+                self._listener = psycopg.connect(
+                    self._conninfo, autocommit=True, connect_timeout=int(self._connect_timeout))
+                self._listener.execute(sql.SQL("listen {}").format(self._channel))
+                return None
+            remaining = timeout
+            while remaining > 0 and not self._interrupted.is_set():
+                slice_ = min(remaining, 0.25)
+                payloads = [n.payload for n in self._listener.notifies(timeout=slice_,
+                                                                      stop_after=1)]
+                if payloads:
+                    pgconn = self._listener.pgconn  # and what is already queued, at once
+                    pgconn.consume_input()
+                    while (queued := pgconn.notifies()) is not None:
+                        payloads.append(queued.extra.decode())
+                    return payloads
+                remaining -= slice_
+            return []
         except psycopg.Error as exc:
             self._close_listener()
             raise classify(exc) from exc

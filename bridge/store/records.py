@@ -14,10 +14,12 @@ def request_payload(prompt: str, context: Mapping[str, Any] | None) -> dict[str,
 
 @dataclass(frozen=True)
 class Claim:
-    """A row the bridge claimed: the whole Celery message is these two values."""
+    """A row the bridge claimed: the whole Celery message is (id, attempt); the agent
+    only picks the queue it goes to."""
 
     id: str
     attempt: int
+    agent: str = "default"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class StartedTask:
     user_id: str | None
     enterprise_id: str | None
     created_at: str | None
+    agent: str = "default"
 
     def as_handler_input(self) -> dict[str, Any]:
         """The `task` dict a handler receives (the guide's `process_task(task)`)."""
@@ -64,6 +67,7 @@ class StartedTask:
             "user_id": self.user_id,
             "enterprise_id": self.enterprise_id,
             "created_at": self.created_at,
+            "agent": self.agent,
         }
 
 
@@ -72,6 +76,19 @@ class Rescued:
     id: str
     attempt: int
     status: str  # 'pending' again, or 'failed' when attempts ran out
+
+
+@dataclass(frozen=True)
+class AgentStats:
+    """One agent's rows, for `status` and the bridge's per-agent metrics."""
+
+    agent: str
+    pending: int
+    due: int
+    processing: int
+    completed: int
+    failed: int
+    oldest_due_seconds: float | None
 
 
 @dataclass(frozen=True)

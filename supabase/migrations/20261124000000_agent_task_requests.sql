@@ -221,6 +221,9 @@ $$;
 -- A worker starts (or, after a Celery retry, restarts) its attempt. Refused when the
 -- attempt is stale, or when another live worker already holds this attempt (a
 -- duplicate broker delivery). Returns the payload the worker needs.
+-- (20261130000200_agents.sql adds the row's `agent` to what it returns; a changed
+-- return type cannot be replaced, so every run drops it first.)
+drop function if exists public.agent_task_start(uuid, integer, text, double precision);
 create or replace function public.agent_task_start(
     p_id uuid, p_attempt integer, p_worker text, p_lease_seconds double precision)
 returns table (

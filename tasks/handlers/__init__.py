@@ -1,4 +1,5 @@
-"""Handlers: the agent logic that runs one task. `AGENT_HANDLER` picks one.
+"""Handlers: the agent logic that runs one task. `AGENT_HANDLER` picks the `default`
+agent's, `AGENTS` the others'.
 
 A handler is `handler(task: dict) -> dict` or `async def handler(task) -> dict`.
 It may carry `handler.validate_payload(payload)` that raises InvalidPayload;
@@ -20,16 +21,21 @@ class HandlerNotFound(ImportError):
 
 
 @cache
-def load_handler(spec: str) -> Handler:
+def load_handler(spec: str, source: str = "AGENT_HANDLER") -> Handler:
+    """Import `package.module:callable`; `source` names the setting in messages."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise HandlerNotFound(f"AGENT_HANDLER={spec!r} must look like 'package.module:callable'")
+        raise HandlerNotFound(f"{source}={spec!r} must look like 'package.module:callable'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise HandlerNotFound(
-            f"AGENT_HANDLER={spec!r}: cannot import {module_name}: {exc}") from exc
+            f"{source}={spec!r}: cannot import {module_name}: {exc}") from exc
+    except Exception as exc:  # the module itself fails (a SyntaxError, a missing env var...)
+        raise HandlerNotFound(
+            f"{source}={spec!r}: importing {module_name} failed: {type(exc).__name__}: "
+            f"{exc}") from exc
     handler = getattr(module, attr, None)
     if not callable(handler):
-        raise HandlerNotFound(f"AGENT_HANDLER={spec!r}: {module_name} has no callable {attr!r}")
+        raise HandlerNotFound(f"{source}={spec!r}: {module_name} has no callable {attr!r}")
     return handler  # type: ignore[no-any-return]

@@ -1,0 +1,67 @@
+"""How many more jobs one agent's broker queue may take: backpressure by time, not count.
+
+A Celery queue is first in, first out. Every job the bridge puts in it is work that a
+row claimed later, a fair turn of another tenant included, must wait behind. So the
+bridge keeps only about `target_seconds` of work in each queue: it measures how fast
+the workers take jobs (what left the queue between two depth readings, while it did
+not run dry) and allows `rate * target_seconds` jobs, never more than `max_queued`.
+A queue found empty may have starved its workers, so its allowance doubles. Fast
+no-op workers keep the full `max_queued`; a hundred 5-second LLM calls keep about
+ten jobs waiting, so a new tenant's row starts within about half a second.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+DEPTH_REFRESH = 1.0  # seconds a measured depth is trusted (plus what was sent since)
+SMOOTHING = 0.5  # weight of the newest rate reading
+MIN_ALLOWANCE = 1.0
+
+
+class QueueGauge:
+    """One queue's upper bound on waiting jobs, and how many it may hold."""
+
+    def __init__(self, measure: Callable[[], int], *, max_queued: int,
+                 target_seconds: float) -> None:
+        self._measure = measure
+        self.max_queued = max_queued
+        self.target_seconds = target_seconds
+        self.allowance = float(max_queued)  # start open: no ramp-up for a fresh bridge
+        self.bound = 0  # jobs waiting, at most (last reading plus what was sent since)
+        self._read_at: float | None = None
+        # The window a rate is measured over: depth at its start, jobs sent since.
+        self._window: tuple[float, int] | None = None
+        self._window_sent = 0
+
+    def room(self) -> int:
+        """Jobs that may be sent now. Reads the queue's depth only when the bound could
+        be near the allowance, or is older than DEPTH_REFRESH: workers only ever shrink
+        a queue, so trusting the bound never sends too much, at worst too little."""
+        now = time.monotonic()
+        if (self._read_at is None or now - self._read_at > DEPTH_REFRESH
+                or 2 * self.bound >= self.allowance):
+            self._read(now)
+        return int(self.allowance) - self.bound
+
+    def sent(self, count: int) -> None:
+        self.bound += count
+        self._window_sent += count
+
+    def _read(self, now: float) -> None:
+        depth = self._measure()
+        self.bound, self._read_at = depth, now
+        if self._window is not None and self.target_seconds > 0:
+            began, depth_then = self._window
+            if depth == 0:
+                # Ran dry: the workers may have waited for work. Allow more.
+                self.allowance = min(float(self.max_queued), 2 * self.allowance)
+            elif now - began >= DEPTH_REFRESH / 2:
+                taken = depth_then + self._window_sent - depth  # what the workers took
+                wanted = max(taken, 0) / (now - began) * self.target_seconds
+                smoothed = SMOOTHING * wanted + (1 - SMOOTHING) * self.allowance
+                self.allowance = min(float(self.max_queued), max(MIN_ALLOWANCE, smoothed))
+            else:
+                return  # keep measuring over the same window
+        self._window, self._window_sent = (now, depth), 0

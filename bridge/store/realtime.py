@@ -1,0 +1,115 @@
+"""Realtime wake-ups for the Supabase transport: the bridge hears a row become pending
+through Supabase Realtime (supabase-py's realtime client) instead of waiting for its poll.
+
+realtime-py's client is asyncio-only, so it runs on a daemon thread with its own loop and
+sets a threading.Event on each INSERT of a pending row (and each UPDATE to `pending`:
+rescue, release, operator retry). Outages are silent by design: the poll keeps the bridge
+correct, so a lost socket, a refused join or a Realtime that is not enabled only mean
+wake-ups come from the poll until a session is back (reconnect with capped backoff, logged
+at DEBUG). Each new session wakes the bridge once, to catch what arrived while it was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+from typing import Any
+
+from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
+from realtime import RealtimePostgresChangesListenEvent as Event
+
+log = logging.getLogger("bridge.realtime")
+
+TABLE = "agent_task_requests"
+HEARTBEAT_SECONDS = 15
+MAX_BACKOFF = 30.0
+
+
+class RealtimeWakeups:
+    def __init__(self, supabase_url: str, key: str, wake: threading.Event) -> None:
+        self._url = supabase_url.rstrip("/") + "/realtime/v1"
+        self._key = key
+        self._wake = wake
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.subscribed = threading.Event()  # a session is live now (for tests and logs)
+        self._announced = False
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        # realtime-py logs each failed attempt at ERROR; here an outage is expected and
+        # handled (the poll covers it), so only our DEBUG lines speak of it.
+        logging.getLogger("realtime").setLevel(logging.CRITICAL)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="realtime-wakeups", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopping.set()
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        for task in asyncio.all_tasks(loop) if loop.is_running() else ():
+            loop.call_soon_threadsafe(task.cancel)
+        thread.join(5)
+        self._thread = None
+
+    def _run(self) -> None:
+        assert self._loop is not None
+        asyncio.set_event_loop(self._loop)
+        with contextlib.suppress(asyncio.CancelledError):
+            self._loop.run_until_complete(self._supervise())
+        self._loop.close()
+
+    async def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+                backoff = 1.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any trouble: poll meanwhile, try again later
+                log.debug("Realtime wake-ups unavailable (%s: %s); polling meanwhile",
+                          type(exc).__name__, exc, extra={"action": "realtime_down"})
+            self.subscribed.clear()
+            if self._stopping.is_set():
+                return
+            await asyncio.sleep(backoff * random.uniform(0.75, 1.25))
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _session(self) -> None:
+        """One socket and one channel until either fails."""
+        client = AsyncRealtimeClient(self._url, self._key, auto_reconnect=False,
+                                     hb_interval=HEARTBEAT_SECONDS, max_retries=1)
+        states: asyncio.Queue[tuple[RealtimeSubscribeStates, Exception | None]] = \
+            asyncio.Queue()
+        try:
+            await client.connect()
+            channel = client.channel("agent-bridge-wakeups")
+            for event in (Event.Insert, Event.Update):
+                channel.on_postgres_changes(event, self._on_change, table=TABLE,
+                                            schema="public", filter="status=eq.pending")
+            await channel.subscribe(lambda state, err: states.put_nowait((state, err)))
+            while True:
+                state, err = await states.get()
+                if state == RealtimeSubscribeStates.SUBSCRIBED:
+                    self.subscribed.set()
+                    self._wake.set()  # catch up on what arrived while we were away
+                    if not self._announced:
+                        self._announced = True
+                        log.info("⚡ Waking on Supabase Realtime (polling stays as fallback)",
+                                 extra={"action": "realtime_up"})
+                    continue
+                raise ConnectionError(f"channel {state.value}" + (f": {err}" if err else ""))
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    def _on_change(self, payload: Any) -> None:
+        self._wake.set()

@@ -1,0 +1,57 @@
+/**
+ * The example page: type a prompt, watch the answer grow, press Stop.
+ *
+ * A real app signs its users in with supabase.auth; this page takes the project URL, the
+ * anon key and a user's access token from its query string (`?url=&key=&token=`), so the
+ * test can run it against the local stand-ins. `context` (JSON) is sent with each prompt.
+ */
+import { createClient } from '@supabase/supabase-js'
+import { useState } from 'react'
+import { createRoot } from 'react-dom/client'
+
+import { AgentTasksProvider, TaskCancelledError, useAgentTask } from 'agent-bridge-client/react'
+
+const params = new URLSearchParams(window.location.search)
+const token = params.get('token') ?? ''
+const supabase = createClient(params.get('url') ?? 'http://127.0.0.1:54321', params.get('key') ?? '', {
+  accessToken: () => Promise.resolve(token),
+})
+const context = JSON.parse(params.get('context') ?? '{}') as Record<string, string | number>
+
+function Chat(): React.JSX.Element {
+  const [prompt, setPrompt] = useState('')
+  const { submitTask, cancelTask, isSubmitting, isProcessing, currentTask, error } = useAgentTask({
+    onComplete: (task) => console.log('Task completed:', task.response_payload?.answer),
+    onError: (err) => console.error('Task failed:', err.message),
+  })
+  const answer = currentTask?.response_payload?.answer
+  const stopped = error instanceof TaskCancelledError
+  return (
+    <main>
+      <h1>Ask the agent</h1>
+      <textarea aria-label="prompt" rows={3} value={prompt} onChange={(e) => setPrompt(e.target.value)} />
+      <div>
+        <button onClick={() => void submitTask({ prompt, context })} disabled={isSubmitting || isProcessing || !prompt}>
+          {isSubmitting ? 'Sending…' : 'Send'}
+        </button>
+        <button onClick={() => void cancelTask()} disabled={!isProcessing}>Stop</button>
+      </div>
+      <p className="status" data-testid="status">
+        {stopped ? 'stopped' : currentTask
+          ? `${currentTask.status}${isProcessing && currentTask.response_payload?.partial ? ' · streaming' : ''}`
+          : 'idle'}
+      </p>
+      <div className="answer" data-testid="answer">{answer ?? ''}</div>
+      {error && !stopped && <p className="error" data-testid="error">{error.message}</p>}
+    </main>
+  )
+}
+
+const root = document.getElementById('root')
+if (root) {
+  createRoot(root).render(
+    <AgentTasksProvider client={supabase}>
+      <Chat />
+    </AgentTasksProvider>,
+  )
+}

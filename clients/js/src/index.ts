@@ -1,0 +1,48 @@
+/**
+ * agent-bridge's frontend client: submit agent tasks through Supabase and follow each to
+ * its end without missing an update. Bind your Supabase client once:
+ *
+ *   const { submitAgentTask, watchAgentTask, cancelAgentTask } = createAgentTasks(supabase)
+ */
+import type { SupabaseClient } from '@supabase/supabase-js'
+
+import { cancelAgentTask } from './cancel.js'
+import { insertAgentTask, submitAgentTask } from './submit.js'
+import type { AgentTask, AgentTasksDefaults, AgentTaskStatus, OnUpdate, SubmitInput, SubmitOptions,
+  WatchOptions } from './types.js'
+import { watchAgentTask } from './watch.js'
+
+export interface AgentTasks {
+  /** The guide's service: insert `{ prompt, context }`, resolve with the completed row. */
+  submitAgentTask: (input: SubmitInput, onUpdate?: OnUpdate, options?: SubmitOptions) => Promise<AgentTask>
+  /** Insert only; follow it later with watchAgentTask. */
+  insertAgentTask: (input: SubmitInput, options?: SubmitOptions) => Promise<AgentTask>
+  /** Follow a task to its end: by id (e.g. after a page reload), or the row insertAgentTask
+   * returned (shown first). */
+  watchAgentTask: (task: string | AgentTask, onUpdate?: OnUpdate, options?: WatchOptions) => Promise<AgentTask>
+  /** Ask the task to stop; resolves with its status after the call. */
+  cancelAgentTask: (taskId: string) => Promise<AgentTaskStatus | null>
+  readonly supabase: SupabaseClient
+}
+
+export function createAgentTasks(supabase: SupabaseClient, defaults: AgentTasksDefaults = {}): AgentTasks {
+  return {
+    supabase,
+    submitAgentTask: (input, onUpdate, options) =>
+      submitAgentTask(supabase, input, onUpdate, { ...defaults, ...options }),
+    insertAgentTask: (input, options) => insertAgentTask(supabase, input, { ...defaults, ...options }),
+    watchAgentTask: (task, onUpdate, options) => typeof task === 'string'
+      ? watchAgentTask(supabase, task, onUpdate, { ...defaults, ...options })
+      : watchAgentTask(supabase, task.id, onUpdate, { ...defaults, ...options }, task),
+    cancelAgentTask: (taskId) => cancelAgentTask(supabase, taskId),
+  }
+}
+
+export {
+  AgentBridgeError, RequestRefusedError, TaskCancelledError, TaskFailedError, TaskNotFoundError,
+  TaskTimeoutError,
+} from './errors.js'
+export type {
+  AgentTask, AgentTaskErrorInfo, AgentTaskRequest, AgentTaskResponse, AgentTasksDefaults, AgentTaskStatus,
+  Json, OnUpdate, SubmitInput, SubmitOptions, WatchOptions,
+} from './types.js'

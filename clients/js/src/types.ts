@@ -1,0 +1,87 @@
+/** Rows of `agent_task_requests` as agent-bridge writes them, and the client's options. */
+
+/** The four statuses of the integration guide. */
+export type AgentTaskStatus = 'pending' | 'processing' | 'completed' | 'failed'
+
+export type Json = string | number | boolean | null | Json[] | { [key: string]: Json }
+
+/** What the frontend sends: the guide's `{ prompt, context }`. */
+export interface AgentTaskRequest {
+  prompt: string
+  context?: { [key: string]: Json }
+  [key: string]: Json | undefined
+}
+
+/** What the worker writes. While an answer streams it holds `{ answer, partial: true }`;
+ * the final result replaces it. A failed task holds `{ error: message }`. */
+export interface AgentTaskResponse {
+  answer?: string
+  partial?: boolean
+  error?: string
+  [key: string]: Json | undefined
+}
+
+/** The row's `error` column: the last error, `type` `Cancelled` for a cancelled task. */
+export interface AgentTaskErrorInfo {
+  type: string
+  message: string
+  retryable?: boolean
+  attempt?: number
+  at?: string
+  [key: string]: Json | undefined
+}
+
+/** One row of `agent_task_requests`. */
+export interface AgentTask {
+  id: string
+  status: AgentTaskStatus
+  request_payload: AgentTaskRequest
+  response_payload: AgentTaskResponse | null
+  created_at: string
+  updated_at: string
+  attempts?: number
+  max_attempts?: number
+  priority?: number
+  run_at?: string
+  lease_expires_at?: string | null
+  started_at?: string | null
+  finished_at?: string | null
+  worker?: string | null
+  error?: AgentTaskErrorInfo | null
+  user_id?: string | null
+  enterprise_id?: string | null
+  agent?: string
+}
+
+/** Called with the row each time it changes (in order, never an older state). */
+export type OnUpdate = (task: AgentTask) => void
+
+export interface WatchOptions {
+  /** Stop waiting after this many milliseconds (the task itself goes on). */
+  timeout?: number
+  /** Stop watching (the task itself goes on; use cancelAgentTask to stop it). */
+  signal?: AbortSignal
+  /** Last-resort poll of the row while Realtime is silent, ms (default 20000). */
+  pollInterval?: number
+  /** First wait before rejoining a failed channel, ms (default 250; doubles to 10000). */
+  rejoinDelay?: number
+}
+
+export interface SubmitInput {
+  prompt: string
+  context?: { [key: string]: Json }
+  /** The agent that should run the task (the `agent` column; default `default`). */
+  agent?: string
+  /** The tenant; must be the signed-in user's own (the database checks). */
+  enterpriseId?: string
+}
+
+export interface SubmitOptions extends WatchOptions {
+  agent?: string
+  enterpriseId?: string
+}
+
+/** Options bound once by createAgentTasks. */
+export type AgentTasksDefaults = SubmitOptions
+
+export const TABLE = 'agent_task_requests'

@@ -1,0 +1,273 @@
+/**
+ * The client with the real supabase-js, against the PostgREST and Realtime stand-ins, a real
+ * bridge and a real worker running tests/frontend_handler.py:stream. Started by
+ * tests/test_frontend.py, which passes the addresses in the environment.
+ */
+import assert from 'node:assert/strict'
+import { after, afterEach, test } from 'node:test'
+
+import {
+  createAgentTasks, RequestRefusedError, TaskCancelledError, TaskFailedError, TaskNotFoundError,
+  TaskTimeoutError, type AgentTask,
+} from 'agent-bridge-client'
+
+import { closeAll, HAS_CANCEL, holdName, newUser, realtime, release, serviceClient, until } from './helpers.js'
+
+after(closeAll)
+afterEach(async () => { await realtime('reset') })
+
+const partial = (t: AgentTask): boolean => t.response_payload?.partial === true
+
+/** Every state shown is at least as new as the one before it. */
+function assertInOrder(seen: AgentTask[]): void {
+  for (let i = 1; i < seen.length; i++) {
+    const [a, b] = [seen[i - 1], seen[i]]
+    assert.ok(a && b && b.updated_at >= a.updated_at, `update ${i} went back in time`)
+  }
+}
+
+test('partial answers stream in order and the final answer replaces them', async () => {
+  const { supabase } = newUser()
+  const tasks = createAgentTasks(supabase)
+  const hold = holdName()
+  const seen: AgentTask[] = []
+  const finished = tasks.submitAgentTask(
+    { prompt: 'one two three four five', context: { chunks: 5, hold } }, (t) => seen.push(t))
+  await until('the first partial answer', () => seen.some(partial))
+  const id = seen[0]?.id ?? ''
+  await until('the live subscription', async () =>
+    (await realtime('stats')).active_topics.some((topic) => topic.includes(id)))
+  release(hold)
+  const done = await finished
+  assert.equal(done.status, 'completed')
+  assert.equal(done.response_payload?.answer, 'one two three four five (done)')
+  assert.equal(done.response_payload?.partial, undefined)
+  assert.equal(seen[0]?.status, 'pending')
+  assert.deepEqual(seen.at(-1), done)
+  assertInOrder(seen)
+  // Once subscribed, every partial answer arrives, each growing the one before.
+  const answers = seen.filter(partial).map((t) => t.response_payload?.answer)
+  assert.deepEqual(answers.slice(answers.indexOf('one')),
+    ['one', 'one two', 'one two three', 'one two three four', 'one two three four five'])
+})
+
+test("the guide's race: a task finished before the channel is joined is still seen", async () => {
+  const { supabase } = newUser()
+  const tasks = createAgentTasks(supabase)
+  const task = await tasks.insertAgentTask({ prompt: 'quick', context: { chunks: 1, delay: 0 } })
+  const service = serviceClient()
+  await until('the task to finish on the server', async () => {
+    const { data } = await service.from('agent_task_requests').select('status').eq('id', task.id).single()
+    const row: unknown = data
+    return (row as { status?: string } | null)?.status === 'completed'
+  })
+  // The guide's way (subscribe after the work is done) hears nothing...
+  let guideEvents = 0
+  const subscribed = new Promise<void>((resolve) => {
+    supabase.channel(`guide-${task.id}`)
+      .on('postgres_changes', { event: 'UPDATE', schema: 'public', table: 'agent_task_requests',
+        filter: `id=eq.${task.id}` }, () => { guideEvents += 1 })
+      .subscribe((status) => { if (String(status) === 'SUBSCRIBED') resolve() })
+  })
+  // ...while watching joins, then reads, and sees the end; a slow join changes nothing.
+  await realtime('delay_join', { seconds: 1 })
+  const seen: AgentTask[] = []
+  const done = await tasks.watchAgentTask(task.id, (t) => seen.push(t))
+  await subscribed
+  assert.equal(done.status, 'completed')
+  assert.equal(seen.length, 1)
+  assert.equal(guideEvents, 0)
+})
+
+test('a dropped socket mid-task: rejoin, read again, end completed, never step back', async () => {
+  const { supabase } = newUser()
+  const tasks = createAgentTasks(supabase, { rejoinDelay: 100 })
+  const hold = holdName()
+  const seen: AgentTask[] = []
+  const finished = tasks.submitAgentTask({ prompt: 'a b c d', context: { chunks: 4, hold } },
+    (t) => seen.push(t))
+  await until('the first partial answer', () => seen.some(partial))
+  const before = await realtime('stats')
+  assert.ok((await realtime('drop')).open >= 0)
+  release(hold) // the rest streams while the socket is down
+  const done = await finished
+  assert.equal(done.response_payload?.answer, 'a b c d (done)')
+  assertInOrder(seen)
+  const stats = await realtime('stats')
+  assert.ok(stats.joins > before.joins, 'the client joined again')
+})
+
+test('a socket gone silent (no heartbeat replies) is replaced, and the task still ends', async () => {
+  const { supabase } = newUser() // heartbeats every 2 s
+  const tasks = createAgentTasks(supabase, { rejoinDelay: 100 })
+  const hold = holdName()
+  const seen: AgentTask[] = []
+  const finished = tasks.submitAgentTask({ prompt: 'm n o', context: { chunks: 3, hold } },
+    (t) => seen.push(t))
+  await until('the first partial answer', () => seen.some(partial))
+  const before = await realtime('stats')
+  await realtime('stall', { seconds: 8 }) // a hung network: the socket stays open, says nothing
+  release(hold)
+  const done = await finished
+  assert.equal(done.response_payload?.answer, 'm n o (done)')
+  // The end came while Realtime still said nothing: the heartbeat timeout made the client read.
+  assert.equal((await realtime('stats')).stalled, 1)
+  await until('a new socket', async () => (await realtime('stats')).connections > before.connections)
+  assertInOrder(seen)
+})
+
+test('events lost after SUBSCRIBED: the slow poll still brings the end', async () => {
+  const { supabase } = newUser()
+  const tasks = createAgentTasks(supabase, { pollInterval: 300 })
+  const hold = holdName()
+  const seen: AgentTask[] = []
+  const finished = tasks.submitAgentTask({ prompt: 'x y', context: { chunks: 2, hold } },
+    (t) => seen.push(t))
+  await until('the first partial answer', () => seen.some(partial))
+  await realtime('lose_events', { count: 1000 }) // Realtime goes silent without saying so
+  release(hold)
+  const done = await finished
+  assert.equal(done.response_payload?.answer, 'x y (done)')
+  assert.ok((await realtime('stats')).lost >= 1)
+  assertInOrder(seen)
+})
+
+test('a join refused (CHANNEL_ERROR) or unanswered (TIMED_OUT) is retried with backoff', async () => {
+  const { supabase } = newUser()
+  const tasks = createAgentTasks(supabase, { rejoinDelay: 100 })
+  const before = await realtime('stats')
+  await realtime('fail_join', { count: 2 })
+  await realtime('delay_join', { seconds: 4 }) // past the client's 3 s join timeout
+  const hold = holdName()
+  const seen: AgentTask[] = []
+  const finished = tasks.submitAgentTask({ prompt: 'p q', context: { chunks: 3, hold } },
+    (t) => seen.push(t))
+  await until('a channel that joined', async () => (await realtime('stats')).joins >= before.joins + 3)
+  await until('the first partial answer', () => seen.some(partial))
+  release(hold)
+  const done = await finished
+  assert.equal(done.status, 'completed')
+  assertInOrder(seen)
+})
+
+test('a failed task rejects with error.type and message', async () => {
+  const tasks = createAgentTasks(newUser().supabase)
+  const err = await tasks.submitAgentTask({ prompt: 'x', context: { chunks: 1, raise: 'boom' } })
+    .then(() => null, (e: unknown) => e)
+  assert.ok(err instanceof TaskFailedError)
+  assert.ok(!(err instanceof TaskCancelledError))
+  assert.equal(err.type, 'ValueError')
+  assert.equal(err.cancelled, false)
+  assert.match(err.message, /ValueError: boom/)
+  assert.equal(err.task.status, 'failed')
+})
+
+test("a refused insert rejects with the database's message", async () => {
+  const tasks = createAgentTasks(newUser().supabase)
+  const err = await tasks.submitAgentTask({ prompt: 'x'.repeat(1_100_000) })
+    .then(() => null, (e: unknown) => e)
+  assert.ok(err instanceof RequestRefusedError)
+  assert.match(err.message, /request_payload is \d+ bytes; the limit is 1048576 bytes/)
+  assert.equal(err.code, '22001')
+})
+
+test('the quota refusal reaches the caller with its message', async (t) => {
+  const user = newUser()
+  const rows = Array.from({ length: 20 }, () => ({
+    status: 'pending', user_id: user.id, request_payload: { prompt: 'later' },
+    run_at: new Date(Date.now() + 86_400_000).toISOString(),
+  }))
+  const { error } = await serviceClient().from('agent_task_requests').insert(rows)
+  assert.equal(error, null)
+  const tasks = createAgentTasks(user.supabase)
+  const err = await tasks.insertAgentTask({ prompt: 'one more' }).then(() => null, (e: unknown) => e)
+  if (err === null) {
+    t.skip('no per-user quota in this database yet (issue 11)')
+    return
+  }
+  assert.ok(err instanceof RequestRefusedError)
+  assert.match(err.message, /\b20\b/) // the message names the limit
+  assert.ok(err.status !== undefined && err.status >= 400 && err.status < 500)
+})
+
+test('cancel: a running task stops, ends Cancelled, keeps its partial answer', async (t) => {
+  if (!HAS_CANCEL) {
+    t.skip('cancel_agent_task is not in this database yet (issue 12)')
+    return
+  }
+  const tasks = createAgentTasks(newUser().supabase)
+  const hold = holdName()
+  const seen: AgentTask[] = []
+  const finished = tasks.submitAgentTask({ prompt: 'never finished', context: { chunks: 5, hold } },
+    (t) => seen.push(t))
+  await until('the first partial answer', () => seen.some(partial))
+  const id = seen[0]?.id ?? ''
+  const status = await tasks.cancelAgentTask(id)
+  assert.ok(status === 'processing' || status === 'failed')
+  release(hold)
+  const err = await finished.then(() => null, (e: unknown) => e)
+  assert.ok(err instanceof TaskCancelledError, String(err))
+  assert.equal(err.type, 'Cancelled')
+  assert.equal(err.cancelled, true)
+  assert.match(String(err.task.response_payload?.answer), /^never/)
+})
+
+test("another user's task is not found, and none of its changes reach them", async () => {
+  const owner = createAgentTasks(newUser().supabase)
+  const other = newUser()
+  const hold = holdName()
+  const seen: AgentTask[] = []
+  const finished = owner.submitAgentTask({ prompt: 'mine only', context: { chunks: 2, hold } },
+    (t) => seen.push(t))
+  await until('the first partial answer', () => seen.some(partial))
+  const id = seen[0]?.id ?? ''
+  const err = await createAgentTasks(other.supabase).watchAgentTask(id).then(() => null, (e: unknown) => e)
+  assert.ok(err instanceof TaskNotFoundError)
+  // The other user listens to every change of the table...
+  const heard: string[] = []
+  await new Promise<void>((resolve) => {
+    other.supabase.channel('everything')
+      .on('postgres_changes', { event: '*', schema: 'public', table: 'agent_task_requests' },
+        (p) => { heard.push(String((p.new as { id?: string }).id)) })
+      .on('system', {}, (p: { extension?: string }) => { if (p.extension === 'postgres_changes') resolve() })
+      .subscribe()
+  })
+  release(hold)
+  await finished
+  // ...and after their own task (changes are delivered in commit order) has heard only it.
+  const own = await createAgentTasks(other.supabase).submitAgentTask({ prompt: 'theirs', context: { chunks: 1 } })
+  await until('their own task heard', () => heard.includes(own.id))
+  assert.deepEqual(new Set(heard), new Set([own.id]))
+})
+
+test('a refreshed access token reaches the joined channel', async () => {
+  const user = newUser()
+  const tasks = createAgentTasks(user.supabase)
+  const hold = holdName()
+  const seen: AgentTask[] = []
+  const finished = tasks.submitAgentTask({ prompt: 'r s', context: { chunks: 2, hold } },
+    (t) => seen.push(t))
+  await until('the first partial answer', () => seen.some(partial))
+  const before = (await realtime('stats')).access_tokens
+  const { userToken } = await import('./helpers.js')
+  await user.supabase.realtime.setAuth(userToken(user.id, 7200))
+  await until('the access_token message', async () => (await realtime('stats')).access_tokens > before)
+  release(hold)
+  assert.equal((await finished).status, 'completed')
+})
+
+test('timeout and AbortSignal stop the watch, not the task', async () => {
+  const tasks = createAgentTasks(newUser().supabase)
+  const hold = holdName()
+  const task = await tasks.insertAgentTask({ prompt: 'slow', context: { chunks: 2, hold } })
+  const timedOut = await tasks.watchAgentTask(task.id, undefined, { timeout: 200 })
+    .then(() => null, (e: unknown) => e)
+  assert.ok(timedOut instanceof TaskTimeoutError)
+  const controller = new AbortController()
+  const watching = tasks.watchAgentTask(task.id, undefined, { signal: controller.signal })
+  controller.abort()
+  const aborted = await watching.then(() => null, (e: unknown) => e)
+  assert.equal((aborted as Error).name, 'AbortError')
+  release(hold)
+  assert.equal((await tasks.watchAgentTask(task.id)).status, 'completed')
+})
