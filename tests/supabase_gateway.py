@@ -44,10 +44,17 @@ class Gateway:
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
+            # End the open client connections here, on the running loop, rather than
+            # leaving their coroutines to be collected after the loop is gone.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._thread = None
+        self._loop.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

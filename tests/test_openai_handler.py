@@ -212,7 +212,7 @@ def test_progress_is_throttled_by_the_handler(fake: FakeOpenAI, env: pytest.Monk
     with recording() as progress:
         result = openai_chat.handler(task())
     assert result["answer"] == text
-    assert 2 <= len(progress.calls) <= 0.5 / interval + 2  # not one call per chunk (25)
+    assert 2 <= len(progress.calls) < 25  # not one call per chunk
     times = [at for at, _, _ in progress.calls]
     assert all(b - a >= interval - 0.005 for a, b in itertools.pairwise(times))
     answers = progress.answers
