@@ -11,13 +11,9 @@ Celery and Flower show it as failed.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import inspect
 import logging
 import os
 import random
-import signal
 import socket
 import threading
 import time
@@ -28,7 +24,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_process_init, worker_ready
+from celery.signals import worker_init, worker_ready
 
 from bridge.agents import DEFAULT, Agent
 from bridge.errors import StoreError, StoreRejected, StoreUnavailable, first_line
@@ -40,17 +36,14 @@ from tasks.app import RUN_AGENT, app, settings
 from tasks.cancel_watcher import CancelWatcher
 from tasks.cancellation import Cancelled
 from tasks.errors import InvalidPayload, RetryableError, TaskFailed, clean_text
-from tasks.handlers import Handler, HandlerNotFound
+from tasks.handlers import HandlerNotFound
+from tasks.invoke import HandlerTimeout, call_handler
 from tasks.lease import Holding, LeaseKeeper
 from tasks.payload import json_size, json_type, validate_default
 
 log = logging.getLogger("agent_bridge.worker")
 
 PROGRESS_MIN_INTERVAL = 0.25  # seconds between two progress writes of one task
-
-
-class HandlerTimeout(Exception):
-    """The handler ran longer than AGENT_TIME_LIMIT."""
 
 
 class WriteRefused(Exception):
@@ -401,93 +394,6 @@ def _plain_name(kind: str) -> str:
 
 def _ascii(text: str) -> str:
     return text.encode("ascii", "replace").decode("ascii")[:500]
-
-
-# Prefork pool children run one task at a time on their main thread: there a handler
-# runs inline, and its time limit is a timer signal (as Celery's own soft limit is a
-# signal), so nothing is left behind when it fires. Set in those children only; the
-# threads and solo pools run tasks in the worker's own process.
-_worker_pid = 0
-_inline = False
-
-
-@worker_init.connect
-def _note_worker_process(**_: Any) -> None:
-    global _worker_pid
-    _worker_pid = os.getpid()
-
-
-@worker_process_init.connect
-def _note_pool_child(**_: Any) -> None:
-    global _inline
-    _inline = (os.getpid() != _worker_pid
-               and threading.current_thread() is threading.main_thread())
-
-
-def call_handler(handler: Handler, task: dict[str, Any], timeout: float) -> Any:
-    """Run a sync or async handler, bounded by `timeout` in every pool.
-
-    Prefork: the handler runs in the child's own thread; a SIGALRM timer raises
-    HandlerTimeout in it when time is up (Celery's soft and hard limits, a little
-    later, back that up: the hard one kills a child stuck in C code). Threads and
-    solo: a sync handler runs in a thread of its own that is abandoned (and its
-    result ignored) when time is up; it cannot be killed.
-    """
-    if inspect.iscoroutinefunction(handler):
-        return _run_async(handler(task), timeout)
-    if _inline and threading.current_thread() is threading.main_thread():
-        return _call_inline(handler, task, timeout)
-    context = contextvars.copy_context()
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            result = context.run(handler, task)
-            if inspect.isawaitable(result):
-                result = context.run(_run_async, result, timeout)
-            box["result"] = result
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"handler-{task['id']}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise HandlerTimeout()
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
-
-
-def _call_inline(handler: Handler, task: dict[str, Any], timeout: float) -> Any:
-    def expire(signum: int, frame: Any) -> None:
-        raise HandlerTimeout()
-
-    begun = time.monotonic()
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
-    try:
-        result = handler(task)
-        if inspect.isawaitable(result):
-            result = _run_async(result, max(timeout - (time.monotonic() - begun), 0.001))
-        return result
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _run_async(awaitable: Any, timeout: float) -> Any:
-    async def bounded() -> Any:
-        with cancellation.cancels_current_task():  # a cancel request cancels the handler
-            return await asyncio.wait_for(awaitable, timeout)
-
-    begun = time.monotonic()
-    try:
-        return asyncio.run(bounded())
-    except TimeoutError:
-        if time.monotonic() - begun >= timeout:
-            raise HandlerTimeout() from None
-        raise
 
 
 @worker_init.connect
