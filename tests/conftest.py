@@ -6,10 +6,13 @@ tests that must stop or restart a server are skipped against those.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,6 +25,7 @@ from bridge.store.postgres import PostgresTransport
 from bridge.store.supabase import SupabaseTransport
 from tests.postgrest_stub import PostgrestStub
 from tests.stack import Stack
+from tests.supabase_gateway import StandIns
 
 SERVICE_KEY = "test-service-role-key"
 
@@ -152,6 +156,27 @@ def stack(clean_db: str, clean_redis: str, tmp_path: Path) -> Iterator[Stack]:
         yield s
     finally:
         s.stop_all()
+
+
+@contextmanager
+def as_role(db_url: str, role: str, sub: str | None = None) -> Iterator[psycopg.Connection[Any]]:
+    """A transaction set up the way PostgREST sets one up for a request with this JWT."""
+    claims = {"role": role, **({"sub": sub} if sub else {})}
+    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
+        conn.execute(f"set local role {role}")
+        conn.execute("select set_config('request.jwt.claims', %s, true)", [json.dumps(claims)])
+        yield conn
+
+
+@pytest.fixture
+def standins(clean_db: str) -> Iterator[StandIns]:
+    """The PostgREST and Realtime stand-ins behind one gateway, on an empty table."""
+    s = StandIns(clean_db)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
 
 
 def insert_task(db_url: str, payload: object = None, **columns: object) -> str:

@@ -207,7 +207,8 @@ def test_users_choose_the_agent_and_get_a_400_for_an_unknown_one(
         clean_db: str, postgrest: str) -> None:
     """Through PostgREST (the stand-in) a signed-in user's insert names the agent; an
     unknown one answers 400 with the known agents, which supabase-js shows."""
-    from tests.test_security import ALICE, as_role, client, submit
+    from tests.conftest import as_role
+    from tests.test_security import ALICE, client, submit
 
     with psycopg.connect(clean_db, autocommit=True) as conn:
         conn.execute("select public.agent_bridge_register_agents(%s)",

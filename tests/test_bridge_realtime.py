@@ -7,26 +7,13 @@ Realtime, not found by a poll.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import insert_task
 from tests.stack import Proc, Stack
 from tests.supabase_gateway import StandIns
 
 SLOW_POLL = "120"
-
-
-@pytest.fixture
-def standins(clean_db: str) -> Iterator[StandIns]:
-    s = StandIns(clean_db)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def supabase_stack(db: str, redis: str, tmp: Path, standins: StandIns, **env: str) -> Stack:

@@ -5,11 +5,8 @@ processes, on both transports where the transport matters."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,7 @@ from psycopg import errors
 
 from bridge.store import TaskStore
 from supabase import Client, ClientOptions, create_client
-from tests.conftest import SERVICE_KEY, insert_task
+from tests.conftest import SERVICE_KEY, as_role, insert_task
 from tests.conftest import fetch_task as _fetch_task
 from tests.fake_openai import FakeOpenAI
 from tests.stack import BIN, Stack
@@ -42,16 +39,6 @@ def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
     with psycopg.connect(db_url, autocommit=True) as conn:
         cur = conn.execute(query, params)
         return cur.fetchall() if cur.description else []
-
-
-@contextmanager
-def as_role(db_url: str, role: str, sub: str | None = None) -> Iterator[psycopg.Connection[Any]]:
-    """A transaction set up the way PostgREST sets one up for a request with this JWT."""
-    claims = {"role": role, **({"sub": sub} if sub else {})}
-    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
-        conn.execute(f"set local role {role}")
-        conn.execute("select set_config('request.jwt.claims', %s, true)", [json.dumps(claims)])
-        yield conn
 
 
 def submit_as(db_url: str, user: str) -> str:

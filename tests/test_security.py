@@ -4,10 +4,8 @@ bridge and workers) may drive the state machine."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -17,22 +15,12 @@ from postgrest.exceptions import APIError
 from psycopg import errors
 
 from supabase import Client, ClientOptions, create_client
-from tests.conftest import SERVICE_KEY
+from tests.conftest import SERVICE_KEY, as_role
 from tests.postgrest_stub import PostgrestStub
 
 ALICE = str(uuid.uuid4())
 BOB = str(uuid.uuid4())
 ANON_KEY = "test-anon-key"
-
-
-@contextmanager
-def as_role(db_url: str, role: str, sub: str | None = None) -> Iterator[psycopg.Connection[Any]]:
-    """A transaction set up the way PostgREST sets one up for a request with this JWT."""
-    claims = {"role": role, **({"sub": sub} if sub else {})}
-    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
-        conn.execute(f"set local role {role}")
-        conn.execute("select set_config('request.jwt.claims', %s, true)", [json.dumps(claims)])
-        yield conn
 
 
 def submit(db_url: str, user: str, columns: str = "request_payload",

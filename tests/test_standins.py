@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,16 +15,6 @@ from websockets.sync.client import ClientConnection, connect
 
 from tests.supabase_gateway import StandIns
 from tests.supabase_jwt import user_token
-
-
-@pytest.fixture
-def standins(clean_db: str) -> Iterator[StandIns]:
-    s = StandIns(clean_db)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def rest(s: StandIns, method: str, path: str, *, apikey: str | None, token: str | None = None,
