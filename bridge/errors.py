@@ -9,6 +9,22 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# SQLSTATEs that mean "the server or the link is unwell, try again": connection
+# exceptions, insufficient resources, system errors, serialization failures and
+# deadlocks; and from class 57 only the shutdowns (57P0x), not a cancelled statement.
+# Everything else (22 data, 23 constraints, 42 syntax or privileges, 54 limits such as
+# a value too large) is permanent: retrying the same call cannot help. Both transports
+# use this one rule (PostgREST passes the database's SQLSTATE on as its `code`).
+_TRANSIENT_CLASSES = ("08", "53", "58", "40")
+_TRANSIENT_STATES = ("57P0",)
+
+
+def is_transient(sqlstate: str | None) -> bool:
+    if not sqlstate or len(sqlstate) != 5:  # a SQLSTATE, not an HTTP status or PGRST code
+        return False
+    return sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate.startswith(_TRANSIENT_STATES)
+
+
 class StoreError(Exception):
     """The task store failed. `code`: the SQLSTATE or PostgREST code, when there is one."""
 

@@ -10,10 +10,10 @@ import psycopg
 import pytest
 
 from bridge.config import Settings
-from bridge.errors import StoreRejected, StoreUnavailable
+from bridge.errors import StoreRejected, StoreUnavailable, is_transient
 from bridge.queries import Query
 from bridge.store import TaskStore, open_store, request_payload
-from bridge.store.postgres import PostgresTransport, classify, is_transient
+from bridge.store.postgres import PostgresTransport, classify
 from tests.conftest import SERVICE_KEY
 
 

@@ -18,26 +18,10 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from bridge.errors import StoreRejected, StoreUnavailable, first_line
+from bridge.errors import StoreRejected, StoreUnavailable, first_line, is_transient
 from bridge.queries import Query
 
 CHANNEL = "agent_task_requests"
-
-# SQLSTATE classes that mean "the server or the link is unwell, try again":
-# connection exceptions, insufficient resources, system errors, serialization
-# failures and deadlocks; and from class 57 only the shutdowns (57P0x), not a
-# cancelled statement. Everything else (22 data, 23 constraints, 42 syntax or
-# privileges, 54 limits such as a value too large) is permanent: retrying the same
-# call cannot help.
-_TRANSIENT_CLASSES = ("08", "53", "58", "40")
-_TRANSIENT_STATES = ("57P0",)
-
-
-def is_transient(sqlstate: str | None) -> bool:
-    if not sqlstate:
-        return False
-    return sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate.startswith(_TRANSIENT_STATES)
-
 
 def classify(exc: BaseException) -> Exception:
     """Turn a psycopg/pool error into StoreUnavailable or StoreRejected."""

@@ -19,16 +19,14 @@ from typing import Any
 import httpx
 from postgrest.exceptions import APIError
 
-from bridge.errors import StoreMisconfigured, StoreRejected, StoreUnavailable
+from bridge.errors import StoreMisconfigured, StoreRejected, StoreUnavailable, is_transient
 from bridge.queries import Query
 from bridge.store.realtime import RealtimeWakeups
 from supabase import Client, ClientOptions, create_client
 
-# PostgREST error codes (SQLSTATE or PGRST...) that mean "try again later":
-# connection trouble, resources, shutdown, serialization/deadlock, and PostgREST's
-# own "could not connect / schema cache not ready" family (PGRST000-003).
-_TRANSIENT_PREFIXES = ("08", "53", "57", "58", "40", "PGRST000", "PGRST001", "PGRST002",
-                       "PGRST003")
+# PostgREST's own "could not connect / schema cache not ready" codes: try again later.
+# (A database SQLSTATE in `code` follows the rule both transports share, is_transient.)
+_TRANSIENT_PGRST = ("PGRST000", "PGRST001", "PGRST002", "PGRST003")
 # HTTP statuses that Supabase's gateway (Kong, Cloudflare, a load balancer) answers on its
 # own, with an HTML page or a JSON body without PostgREST's `code`, while PostgREST or the
 # database is restarting, overloaded or rate limited: try again later. 520-527 are
@@ -97,7 +95,7 @@ def classify(exc: BaseException) -> Exception:
         if code in ("PGRST301", "PGRST302", "PGRST303") or code == "401":
             return StoreMisconfigured(f"Supabase refused the key ({code}): {message}: {KEY_FIX}",
                                       code)
-        if code.startswith(_TRANSIENT_PREFIXES) or (code.isdigit() and
+        if code in _TRANSIENT_PGRST or is_transient(code) or (code.isdigit() and
                                                    int(code) in _GATEWAY_TRANSIENT):
             return StoreUnavailable(f"Supabase unavailable ({code}): {message}", code)
         hint = f" ({exc.hint})" if exc.hint else ""
