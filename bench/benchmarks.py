@@ -44,17 +44,23 @@ class Plan:
     throughput_n: int = 5000
     io_n: int = 1000
     io_concurrency: tuple[int, ...] = (100, 200)
+    # agent-bridge I/O-bound runs: (pool, concurrency, handler kind: "sync" / "async").
+    # (pool, concurrency per worker process, handler kind, worker processes on the node)
+    io_runs: tuple[tuple[str, int, str, int], ...] = (
+        ("threads", 200, "sync", 1), ("threads", 1000, "sync", 1),
+        ("threads", 1000, "async", 1), ("threads", 500, "sync", 2))
     baseline_latency_n: int = 10
     baseline_throughput_n: int = 10
     procrastinate_latency_n: int = 200
     idle_seconds: float = 10.0
-    pools: tuple[tuple[str, int], ...] = (("prefork", 2), ("threads", 16))
+    pools: tuple[tuple[str, int], ...] = (("prefork", 2), ("prefork", 4), ("threads", 16))
     procrastinate_workers: tuple[tuple[int, int], ...] = ((1, 16), (2, 16))
 
     @classmethod
     def quick_plan(cls) -> Plan:
         return cls(quick=True, latency_n=50, supabase_n=4, throughput_n=500, io_n=200,
-                   io_concurrency=(100,), baseline_latency_n=3, baseline_throughput_n=3,
+                   io_concurrency=(100,), io_runs=(("threads", 1000, "async", 1),),
+                   baseline_latency_n=3, baseline_throughput_n=3,
                    procrastinate_latency_n=50, idle_seconds=5.0,
                    pools=(("prefork", 2), ("threads", 16)),
                    procrastinate_workers=((1, 16),))
@@ -215,8 +221,8 @@ def bridge_latency(ctx: Context, *, transport: str, pool: str, concurrency: int,
     state = workdir / "state"
     state.mkdir()
     extra: dict[str, str] = {"AGENT_HANDLER": "bench.handlers:noop"}
-    if stages:
-        extra["LOG_FORMAT"] = "json"
+    if stages:  # Celery's "received" line is logged at DEBUG only
+        extra.update(LOG_FORMAT="json", LOG_LEVEL="DEBUG")
     stub: Any = None
     if transport == "supabase":
         from tests.postgrest_stub import PostgrestStub
@@ -292,7 +298,7 @@ def stage_medians(samples: list[tuple[str, float, float]], state_dir: Path, logs
 
 def bridge_throughput(ctx: Context, *, pool: str, concurrency: int, n: int,
                       handler: str = "bench.handlers:noop", label: str = "no-op",
-                      **extra_env: str) -> dict[str, Any]:
+                      processes: int = 1, **extra_env: str) -> dict[str, Any]:
     servers = ctx.servers
     db = servers.new_database("throughput")
     env = base_env(db_url=db, redis_url=servers.redis_url, AGENT_HANDLER=handler)
@@ -300,12 +306,14 @@ def bridge_throughput(ctx: Context, *, pool: str, concurrency: int, n: int,
     inserter = Inserter(db)
     with proc_group(ctx, f"throughput-{label.replace(' ', '')}-{pool}{concurrency}",
                     env) as group:
-        worker = group.celery_worker("tasks", pool=pool, concurrency=concurrency)
+        workers = [group.celery_worker("tasks", pool=pool, concurrency=concurrency)
+                   for _ in range(processes)]
         bridge = group.bridge()
-        warm = min(50, max(10, concurrency))
+        warm = min(50, max(10, concurrency * processes))
         inserter.many(warm, payload("warmup"))
         wait_run_done(db, "warmup", warm, 60)
-        sampler = ResourceSampler({"bridge": bridge.processes, "worker": worker.processes,
+        sampler = ResourceSampler({"bridge": bridge.processes,
+                                   "worker": lambda: [p for w in workers for p in w.processes()],
                                    "postgres": postgres_backends(servers.postgres_pid),
                                    "redis": redis_process(servers)})
         sampler.start()
@@ -316,11 +324,31 @@ def bridge_throughput(ctx: Context, *, pool: str, concurrency: int, n: int,
         ended = last_finish(db, "main")
     inserter.close()
     elapsed = ended - began
-    return {"system": "agent-bridge", "workload": label, "pool": f"{pool} -c {concurrency}",
+    workers_label = f"{pool} -c {concurrency}" if processes == 1 else \
+        f"{processes} workers x {pool} -c {concurrency}"
+    return {"system": "agent-bridge", "workload": label, "pool": workers_label,
             "n": n, "seconds": elapsed, "tasks_per_s": n / elapsed,
             "completed": counts.get("completed", 0), "failed": counts.get("failed", 0),
             "env": extra_env,
             "resources": {k: vars(v) for k, v in usage.items()}}
+
+
+# I/O-bound agents -----------------------------------------------------------------
+
+IO_HANDLERS = {"sync": "bench.handlers:sleep_1s", "async": "bench.handlers:async_sleep_1s"}
+
+
+def bridge_io(ctx: Context, *, pool: str, concurrency: int, kind: str, n: int,
+              processes: int = 1) -> dict[str, Any]:
+    """N tasks that each wait 1 s (`time.sleep`, or `await asyncio.sleep` on the
+    worker's shared loop for kind "async"), on `processes` workers of one node, the
+    bridge at its defaults; the workers' peak RSS (summed) is in `resources`."""
+    r = bridge_throughput(ctx, pool=pool, concurrency=concurrency, n=n,
+                          handler=IO_HANDLERS[kind], label=f"sleep 1 s {kind}",
+                          processes=processes)
+    r["ideal_seconds"] = float(-(-n // (concurrency * processes)))  # rounds of 1 s
+    r["handler"] = kind
+    return r
 
 
 def plain_celery_throughput(ctx: Context, *, pool: str, concurrency: int, n: int
@@ -349,13 +377,12 @@ def plain_celery_throughput(ctx: Context, *, pool: str, concurrency: int, n: int
         publisher.publish([Claim(f"task-{i}", 1) for i in range(n)])
         ended = wait_until(drained, max(120.0, n * 0.1), 0.005, "plain Celery queue to drain")
         usage = sampler.stop()
-        succeeded = worker.output.count("succeeded in")
     app.close()
     client.close()
     elapsed = ended - began
     return {"system": "plain Celery (no database)", "workload": "no-op",
             "pool": f"{pool} -c {concurrency}", "n": n, "seconds": elapsed,
-            "tasks_per_s": n / elapsed, "completed": succeeded - 50, "failed": 0,
+            "tasks_per_s": n / elapsed, "completed": n, "failed": 0,  # drained: all acked
             "resources": {k: vars(v) for k, v in usage.items()}}
 
 
@@ -420,13 +447,18 @@ class Procrastinate:
         self.group = ProcGroup(ctx.servers.workdir(name),
                                base_env(redis_url=ctx.servers.redis_url))
         self.state = state_dir_of(self.group)
-        self.group.env.update(BENCH_PROCRASTINATE_DSN=self.db, BENCH_STATE_DIR=str(self.state))
+        self.group.env.update(BENCH_PROCRASTINATE_DSN=self.db)
 
-    def workers(self, count: int, concurrency: int, pool_size: int = 10) -> list[Proc]:
+    def workers(self, count: int, concurrency: int, *, record: bool = False) -> list[Proc]:
+        """Start `count` workers. Each gets a pool of concurrency + 1 connections (one per
+        running job plus its LISTEN), as many as it can use; its default is 10. Handlers
+        write the runs file only with `record` (latency runs), as ours do."""
+        state = {"BENCH_STATE_DIR": str(self.state)} if record else {}
         procs = [self.group.start("pworker", [
             str(BIN / "procrastinate"), "--app=bench.procrastinate_app.app", "worker",
             f"--concurrency={concurrency}", "--queues=bench", f"--name=bench-{i}"],
-            BENCH_PROCRASTINATE_POOL=str(pool_size)) for i in range(count)]
+            BENCH_PROCRASTINATE_POOL=str(procrastinate_pool(concurrency)), **state)
+            for i in range(count)]
         with psycopg.connect(self.db, autocommit=True) as conn:
             wait_until(lambda: int(conn.execute(
                 "select count(*) from procrastinate_workers").fetchone()[0]) >= count,  # type: ignore[index]
@@ -480,13 +512,27 @@ class Procrastinate:
         self._replace.__exit__(None, None, None)
 
 
+def procrastinate_pool(concurrency: int) -> int:
+    """Connections per procrastinate worker: one per concurrent job plus LISTEN, at most
+    80 (the server allows 100)."""
+    return min(concurrency + 1, 80)
+
+
+def warm_up(peer: Procrastinate, task: str, n: int) -> None:
+    """As ours and plain Celery's runs do: the workers run some jobs (and open their
+    connections) before the timed run; then the tables are emptied."""
+    peer.defer_many(task, n)
+    peer.wait_all(n, 60)
+    peer.reset()
+
+
 def procrastinate_bench(ctx: Context) -> dict[str, Any]:
     plan = ctx.plan
     peer = Procrastinate(ctx, "procrastinate")
     out: dict[str, Any] = {"throughput": [], "io": []}
     try:
         # Latency: one worker, concurrency 1 (its default), LISTEN/NOTIFY.
-        peer.workers(1, 1)
+        peer.workers(1, 1, record=True)
         listener = DoneListener(peer.db)
         try:
             latency_run(lambda: peer.defer_one("noop"), listener, 10, lambda: 0.01, 30)
@@ -504,6 +550,7 @@ def procrastinate_bench(ctx: Context) -> dict[str, Any]:
         for count, concurrency in plan.procrastinate_workers:
             peer.reset()
             procs = peer.workers(count, concurrency)
+            warm_up(peer, "noop", 50)
             sampler = ResourceSampler(
                 {"worker": lambda procs=procs: [p for w in procs for p in w.processes()],  # type: ignore[misc]
                  "postgres": postgres_backends(ctx.servers.postgres_pid)})
@@ -524,7 +571,8 @@ def procrastinate_bench(ctx: Context) -> dict[str, Any]:
         # I/O-bound: 1 s async sleeps.
         for concurrency in plan.io_concurrency:
             peer.reset()
-            peer.workers(1, concurrency, pool_size=10)
+            peer.workers(1, concurrency)
+            warm_up(peer, "noop", 50)
             began = peer.defer_many("sleep", plan.io_n)
             ended, counts = peer.wait_all(plan.io_n, plan.io_n * 2 + 60)
             elapsed = ended - began

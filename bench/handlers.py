@@ -10,6 +10,7 @@ never interleave.
 - `noop`: returns at once (after recording, if enabled).
 - `sleep_1s`: sleeps one second: an agent waiting on an LLM API.
 - `scripted`: sleeps `request_payload.context.sleep` seconds (the chaos run's mixed load).
+- `async_sleep_1s`: `sleep_1s` as an `async def` (`await asyncio.sleep(1)`).
 """
 
 from __future__ import annotations
@@ -71,3 +72,12 @@ def read_runs(state_dir: str | os.PathLike[str]) -> list[tuple[str, float, int, 
             except ValueError:
                 continue
     return runs
+
+
+async def async_sleep_1s(task: dict[str, Any]) -> dict[str, Any]:
+    """`sleep_1s` as an async handler: it waits on the worker's shared event loop."""
+    import asyncio
+
+    record_start(task["id"], task.get("attempt", 0))
+    await asyncio.sleep(1.0)
+    return {"answer": "slept 1s"}

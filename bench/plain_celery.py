@@ -1,14 +1,16 @@
 """Plain Celery, no database: the ceiling the bridge is compared with.
 
-The same Celery configuration as the real worker (`tasks.app.celery_config`:
-JSON, acks_late, reject_on_worker_lost, prefetch 1, task events on), the same
-Redis, the same message shape `(task_id, attempt)` sent by the same `Publisher`,
-and a task that does nothing. Run with `celery -A bench.plain_celery worker ...`.
+The same Celery configuration as the real worker (`tasks.app.celery_config`: JSON,
+acks_late, reject_on_worker_lost, prefetch 1, task events as CELERY_TASK_EVENTS says,
+off by default), the same Redis, the same message shape `(task_id, attempt)` sent by
+the same `Publisher` (one pipeline per batch), and a task that does nothing.
+Run with `celery -A bench.plain_celery worker ...`.
 """
 
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Exchange, Queue
 
 from bridge.config import Settings
 from tasks.app import celery_config
@@ -23,6 +25,7 @@ def make_app(broker_url: str | None = None) -> Celery:
     if broker_url:
         config["broker_url"] = broker_url
     config["task_default_queue"] = QUEUE
+    config["task_queues"] = [Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE)]
     plain = Celery("plain_bench")
     plain.conf.update(config)
 

@@ -7,7 +7,8 @@ the workers take jobs (what left the queue between two depth readings, while it 
 not run dry) and allows `rate * target_seconds` jobs, never more than `max_queued`.
 A queue found empty may have starved its workers, so its allowance doubles. Fast
 no-op workers keep the full `max_queued`; a hundred 5-second LLM calls keep about
-ten jobs waiting, so a new tenant's row starts within about half a second.
+ten jobs waiting, so a new tenant's row starts within about half a second. The queue
+is topped up once half of the allowance has gone, so claims come in batches.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class QueueGauge:
         if (self._read_at is None or now - self._read_at > DEPTH_REFRESH
                 or 2 * self.bound >= self.allowance):
             self._read(now)
+        # Top up in batches: while more than half the allowance still waits (a bound
+        # just read, by the rule above), the workers are busy for a while yet, and one
+        # claim of many rows costs the database about what a claim of one row does.
+        if 2 * self.bound > self.allowance:
+            return 0
         return int(self.allowance) - self.bound
 
     def sent(self, count: int) -> None:

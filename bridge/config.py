@@ -70,6 +70,12 @@ class Settings:
     visibility_timeout: float = _var(
         "CELERY_VISIBILITY_TIMEOUT", 3600.0,
         "Seconds before Redis redelivers an unacknowledged job (kombu's visibility_timeout).")
+    task_events: bool = _var(
+        "CELERY_TASK_EVENTS", False,
+        "Send Celery task events (sent, received, started, succeeded...) from the bridge and "
+        "workers. Off by default: they cost about a fifth of the throughput. Flower turns "
+        "the workers' events on by itself when it starts; set this to see queued (sent) "
+        "jobs in Flower too. docker-compose.yml sets it.")
     # Bridge ---------------------------------------------------------------------
     poll_interval: float = _var(
         "POLL_INTERVAL", 2.0,
@@ -130,6 +136,11 @@ class Settings:
         "AGENT_MAX_RESPONSE_BYTES", 1048576,
         "Largest handler result (bytes of JSON) written to a row; a larger one fails the task "
         "with its size, and a larger partial-progress write is skipped.")
+    progress_interval: float = _var(
+        "AGENT_PROGRESS_INTERVAL", 0.25,
+        "Least seconds between two partial-answer writes of one task (the first is written at "
+        "once): at most 1/this database writes and Realtime messages per second per streaming "
+        "task. 0: every report is written.")
     cancel_poll_interval: float = _var(
         "CANCEL_POLL_INTERVAL", 1.0,
         "Supabase mode: seconds between a worker process's checks for cancelled tasks (one "
@@ -189,6 +200,8 @@ class Settings:
                 raise ConfigError(f"{_env(name)} must be greater than 0")
         if self.supabase_url and not self.supabase_url.startswith(("http://", "https://")):
             raise ConfigError("SUPABASE_URL must start with https:// (Project Settings → API)")
+        if not 0 <= self.progress_interval < float("inf"):  # NaN fails this too
+            raise ConfigError("AGENT_PROGRESS_INTERVAL must be a number of seconds, 0 or more")
         if self.max_response_bytes < 1:
             raise ConfigError("AGENT_MAX_RESPONSE_BYTES must be at least 1")
         for name in ("retry_backoff", "retry_backoff_max"):

@@ -161,20 +161,17 @@ class Bridge:
             log.info("⚡ Found Task %s!", claim.id,
                      extra={"action": "claimed", "task_id": claim.id, "attempt": claim.attempt,
                             "agent": claim.agent})
-        sent = 0
         try:
-            sent = self.publisher.publish(claims)
-        except BrokerUnavailable as exc:
-            sent = exc.sent
+            self.publisher.publish(claims)
+        except BrokerUnavailable:
             self.metrics.enqueue_failures.inc()
-            self._release(claims[sent:])
+            self._release(claims)
             raise
-        finally:
-            self.counts.enqueued += sent
-            for claim in claims[:sent]:
-                self.metrics.enqueued.labels(claim.agent).inc()
-                if claim.agent in self.queues:
-                    self.queues[claim.agent].sent(1)
+        self.counts.enqueued += len(claims)
+        for claim in claims:
+            self.metrics.enqueued.labels(claim.agent).inc()
+            if claim.agent in self.queues:
+                self.queues[claim.agent].sent(1)
         return len(claims)
 
     def _depth_reader(self, agent: str) -> Callable[[], int]:

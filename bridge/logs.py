@@ -59,3 +59,9 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     # Libraries' chatter stays at WARNING unless asked for.
     for noisy in ("httpx", "httpcore", "psycopg.pool", "kombu"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # Celery's own line per job ("Task ... received", "... succeeded in ...") repeats
+    # the worker's friendly lines and costs throughput: shown at DEBUG only. Errors and
+    # warnings still come through.
+    for per_job in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(per_job).setLevel(
+            logging.DEBUG if root.level <= logging.DEBUG else max(logging.WARNING, root.level))

@@ -16,11 +16,7 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (OperationalError, KombuError, 
 
 
 class BrokerUnavailable(Exception):
-    """The broker could not be reached; `sent` jobs went out before it failed."""
-
-    def __init__(self, message: str, sent: int = 0) -> None:
-        super().__init__(message)
-        self.sent = sent
+    """The broker could not be reached, or refused: no job of the call counts as sent."""
 
 
 class Publisher:
@@ -28,6 +24,7 @@ class Publisher:
         self._app = app
         self._queue = queue
         self._task_name = task_name
+        self._declared: set[str] = set()  # queues declared by this publisher
         # The transport's own errors too (redis-py's ConnectionError is no OSError).
         with app.connection_for_write() as conn:
             self._errors = (BROKER_ERRORS + tuple(conn.connection_errors)
@@ -46,25 +43,33 @@ class Publisher:
             raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
 
     def publish(self, claims: Sequence[Claim]) -> int:
-        """One job per claim, in order, through one pooled producer, on the queue of the
-        claim's agent; carries only (task id, attempt). The Celery task id `id:attempt`
-        never repeats."""
-        sent = 0
+        """One job per claim, in order, on the queue of the claim's agent, carrying only
+        (task id, attempt); the Celery task id `id:attempt` never repeats.
+
+        The jobs of one call go to Redis in one round trip (kombu's publish batch, a
+        pipeline), so either all were sent (returns how many) or the delivery of all of
+        them is uncertain: BrokerUnavailable with `sent=0`, and the caller releases them
+        all. A job that did reach Redis then carries an attempt the row no longer has,
+        and the worker's fenced start drops it. Each queue is declared on its first
+        publish only (the jobs go through the default exchange, straight to the queue).
+        """
         try:
-            with self._app.producer_or_acquire() as producer:
+            with self._app.producer_or_acquire() as producer, \
+                    producer.batch(max_size=max(1, len(claims))):
                 for claim in claims:
+                    queue = queue_name(self._queue, claim.agent)
+                    first = queue not in self._declared
                     self._app.send_task(
                         self._task_name, args=(claim.id, claim.attempt),
-                        task_id=f"{claim.id}:{claim.attempt}",
-                        queue=queue_name(self._queue, claim.agent),
-                        producer=producer, retry=True,
-                        retry_policy={"max_retries": 2, "interval_start": 0.1,
-                                      "interval_step": 0.2, "interval_max": 0.5})
-                    sent += 1
+                        task_id=f"{claim.id}:{claim.attempt}", queue=queue,
+                        producer=producer, declare=None if first else [])
+                    if first:
+                        self._declared.add(queue)
         except self._errors as exc:
-            raise BrokerUnavailable(f"broker unreachable: {exc}", sent) from exc
+            raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
         except Exception as exc:
-            # Refused by a live broker (e.g. Redis out of memory or read-only): the
-            # caller must still release what was not sent.
-            raise BrokerUnavailable(f"broker refused the job: {exc}", sent) from exc
-        return sent
+            # Refused by a live broker (e.g. Redis out of memory or read-only), or a
+            # batch whose pipeline failed (kombu's BatchPublishError: "delivery is
+            # uncertain"): the caller must release the claims.
+            raise BrokerUnavailable(f"broker refused the jobs: {exc}") from exc
+        return len(claims)

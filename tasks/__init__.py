@@ -2,7 +2,8 @@
 
 Handlers raise `RetryableError` for transient trouble (retried with backoff) and
 `InvalidPayload` for requests they cannot run; any other exception fails the
-task at once. `report_progress()` streams partial output into the row; once the
+task at once. `report_progress()` (in async handlers `await report_progress_async()`)
+streams partial output to the task's subscribers; once the
 task is cancelled it raises `Cancelled`, and `cancelled()` returns True.
 `current_agent()` is the agent (AGENTS) whose task the handler runs.
 """
@@ -15,9 +16,9 @@ from tasks.app import app
 from tasks.cancellation import Cancelled, cancelled
 from tasks.errors import InvalidPayload, RetryableError
 from tasks.operator import requeue_failed
-from tasks.progress import report_progress
+from tasks.progress import report_progress, report_progress_async
 from tasks.runner import run_agent
 
 __all__ = [
     "Cancelled", "InvalidPayload", "RetryableError", "app", "cancelled", "current_agent",
-    "report_progress", "requeue_failed", "run_agent"]
+    "report_progress", "report_progress_async", "requeue_failed", "run_agent"]

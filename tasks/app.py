@@ -60,9 +60,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_keepalive": True,
             "health_check_interval": 10,
         },
-        # Flower shows every job: sent, received, started, retried, failed.
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Task events cost throughput, so they are off unless CELERY_TASK_EVENTS asks
+        # for them. Flower still sees every job a worker runs: it turns the workers'
+        # events on remotely (its enable_events control command) when it starts.
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
         # The handler's own timeout (AGENT_TIME_LIMIT) ends a task first; these are
         # the backstop for a handler that ignores it (enforced in prefork only).
         # One pair for every agent, so the longest time limit of any agent.

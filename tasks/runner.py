@@ -43,7 +43,6 @@ from tasks.payload import json_size, json_type, validate_default
 
 log = logging.getLogger("agent_bridge.worker")
 
-PROGRESS_MIN_INTERVAL = 0.25  # seconds between two progress writes of one task
 
 
 class WriteRefused(Exception):
@@ -353,32 +352,56 @@ class Execution:
         return result
 
     def _progress_reporter(self, holding: Holding) -> progress.Reporter:
-        last = 0.0
-        lock = threading.Lock()
+        """Writes at most one partial output per AGENT_PROGRESS_INTERVAL (the first at
+        once; a report in between is kept and goes with the next write, or the final
+        result replaces it). A streamed answer is appended (store.append: only what is
+        new, so the bytes written stay linear in its length); any other shape rewrites
+        the row (store.progress)."""
+        last = float("-inf")
+        lock = threading.Lock()  # one write at a time: the pieces' order is the answer's
+        written: str | None = None  # the answer the pieces written so far rebuild
+        seq = 0  # the next piece's number in this attempt
 
         def report(response: Mapping[str, Any], force: bool) -> bool:
-            nonlocal last
+            nonlocal last, written, seq
             self.partial = dict(response)  # kept if the task is cancelled
             with lock:
                 now = time.monotonic()
-                if holding.lost.is_set() or (not force and now - last < PROGRESS_MIN_INTERVAL):
+                if holding.lost.is_set() or (
+                        not force and now - last < settings.progress_interval):
                     return False
+                answer = progress.streamed_answer(response)
+                if answer is not None and answer == written:
+                    return False  # nothing new
                 last = now
-            # Partial output is a courtesy: one that is not JSON, too large, or refused
-            # by the database is skipped, and the task goes on.
-            try:
-                size = json_size(response)
-            except (TypeError, ValueError, RecursionError):
-                return False
-            if size > settings.max_response_bytes:
-                log.debug("Task %s: partial output of %d bytes skipped (AGENT_MAX_RESPONSE_"
-                          "BYTES=%d)", self.task_id, size, settings.max_response_bytes,
-                          extra={"action": "progress_skipped", **self.fields})
-                return False
-            try:
-                result = self.store.progress(self.task_id, self.attempt, self.worker, response)
-            except Exception:  # StoreError, or a value the driver cannot send
-                return False
+                # Partial output is a courtesy: one that is not JSON, too large, or refused
+                # by the database is skipped, and the task goes on.
+                try:
+                    size = json_size(response)
+                except (TypeError, ValueError, RecursionError):
+                    return False
+                if size > settings.max_response_bytes:
+                    log.debug("Task %s: partial output of %d bytes skipped (AGENT_MAX_RESPONSE_"
+                              "BYTES=%d)", self.task_id, size, settings.max_response_bytes,
+                              extra={"action": "progress_skipped", **self.fields})
+                    return False
+                try:
+                    if answer is None:
+                        # The row's payload is the answer again (its pieces are dropped).
+                        written = None
+                        result = self.store.progress(self.task_id, self.attempt, self.worker,
+                                                     response)
+                    else:
+                        # A piece at offset 0 starts over: after a failed or unknown write.
+                        offset = 0 if written is None else progress.common_prefix(written, answer)
+                        seq += 1
+                        written = None  # unknown until the write answers
+                        result = self.store.append(self.task_id, self.attempt, self.worker,
+                                                   seq - 1, offset, answer[offset:])
+                        if result.applied:
+                            written = answer
+                except Exception:  # StoreError, or a value the driver cannot send
+                    return False
             if not result.applied:
                 holding.lost.set()
             return result.applied
@@ -400,7 +423,10 @@ def _ascii(text: str) -> str:
 def _check_handler(sender: Any = None, **_: Any) -> None:
     """Refuse to start a worker that consumes a queue no agent owns, or whose agents'
     handlers cannot be imported (only the agents it serves: a chat worker need not
-    install the research agent's code)."""
+    install the research agent's code). Workers of another Celery app that imports
+    this package (the benchmark's plain-Celery ceiling) are left alone."""
+    if sender is not None and sender.app is not app:
+        return
     for agent in served_agents(sender):
         try:
             handler_of(agent)
@@ -428,6 +454,8 @@ def served_agents(worker: Any) -> list[Agent]:
 
 @worker_ready.connect
 def _online(sender: Any = None, **_: Any) -> None:
+    if sender is not None and sender.app is not app:
+        return
     pool = getattr(getattr(sender, "pool_cls", None), "__name__", "?") if sender else "?"
     served = served_agents(sender)
     log.info("🟢 Agent worker is ONLINE. %s, %s",

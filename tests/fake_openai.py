@@ -91,6 +91,7 @@ def _words(messages: Any) -> int:
 class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
+        self.connections = 0  # TCP connections accepted so far
         # Streams whose client closed the connection early: the text chunk it was at.
         self.hangups: list[int] = []
         self._queue: deque[Behaviour] = deque()
@@ -193,6 +194,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def setup(self) -> None:  # once per connection (it may carry several requests)
+        super().setup()
+        with self.owner._lock:
+            self.owner.connections += 1
 
     # -- plumbing
 

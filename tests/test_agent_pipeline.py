@@ -41,12 +41,15 @@ def stack(clean_db: str, clean_redis: str, tmp_path: Path, fake_api: FakeOpenAI
 
 
 def watch_payloads(db_url: str, task_id: str, stop: threading.Event) -> list[Any]:
-    """Every distinct response_payload the row shows, in order (as Realtime would)."""
+    """Every distinct response_payload the row shows, in order (as the frontend would:
+    while it runs, the answer its streamed chunks rebuild)."""
     seen: list[Any] = []
     with psycopg.connect(db_url, autocommit=True) as conn:
         while not stop.is_set():
-            row = conn.execute("select response_payload from public.agent_task_requests "
-                               "where id = %s", [task_id]).fetchone()
+            row = conn.execute(
+                "select case when status = 'processing' then agent_bridge.streamed_payload("
+                "id, attempts, response_payload) else response_payload end "
+                "from public.agent_task_requests where id = %s", [task_id]).fetchone()
             if row and row[0] is not None and (not seen or seen[-1] != row[0]):
                 seen.append(row[0])
             time.sleep(0.01)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 from celery import Celery
@@ -53,8 +54,10 @@ def test_claims_are_released_when_the_broker_refuses_the_jobs(
 def test_backpressure_claims_no_more_than_the_queue_can_hold(stack: Stack) -> None:
     stack.env["LEASE_SECONDS"] = "30"  # no lease runs out while no worker is up
     stack.bridge(BRIDGE_MAX_QUEUED="5", BRIDGE_BATCH_SIZE="100")
-    for i in range(20):
-        insert_task(stack.db_url, {"prompt": f"p{i}"})
+    with psycopg.connect(stack.db_url, autocommit=True) as conn:  # 20 rows, one commit
+        conn.execute("insert into public.agent_task_requests (request_payload) "
+                     "select jsonb_build_object('prompt', 'p' || i) "
+                     "from generate_series(1, 20) i")
     stack.wait_for("five claims", lambda: sum(
         r["status"] == "processing" for r in stack.rows()) == 5)
     time.sleep(1.5)  # several bridge rounds later, still five

@@ -303,8 +303,9 @@ def env(store: TaskStore, request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 def streaming(stack: Stack, task_id: str) -> None:
-    stack.wait_for("a partial answer", lambda: bool(
-        (stack.row(task_id)["response_payload"] or {}).get("answer")))
+    stack.wait_for("a partial answer", lambda: bool(sql(
+        stack.db_url, "select agent_bridge.streamed_payload(id, attempts, response_payload) "
+        "->> 'answer' from public.agent_task_requests where id = %s", [task_id])[0][0]))
 
 
 def cancel_mid_stream(store: TaskStore, stack: Stack, env: dict[str, Any], handler: str,

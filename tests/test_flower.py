@@ -66,6 +66,7 @@ def job_state(api: str, args: list[Any]) -> tuple[str, str | None] | None:
 
 
 def test_requeue_a_failed_row_through_flower(stack: Stack) -> None:
+    stack.env["CELERY_TASK_EVENTS"] = "true"  # as docker-compose.yml sets it
     port = free_port()
     flower = start_flower(stack, port)
     api = f"http://127.0.0.1:{port}/api"
@@ -109,3 +110,29 @@ def test_requeue_a_failed_row_through_flower(stack: Stack) -> None:
     assert poll("attempt 2 to end in Flower", lambda: job_state(api, [task_id, 2]),
                 flower)[0] == "SUCCESS"
     assert stack.count_in_logs("Requeued 1 failed task(s) on operator request") == 1
+
+
+def test_flower_turns_the_workers_events_on_by_itself(stack: Stack) -> None:
+    """CELERY_TASK_EVENTS is off by default; Flower (its --enable-events default) tells the
+    workers to send events within a few seconds of meeting them, and then lists their jobs."""
+    assert "CELERY_TASK_EVENTS" not in stack.env
+    stack.worker()
+    stack.bridge()
+    port = free_port()
+    flower = start_flower(stack, port)
+    api = f"http://127.0.0.1:{port}/api"
+    poll("Flower to answer", lambda: httpx.get(f"http://127.0.0.1:{port}/healthcheck",
+                                               timeout=2).text == "OK", flower)
+    deadline = time.monotonic() + 40
+    listed: list[str] = []
+    while not listed and time.monotonic() < deadline:
+        task_id = insert_task(stack.db_url, {"prompt": "p"})
+
+        def finished(task_id: str = task_id) -> bool:
+            return bool(stack.row(task_id)["status"] == "completed")
+
+        stack.wait_for("the task", finished)
+        time.sleep(1)
+        if job_state(api, [task_id, 1]) == ("SUCCESS", None):
+            listed.append(task_id)
+    assert listed, f"Flower never listed a job\n{flower.output}"

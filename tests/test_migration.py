@@ -333,6 +333,6 @@ def test_realtime_publication_and_version(fresh_db: str) -> None:
     """The guide's frontend subscribes through supabase_realtime."""
     migrate(fresh_db)
     assert run(fresh_db, "select schemaname, tablename from pg_publication_tables "
-                         "where pubname = 'supabase_realtime'") == [
-        ("public", "agent_task_requests")]
+                         "where pubname = 'supabase_realtime' order by tablename") == [
+        ("public", "agent_task_chunks"), ("public", "agent_task_requests")]
     assert run(fresh_db, "select public.agent_bridge_schema_version()") == [(SCHEMA_VERSION,)]

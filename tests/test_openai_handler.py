@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Iterator, Mapping
@@ -224,6 +226,67 @@ def test_progress_is_throttled_by_the_handler(fake: FakeOpenAI, env: pytest.Monk
 
 def test_report_progress_without_a_bound_reporter_does_nothing() -> None:
     assert report_progress({"answer": "x", "partial": True}) is False
+
+
+# --------------------------------------------------------------------------- one client
+
+
+def test_tasks_share_one_client_and_its_kept_alive_connections(
+        fake: FakeOpenAI, env: pytest.MonkeyPatch) -> None:
+    """Twenty tasks at once, twice: one client for all, and the second round reuses the
+    first round's connections instead of opening new ones."""
+    env.setenv("OPENAI_STREAM", "false")
+    width, rounds = 20, 2
+    for i in range(width * rounds):
+        fake.respond(f"answer {i}", delay=0.2)
+    clients: set[int] = set()
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            for _ in range(rounds):
+                assert openai_chat.handler(task())["answer"].startswith("answer ")
+                with lock:
+                    clients.add(id(openai_chat._client))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(width)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert len(fake.requests) == width * rounds
+    assert len(clients) == 1
+    assert fake.connections <= width  # not one per request
+
+
+def test_a_forked_process_makes_its_own_client(fake: FakeOpenAI, env: pytest.MonkeyPatch
+                                               ) -> None:
+    """A prefork pool process never uses its parent's connections; the parent's client
+    goes on working after the fork."""
+    env.setenv("OPENAI_STREAM", "false")
+    for text in ("parent before", "child", "parent after"):
+        fake.respond(text)
+    assert openai_chat.handler(task())["answer"] == "parent before"
+    parent_client = openai_chat._client
+    assert parent_client is not None
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code only
+        status = 1
+        try:
+            if openai_chat._client is None and \
+                    openai_chat.handler(task())["answer"] == "child":
+                status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert openai_chat._client is parent_client
+    assert openai_chat.handler(task())["answer"] == "parent after"
+    assert fake.connections == 2  # the parent's (kept alive) and the child's
 
 
 # --------------------------------------------------------------------------- retryable

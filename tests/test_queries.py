@@ -31,7 +31,7 @@ def input_arguments(db_url: str, function: str) -> list[list[str]]:
 
 def test_every_query_loaded() -> None:
     """The file parses into the blocks the store needs, each with a description."""
-    assert set(QUERIES) == {"claim", "start", "heartbeat", "progress", "complete", "fail",
+    assert set(QUERIES) == {"claim", "start", "heartbeat", "progress", "append", "complete", "fail",
                             "schedule_retry", "release", "rescue", "requeue", "stats",
                             "schema_version", "cancel", "request_cancel", "cancelled",
                             "cancel_requested", "register_agents", "agent_stats"}

@@ -19,6 +19,10 @@ select * from public.agent_task_heartbeat(p_id => %(p_id)s::uuid, p_attempt => %
 -- Partial output into response_payload while the handler streams.
 select * from public.agent_task_progress(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_response => %(p_response)s::jsonb)
 
+-- append --
+-- A piece of the streamed answer (answer = answer[:p_offset] + p_text), fenced like progress; the row is not written.
+select * from public.agent_task_append(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_seq => %(p_seq)s::integer, p_offset => %(p_offset)s::integer, p_text => %(p_text)s::text)
+
 -- complete --
 -- The handler's answer: processing -> completed.
 select * from public.agent_task_complete(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_response => %(p_response)s::jsonb)

@@ -109,6 +109,13 @@ class TaskStore:
         return self._write("progress", p_id=task_id, p_attempt=attempt, p_worker=worker,
                            p_response=dict(response))
 
+    def append(self, task_id: str, attempt: int, worker: str, seq: int, offset: int, text: str
+               ) -> WriteResult:
+        """A piece of the streamed answer: answer = answer[:offset] + text, the `seq`-th of
+        this attempt (agent_task_chunks); fenced like `progress`, the row is not written."""
+        return self._write("append", p_id=task_id, p_attempt=attempt, p_worker=worker,
+                           p_seq=seq, p_offset=offset, p_text=text)
+
     def complete(self, task_id: str, attempt: int, worker: str, response: Mapping[str, Any]
                  ) -> WriteResult:
         return self._write("complete", p_id=task_id, p_attempt=attempt, p_worker=worker,

@@ -9,6 +9,11 @@ environment; they are read once per process, on the first task
 ``[<agent>.openai]`` table in AGENTS_FILE overrides ``model``, ``system_prompt``
 and ``temperature`` for that agent's tasks (`for_agent`).
 
+Each worker process makes one client on its first task and shares it between all its
+tasks and threads: one pool of up to POOL_CONNECTIONS (1,000) kept-alive HTTP
+connections, so a threads worker at ``-c 1000`` streams a thousand answers at once
+without a new TLS handshake per task. A forked process (prefork pool) makes its own.
+
 Request payload::
 
     {"prompt": "the user's question",
@@ -62,6 +67,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -193,9 +199,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}={raw!r} must be true or false")
 
 
+# Most connections one worker process keeps to the API (and keeps alive between
+# tasks): enough for a threads worker at -c 1000 to stream every answer at once.
+POOL_CONNECTIONS: Final = 1000
+
 _lock = threading.Lock()
 _settings: Settings | None = None
-_client: openai.OpenAI | None = None
+_client: openai.OpenAI | None = None  # one per process, shared by all its tasks
 
 
 def settings() -> Settings:
@@ -208,13 +218,41 @@ def settings() -> Settings:
 
 
 def _get_client(current: Settings) -> openai.OpenAI:
+    """The process's client: made on first use, then shared by every task (and thread)
+    of the process, with one pool of kept-alive HTTP connections. A forked child (a
+    prefork pool process) makes its own: connections are never shared across a fork."""
     global _client
+    client = _client
+    if client is not None:
+        return client
     with _lock:
         if _client is None:
             # max_retries=0: retries belong to the runner (Celery, with backoff).
-            _client = openai.OpenAI(base_url=current.base_url, api_key=current.api_key,
-                                    timeout=current.timeout, max_retries=0)
+            _client = openai.OpenAI(
+                base_url=current.base_url, api_key=current.api_key, timeout=current.timeout,
+                max_retries=0, http_client=openai.DefaultHttpxClient(
+                    limits=_pool_limits(POOL_CONNECTIONS), timeout=current.timeout))
         return _client
+
+
+def _pool_limits(size: int) -> Any:
+    """`Limits(size, size)` of the HTTP library the installed SDK is built on (httpx, or
+    httpx2 in later SDKs): up to `size` connections, all kept alive between requests
+    (the SDK's default keeps 100, so a burst of streams would reconnect)."""
+    base = next(c for c in openai.DefaultHttpxClient.__mro__ if c.__name__ == "Client")
+    module = sys.modules[base.__module__.partition(".")[0]]
+    return module.Limits(max_connections=size, max_keepalive_connections=size)
+
+
+def _forget_client_after_fork() -> None:
+    # The child must not use the parent's connections (or a lock another thread held at
+    # the fork); it is not closed here, as closing would end the parent's sockets' TLS.
+    global _lock, _client
+    _lock = threading.Lock()
+    _client = None
+
+
+os.register_at_fork(after_in_child=_forget_client_after_fork)
 
 
 def for_agent(current: Settings) -> Settings:

@@ -43,6 +43,7 @@ export {
   TaskTimeoutError,
 } from './errors.js'
 export type {
-  AgentTask, AgentTaskErrorInfo, AgentTaskRequest, AgentTaskResponse, AgentTasksDefaults, AgentTaskStatus,
+  AgentTask, AgentTaskChunk, AgentTaskErrorInfo, AgentTaskRequest, AgentTaskResponse, AgentTasksDefaults,
+  AgentTaskStatus,
   Json, OnUpdate, SubmitInput, SubmitOptions, WatchOptions,
 } from './types.js'

@@ -85,3 +85,18 @@ export interface SubmitOptions extends WatchOptions {
 export type AgentTasksDefaults = SubmitOptions
 
 export const TABLE = 'agent_task_requests'
+
+/** One piece of a streamed answer (`agent_task_chunks`): while attempt `attempt` runs, its
+ * answer is `answer.slice(0, answer_offset) + text` (offsets in characters, i.e. Unicode
+ * code points) applied in `seq` order. The client rebuilds it; apps see it as the row's
+ * `response_payload` `{ answer, partial: true }`. */
+export interface AgentTaskChunk {
+  task_id: string
+  attempt: number
+  seq: number
+  answer_offset: number
+  text: string
+  created_at: string
+}
+
+export const CHUNKS_TABLE = 'agent_task_chunks'

@@ -7,16 +7,26 @@
  * channel fails (CHANNEL_ERROR, TIMED_OUT, closed), read the row at once and rejoin with
  * backoff. A slow poll covers a Realtime that is silent without saying so; a page coming
  * back to the foreground or online reads at once.
+ *
+ * A streamed answer is not written into the row: the worker appends it in pieces
+ * (`agent_task_chunks`, one INSERT per write). The same channel follows them; every read of
+ * a processing row reads its attempt's chunks too, and so does a missing piece. The answer
+ * they rebuild is shown as the row's `response_payload` `{ answer, partial: true }`, as if
+ * the row held it; the row's own final state replaces it.
  */
 import type { PostgrestError, RealtimeChannel, SupabaseClient } from '@supabase/supabase-js'
 
 import { TaskNotFoundError, TaskTimeoutError, failureOf } from './errors.js'
-import { isAgentTask, isFinal, isNewer } from './rows.js'
-import { TABLE, type AgentTask, type OnUpdate, type WatchOptions } from './types.js'
+import { isAgentTask, isFinal, isNewer, micros } from './rows.js'
+import { isChunk, StreamedAnswer } from './stream.js'
+import { CHUNKS_TABLE, TABLE, type AgentTask, type AgentTaskChunk, type OnUpdate,
+  type WatchOptions } from './types.js'
 
 const DEFAULT_POLL_MS = 20_000
 const DEFAULT_REJOIN_MS = 250
 const MAX_REJOIN_MS = 10_000
+const CHUNK_PAGE = 1000 // Supabase's default max rows; a read pages on until a page is empty
+const MAX_CHUNK_PAGES = 100
 
 let channelSeq = 0
 
@@ -42,7 +52,14 @@ export function watchAgentTask(
   return new Promise<AgentTask>((resolve, reject) => {
     const pollMs = options.pollInterval ?? DEFAULT_POLL_MS
     const firstRejoinMs = options.rejoinDelay ?? DEFAULT_REJOIN_MS
-    let shown: AgentTask | null = null
+    let shown: AgentTask | null = null // the latest state of the row itself
+    let lastView: AgentTask | null = null // what onUpdate was last called with
+    let lastRow: AgentTask | null = null // the row it was made from
+    let lastAnswer: string | null = null
+    const stream = new StreamedAnswer()
+    let chunkRead: Promise<void> | null = null
+    let readAgain = false
+    let arrived: AgentTaskChunk[] | null = null // chunk events during a chunk read
     let done = false
     let channel: RealtimeChannel | null = null
     let failures = 0
@@ -62,17 +79,101 @@ export function watchAgentTask(
       outcome()
     }
 
-    const apply = (row: unknown): void => {
-      if (done || !isAgentTask(row) || row.id !== taskId || !isNewer(row, shown)) return
-      shown = row
+    /** The row as the app sees it: while it runs, with the answer its chunks rebuild. */
+    const view = (row: AgentTask): AgentTask => {
+      const attempt = row.attempts ?? stream.attempt
+      if (row.status !== 'processing' || stream.answer === null || attempt !== stream.attempt) return row
+      return { ...row, response_payload: { answer: stream.answer, partial: true } }
+    }
+
+    const show = (row: AgentTask): void => {
+      const next = view(row)
+      const answer = next === row ? null : stream.answer
+      if (row === lastRow && answer === lastAnswer) return // nothing new to show
+      lastRow = row
+      lastView = next
+      lastAnswer = answer
       try {
-        onUpdate?.(row)
+        onUpdate?.(next)
       } catch (err) {
         // A throwing callback is the app's bug; it must not stop the watch.
         queueMicrotask(() => { throw err })
       }
+    }
+
+    const apply = (row: unknown): void => {
+      if (done || !isAgentTask(row) || row.id !== taskId || !isNewer(row, shown)) return
+      const before = shown
+      shown = row
+      if (row.attempts !== undefined && row.attempts > stream.attempt) stream.reset(row.attempts)
+      else if (before?.status === 'processing' && row.status === 'processing' &&
+               JSON.stringify(before.response_payload) !== JSON.stringify(row.response_payload)) {
+        // The row's own payload was written (a retry, another holder, a full progress
+        // write): the chunks before it are gone from the table.
+        stream.reset(row.attempts ?? stream.attempt, micros(row.updated_at))
+      }
+      show(row)
       if (row.status === 'completed') finish(() => resolve(row))
       else if (isFinal(row)) finish(() => reject(failureOf(row)))
+    }
+
+    const onChunk = (chunk: unknown): void => {
+      if (done) return
+      if (!isChunk(chunk) || chunk.task_id !== taskId) {
+        void readChunks()
+        return
+      }
+      arrived?.push(chunk)
+      if (!stream.add(chunk) && !stream.missing) return
+      if (stream.missing) void readChunks()
+      // A piece of an attempt the row does not show yet: the row's event was lost.
+      if (shown === null || shown.status !== 'processing' ||
+          (shown.attempts !== undefined && shown.attempts < chunk.attempt)) void read()
+      else show(shown)
+    }
+
+    /** The chunks of the attempt shown, in pages by seq; one read at a time (and one more
+     * if asked for meanwhile). */
+    const readChunks = (): Promise<void> => {
+      if (chunkRead) {
+        readAgain = true
+        return chunkRead
+      }
+      chunkRead = (async () => {
+        try {
+          do {
+            readAgain = false
+            await readChunksOnce()
+          } while (readAgain && !done)
+        } finally {
+          chunkRead = null
+          arrived = null
+        }
+      })()
+      return chunkRead
+    }
+
+    const readChunksOnce = async (): Promise<void> => {
+      if (done || shown === null || shown.status !== 'processing') return
+      const attempt = shown.attempts
+      arrived = []
+      const found: AgentTaskChunk[] = []
+      let next = 0
+      for (let page = 0; page < MAX_CHUNK_PAGES; page++) {
+        let query = supabase.from(CHUNKS_TABLE).select('*').eq('task_id', taskId)
+        if (attempt !== undefined) query = query.eq('attempt', attempt)
+        const { data, error }: { data: unknown; error: PostgrestError | null } =
+          await query.gte('seq', next).order('attempt').order('seq').limit(CHUNK_PAGE)
+        if (done || error || !Array.isArray(data)) return // transient: the next trigger reads
+        const rows = data.filter(isChunk)
+        if (rows.length === 0) break
+        found.push(...rows)
+        next = Math.max(...rows.map((c) => c.seq)) + 1
+      }
+      const newest = found.reduce((a, c) => Math.max(a, c.attempt), attempt ?? -1)
+      if (newest < stream.attempt) return
+      if (stream.replace(newest, found.filter((c) => c.attempt === newest), arrived ?? []) &&
+          shown !== null) show(shown)
     }
 
     const read = async (): Promise<void> => {
@@ -86,6 +187,7 @@ export function watchAgentTask(
         return
       }
       apply(data)
+      if (!done && shown?.status === 'processing') await readChunks()
     }
 
     const leave = (): void => {
@@ -107,6 +209,12 @@ export function watchAgentTask(
           else if (isAgentTask(payload.new)) apply(payload.new)
           else void read()
         })
+        .on('postgres_changes',
+          { event: 'INSERT', schema: 'public', table: CHUNKS_TABLE, filter: `task_id=eq.${taskId}` },
+          (payload: ChangePayload) => {
+            if (Array.isArray(payload.errors) && payload.errors.length > 0) void readChunks()
+            else onChunk(payload.new)
+          })
         .on('system', {}, (payload: SystemPayload) => {
           // "Subscribed to PostgreSQL": changes flow from here on; anything committed
           // between the join reply and this moment was not sent, so read again.
@@ -156,7 +264,7 @@ export function watchAgentTask(
     options.signal?.addEventListener('abort', onAbort)
     if (options.timeout !== undefined) {
       const ms = options.timeout
-      timeoutTimer = setTimeout(() => finish(() => reject(new TaskTimeoutError(taskId, ms, shown))), ms)
+      timeoutTimer = setTimeout(() => finish(() => reject(new TaskTimeoutError(taskId, ms, lastView ?? shown))), ms)
     }
     if (initial) apply(initial)
     join()

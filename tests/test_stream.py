@@ -1,0 +1,289 @@
+"""Streamed answers as appended chunks (issue 15): the fenced append, the fold into the
+row where it used to keep its partial answer, the chunks' visibility (RLS), and a real
+worker streaming through each transport: bytes linear in the answer, writes capped per
+second, the first partial at once, nothing left behind."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from bridge.store import TaskStore
+from tests.conftest import SERVICE_KEY, as_role, fetch_task, insert_task
+from tests.stack import Stack
+
+LEASE = 60.0
+INTERVAL = 0.2  # AGENT_PROGRESS_INTERVAL of the pipeline tests
+
+
+def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+def chunks(db_url: str, task_id: str) -> list[tuple[int, int, int, str]]:
+    """(attempt, seq, answer_offset, text) of the task's chunks, in order."""
+    return [(a, s, o, t) for a, s, o, t in sql(
+        db_url, "select attempt, seq, answer_offset, text from public.agent_task_chunks "
+                "where task_id = %s order by attempt, seq", [task_id])]
+
+
+def start(store: TaskStore, task_id: str, worker: str = "w1") -> int:
+    claims = [c for c in store.claim(10, LEASE) if c.id == task_id]
+    assert claims, "the row was not claimed"
+    started, _ = store.start(task_id, claims[0].attempt, worker, LEASE)
+    assert started is not None
+    return claims[0].attempt
+
+
+def streamed(db_url: str, task_id: str) -> Any:
+    return sql(db_url, "select agent_bridge.streamed_payload(id, attempts, response_payload) "
+                       "from public.agent_task_requests where id = %s", [task_id])[0][0]
+
+
+# --------------------------------------------------------------------------- the SQL contract
+
+
+def test_append_is_fenced_and_leaves_the_row_alone(store: TaskStore, clean_db: str) -> None:
+    task_id = insert_task(clean_db)
+    attempt = start(store, task_id)
+    updated = fetch_task(clean_db, task_id)["updated_at"]
+    assert store.append(task_id, attempt, "w1", 0, 0, "Once").applied
+    assert store.append(task_id, attempt, "w1", 1, 4, " upon").applied
+    assert store.append(task_id, attempt, "w1", 2, 4, " more").applied  # a rewrite: from offset 4
+    refused = store.append(task_id, attempt, "w2", 3, 9, " x")  # not the holder
+    assert not refused.applied and refused.worker == "w1" and refused.status == "processing"
+    assert not store.append(task_id, attempt + 1, "w1", 3, 9, " x").applied  # not this attempt
+    assert not store.append(str(uuid.uuid4()), 1, "w1", 0, 0, "x").applied  # no such row
+    row = fetch_task(clean_db, task_id)
+    assert row["response_payload"] is None and row["updated_at"] == updated  # not written
+    assert chunks(clean_db, task_id) == [(attempt, 0, 0, "Once"), (attempt, 1, 4, " upon"),
+                                         (attempt, 2, 4, " more")]
+    assert streamed(clean_db, task_id) == {"answer": "Once more", "partial": True}
+
+    assert store.complete(task_id, attempt, "w1", {"answer": "Once more, done"}).applied
+    assert chunks(clean_db, task_id) == []  # cleared with the final state
+    assert not store.append(task_id, attempt, "w1", 3, 9, " late").applied
+    assert chunks(clean_db, task_id) == []
+    assert fetch_task(clean_db, task_id)["response_payload"] == {"answer": "Once more, done"}
+
+
+def test_characters_not_bytes(store: TaskStore, clean_db: str) -> None:
+    task_id = insert_task(clean_db)
+    attempt = start(store, task_id)
+    assert store.append(task_id, attempt, "w1", 0, 0, "héllo 🌍").applied
+    assert store.append(task_id, attempt, "w1", 1, 7, "!").applied  # 7 characters so far
+    assert streamed(clean_db, task_id)["answer"] == "héllo 🌍!"
+
+
+def test_a_retry_or_a_rescue_keeps_what_was_shown(store: TaskStore, clean_db: str) -> None:
+    """Where the row used to keep its partial answer (a retry, back to pending), the
+    chunks are folded into it; a failure writes its error as before."""
+    retried, rescued, failed = (insert_task(clean_db) for _ in range(3))
+    attempts = {c.id: c.attempt for c in store.claim(10, LEASE)}
+    for task_id, attempt in attempts.items():
+        assert store.start(task_id, attempt, "w1", LEASE)[0] is not None
+    for task_id, attempt in attempts.items():
+        assert store.append(task_id, attempt, "w1", 0, 0, "partial").applied
+        assert store.append(task_id, attempt, "w1", 1, 7, " answer").applied
+    assert store.schedule_retry(retried, attempts[retried], "w1", {"type": "E", "message": "m"},
+                                0.1, LEASE).applied
+    row = fetch_task(clean_db, retried)
+    assert row["response_payload"] == {"answer": "partial answer", "partial": True}
+    assert chunks(clean_db, retried) == []
+    # The retried run (a new worker, the same attempt) starts its answer over.
+    started, _ = store.start(retried, attempts[retried], "w2", LEASE)
+    assert started is not None
+    assert store.append(retried, attempts[retried], "w2", 0, 0, "again").applied
+    assert streamed(clean_db, retried) == {"answer": "again", "partial": True}
+
+    sql(clean_db, "update public.agent_task_requests set lease_expires_at = now() - "
+                  "interval '1 second' where id = %s", [rescued])
+    assert [r.status for r in store.rescue() if r.id == rescued] == ["pending"]
+    assert fetch_task(clean_db, rescued)["response_payload"] == {"answer": "partial answer",
+                                                                 "partial": True}
+    assert store.fail(failed, attempts[failed], "w1", {"type": "E", "message": "boom"}).applied
+    assert fetch_task(clean_db, failed)["response_payload"] == {"error": "boom"}
+    assert chunks(clean_db, rescued) == chunks(clean_db, failed) == []
+
+
+def test_a_cancel_keeps_the_streamed_answer(store: TaskStore, clean_db: str) -> None:
+    gone, held = insert_task(clean_db), insert_task(clean_db)
+    for claim in store.claim(10, LEASE):
+        assert store.start(claim.id, claim.attempt, "w1", LEASE)[0] is not None
+        assert store.append(claim.id, claim.attempt, "w1", 0, 0, "Once upon").applied
+    # The holder is dead: the row ends now, with what was streamed.
+    assert store.request_cancel(gone, 1, holder_gone=True) == "failed"
+    # The holder stops without a partial of its own: the row's streamed answer is kept.
+    assert store.cancel(held) == "processing"
+    assert store.cancelled(held, 1, "w1", None).applied
+    for task_id in (gone, held):
+        payload: Any = fetch_task(clean_db, task_id)["response_payload"]
+        assert payload["answer"] == "Once upon" and payload["partial"] is True
+        assert payload["cancelled"] is True
+        assert chunks(clean_db, task_id) == []
+
+
+def test_a_full_progress_write_replaces_the_chunks(store: TaskStore, clean_db: str) -> None:
+    task_id = insert_task(clean_db)
+    attempt = start(store, task_id)
+    assert store.append(task_id, attempt, "w1", 0, 0, "draft").applied
+    assert store.progress(task_id, attempt, "w1", {"answer": "x", "step": 2}).applied
+    assert chunks(clean_db, task_id) == []
+    assert streamed(clean_db, task_id) == {"answer": "x", "step": 2}
+
+
+def test_users_read_their_own_chunks_and_write_none(clean_db: str) -> None:
+    alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
+    task_id = insert_task(clean_db, user_id=alice)
+    sql(clean_db, "update public.agent_task_requests set status = 'processing', attempts = 1, "
+                  "worker = 'w1', lease_expires_at = now() + interval '1 minute' where id = %s",
+        [task_id])
+    sql(clean_db, "select * from public.agent_task_append(%s, 1, 'w1', 0, 0, 'secret')",
+        [task_id])
+    read = "select text from public.agent_task_chunks where task_id = %s"
+    with as_role(clean_db, "authenticated", alice) as conn:
+        assert conn.execute(read, [task_id]).fetchall() == [("secret",)]
+    with as_role(clean_db, "authenticated", bob) as conn:
+        assert conn.execute(read, [task_id]).fetchall() == []
+    with as_role(clean_db, "anon") as conn, pytest.raises(errors.InsufficientPrivilege):
+        conn.execute(read, [task_id])
+    for statement in (
+            "insert into public.agent_task_chunks (task_id, attempt, seq, answer_offset, text) "
+            "values (%s, 1, 1, 6, ' forged')",
+            "update public.agent_task_chunks set text = 'forged' where task_id = %s",
+            "delete from public.agent_task_chunks where task_id = %s",
+            "select * from public.agent_task_append(%s, 1, 'w1', 1, 6, ' forged')"):
+        with as_role(clean_db, "authenticated", alice) as conn, \
+                pytest.raises(errors.InsufficientPrivilege):
+            conn.execute(statement, [task_id])
+    assert chunks(clean_db, task_id) == [(1, 0, 0, "secret")]
+
+
+def test_deleting_a_running_row_deletes_its_chunks(clean_db: str) -> None:
+    task_id = insert_task(clean_db)
+    sql(clean_db, "update public.agent_task_requests set status = 'processing', attempts = 1, "
+                  "worker = 'w1', lease_expires_at = now() + interval '1 minute' where id = %s",
+        [task_id])
+    sql(clean_db, "select * from public.agent_task_append(%s, 1, 'w1', 0, 0, 'x')", [task_id])
+    sql(clean_db, "delete from public.agent_task_requests where id = %s", [task_id])
+    assert chunks(clean_db, task_id) == []
+
+
+# --------------------------------------------------------------------------- a real worker
+
+
+@pytest.fixture
+def env(store: TaskStore, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The Stack's environment for the transport `store` uses."""
+    if store.transport.name == "postgres":
+        return {}
+    return {"BRIDGE_TRANSPORT": "supabase", "SUPABASE_URL": request.getfixturevalue("postgrest"),
+            "SUPABASE_SERVICE_KEY": SERVICE_KEY, "DATABASE_URL": ""}
+
+
+def test_a_streamed_answer_is_appended_linear_and_capped(
+        store: TaskStore, stack: Stack, env: dict[str, Any]) -> None:
+    stack.worker(pool="threads", concurrency=2, AGENT_HANDLER="tests.stream_handler:tokens",
+                 AGENT_PROGRESS_INTERVAL=str(INTERVAL), **env)
+    stack.bridge(**env)
+    hold = f"hold-{uuid.uuid4()}"
+    task_id = insert_task(stack.db_url, {"prompt": "p", "context": {
+        "tokens": 150, "delay": 0.01, "hold": hold, "settle": INTERVAL + 0.05}})
+    seen: list[Any] = []  # the answer as a reader polling the database sees it
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            answer = (streamed(stack.db_url, task_id) or {}).get("answer")
+            if answer and (not seen or seen[-1] != answer):
+                seen.append(answer)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        expected = "".join(f"t{i} " for i in range(150))
+        stack.wait_for("every token streamed", lambda: streamed(
+            stack.db_url, task_id) == {"answer": expected, "partial": True}, 30)
+    finally:
+        stop.set()
+        watcher.join()
+    written = sql(stack.db_url, "select seq, answer_offset, length(text), created_at "
+                                "from public.agent_task_chunks where task_id = %s order by seq",
+                  [task_id])
+    # Linear: an append-only stream writes each character once.
+    assert sum(n for _, _, n, _ in written) == len(expected)
+    assert [o for _, o, _, _ in written] == [sum(n for _, _, n, _ in written[:i])
+                                             for i in range(len(written))]
+    # The first token is written at once (the leading edge), alone.
+    assert written[0][1:3] == (0, len("t0 "))
+    # Capped: one write per interval at most (the first at once).
+    span = (written[-1][3] - written[0][3]).total_seconds()
+    assert len(written) <= span / INTERVAL + 1, (len(written), span)
+    assert len(written) >= 3
+    # The row itself was not written while it streamed.
+    assert fetch_task(stack.db_url, task_id)["response_payload"] is None
+    assert all(b.startswith(a) for a, b in itertools.pairwise(seen))
+
+    (stack.state_dir / hold).write_text("go")
+    stack.wait_for("completion", lambda: stack.row(task_id)["status"] == "completed")
+    assert stack.row(task_id)["response_payload"] == {"answer": expected}
+    assert chunks(stack.db_url, task_id) == []
+
+
+def test_other_shapes_rewrite_the_row_as_before(
+        store: TaskStore, stack: Stack, env: dict[str, Any]) -> None:
+    stack.worker(pool="threads", concurrency=2, AGENT_HANDLER="tests.stream_handler:tokens",
+                 AGENT_PROGRESS_INTERVAL=str(INTERVAL), **env)
+    stack.bridge(**env)
+    hold = f"hold-{uuid.uuid4()}"
+    task_id = insert_task(stack.db_url, {"prompt": "p", "context": {
+        "tokens": 5, "delay": 0.3, "hold": hold, "shape": "full"}})
+    stack.wait_for("the last partial in the row", lambda: (
+        stack.row(task_id)["response_payload"] or {}).get("tokens") == 5)
+    assert chunks(stack.db_url, task_id) == []
+    (stack.state_dir / hold).write_text("go")
+    stack.wait_for("completion", lambda: stack.row(task_id)["status"] == "completed")
+
+
+def test_a_failed_stream_ends_as_before(store: TaskStore, stack: Stack,
+                                        env: dict[str, Any]) -> None:
+    stack.worker(pool="threads", concurrency=2, AGENT_HANDLER="tests.stream_handler:tokens",
+                 **env)
+    stack.bridge(**env)
+    task_id = insert_task(stack.db_url, {"prompt": "p", "context": {"tokens": 30,
+                                                                    "raise": "boom"}})
+    stack.wait_for("the failure", lambda: stack.row(task_id)["status"] == "failed")
+    row = stack.row(task_id)
+    assert row["error"]["type"] == "ValueError"
+    assert row["response_payload"] == {"error": "boom"}
+    assert chunks(stack.db_url, task_id) == []
+
+
+def test_async_handlers_stream_from_the_shared_loop(
+        store: TaskStore, stack: Stack, env: dict[str, Any]) -> None:
+    """`await report_progress_async()` writes from a thread: two async streams on one
+    worker's loop both stream, and end with their whole answers."""
+    stack.worker(pool="threads", concurrency=4,
+                 AGENT_HANDLER="tests.stream_handler:tokens_async",
+                 AGENT_PROGRESS_INTERVAL=str(INTERVAL), **env)
+    stack.bridge(**env)
+    ids = [insert_task(stack.db_url, {"prompt": "p", "context": {"tokens": 60, "delay": 0.02}})
+           for _ in range(2)]
+    stack.wait_for("a partial answer", lambda: any(
+        (streamed(stack.db_url, i) or {}).get("answer") for i in ids), 30)
+    stack.wait_for("completion", lambda: all(
+        stack.row(i)["status"] == "completed" for i in ids), 30)
+    expected = "".join(f"t{i} " for i in range(60))
+    for task_id in ids:
+        assert stack.row(task_id)["response_payload"] == {"answer": expected}
+        assert chunks(stack.db_url, task_id) == []
