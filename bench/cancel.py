@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from bench.handlers import note_time
 from bench.measure import summary_ms, table, wait_until
 from bench.stack import ProcGroup, Servers, base_env, servers
 
@@ -41,22 +41,11 @@ STARTED = "started.log"
 
 # Handlers (AGENT_HANDLER=bench.cancel:<name>) ------------------------------------------
 
-def _note(name: str, task_id: str) -> None:
-    """One O_APPEND write of `<id> <time.time()>` to $BENCH_STATE_DIR/<name>."""
-    line = f"{task_id} {time.time():.6f}\n".encode()
-    fd = os.open(os.path.join(os.environ["BENCH_STATE_DIR"], name),
-                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
 def streaming(task: dict[str, Any]) -> dict[str, Any]:
     """Sync: a chunk every 50 ms until cancelled (report_progress raises Cancelled)."""
     from tasks import Cancelled, report_progress
 
-    _note(STARTED, task["id"])
+    note_time(STARTED, task["id"])
     text = ""
     try:
         for i in range(100_000):
@@ -64,18 +53,18 @@ def streaming(task: dict[str, Any]) -> dict[str, Any]:
             report_progress({"answer": text, "partial": True})
             time.sleep(0.05)
     except Cancelled:
-        _note(STOPPED, task["id"])
+        note_time(STOPPED, task["id"])
         raise
     return {"answer": text}
 
 
 async def waiting(task: dict[str, Any]) -> dict[str, Any]:
     """Async: waits on an await until cancelled (an LLM call in flight)."""
-    _note(STARTED, task["id"])
+    note_time(STARTED, task["id"])
     try:
         await asyncio.sleep(3600)
     except asyncio.CancelledError:
-        _note(STOPPED, task["id"])
+        note_time(STOPPED, task["id"])
         raise
     return {"answer": "done"}
 

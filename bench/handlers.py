@@ -37,6 +37,17 @@ def record_start(task_id: str, attempt: int | str = 0) -> float:
     return began
 
 
+def note_time(name: str, task_id: str) -> None:
+    """One O_APPEND write of `<id> <time.time()>` to $BENCH_STATE_DIR/<name>."""
+    line = f"{task_id} {time.time():.6f}\n".encode()
+    fd = os.open(os.path.join(os.environ["BENCH_STATE_DIR"], name),
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
 def noop(task: dict[str, Any]) -> dict[str, Any]:
     record_start(task["id"], task.get("attempt", 0))
     return {"answer": "ok"}

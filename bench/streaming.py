@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import string
 import threading
@@ -39,6 +38,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from bench.handlers import note_time
 from bench.measure import summary_ms, table, wait_until
 from bench.stack import ProcGroup, Servers, base_env, servers
 
@@ -100,7 +100,7 @@ def tokens(task: dict[str, Any]) -> dict[str, Any]:
         word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(1, 8)))
         parts.append(("" if i == 0 else " ") + word)
         if i == 0:
-            _note(FIRST, task["id"])
+            note_time(FIRST, task["id"])
         now = time.monotonic()
         if mode != "none" and (i == count - 1 or now - last_report >= REPORT_EVERY):
             last_report = now
@@ -108,16 +108,6 @@ def tokens(task: dict[str, Any]) -> dict[str, Any]:
             report_progress({"answer": answer, "partial": True} if mode == "append"
                             else {"answer": answer, "partial": True, "v": 1})
     return {"answer": "".join(parts)}
-
-
-def _note(name: str, task_id: str) -> None:
-    line = f"{task_id} {time.time():.6f}\n".encode()
-    fd = os.open(os.path.join(os.environ["BENCH_STATE_DIR"], name),
-                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
 
 
 # One run ------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ from tasks.payload import json_size, json_type, validate_default
 log = logging.getLogger("agent_bridge.worker")
 
 
-
 class WriteRefused(Exception):
     """The database refused an outcome write for what it holds (not for being down)."""
 

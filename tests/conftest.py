@@ -149,6 +149,16 @@ def store(request: pytest.FixtureRequest, clean_db: str) -> Iterator[TaskStore]:
 
 
 @pytest.fixture
+def env(store: TaskStore, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The Stack's environment for the transport `store` uses (a test taking `store` and
+    `env` runs its real processes once per transport)."""
+    if store.transport.name == "postgres":
+        return {}
+    return {"BRIDGE_TRANSPORT": "supabase", "SUPABASE_URL": request.getfixturevalue("postgrest"),
+            "SUPABASE_SERVICE_KEY": SERVICE_KEY, "DATABASE_URL": ""}
+
+
+@pytest.fixture
 def stack(clean_db: str, clean_redis: str, tmp_path: Path) -> Iterator[Stack]:
     """Real bridge and worker processes of this test, on an empty table and Redis."""
     s = Stack(clean_db, clean_redis, tmp_path)

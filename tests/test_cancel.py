@@ -18,7 +18,7 @@ from psycopg import errors
 
 from bridge.store import TaskStore
 from supabase import Client, ClientOptions, create_client
-from tests.conftest import SERVICE_KEY, as_role, insert_task
+from tests.conftest import as_role, insert_task
 from tests.conftest import fetch_task as _fetch_task
 from tests.fake_openai import FakeOpenAI
 from tests.stack import BIN, Stack
@@ -291,15 +291,6 @@ def test_handler_api_in_process() -> None:
 
 
 # --------------------------------------------------------------------------- real processes
-
-
-@pytest.fixture
-def env(store: TaskStore, request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The Stack's environment for the transport `store` uses."""
-    if store.transport.name == "postgres":
-        return {}
-    return {"BRIDGE_TRANSPORT": "supabase", "SUPABASE_URL": request.getfixturevalue("postgrest"),
-            "SUPABASE_SERVICE_KEY": SERVICE_KEY, "DATABASE_URL": ""}
 
 
 def streaming(stack: Stack, task_id: str) -> None:

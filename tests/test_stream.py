@@ -16,7 +16,7 @@ import pytest
 from psycopg import errors
 
 from bridge.store import TaskStore
-from tests.conftest import SERVICE_KEY, as_role, fetch_task, insert_task
+from tests.conftest import as_role, fetch_task, insert_task
 from tests.stack import Stack
 
 LEASE = 60.0
@@ -179,15 +179,6 @@ def test_deleting_a_running_row_deletes_its_chunks(clean_db: str) -> None:
 
 
 # --------------------------------------------------------------------------- a real worker
-
-
-@pytest.fixture
-def env(store: TaskStore, request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The Stack's environment for the transport `store` uses."""
-    if store.transport.name == "postgres":
-        return {}
-    return {"BRIDGE_TRANSPORT": "supabase", "SUPABASE_URL": request.getfixturevalue("postgrest"),
-            "SUPABASE_SERVICE_KEY": SERVICE_KEY, "DATABASE_URL": ""}
 
 
 def test_a_streamed_answer_is_appended_linear_and_capped(
