@@ -49,3 +49,37 @@ def test_users_cannot_call_the_private_claim(clean_db: str, role: str) -> None:
         conn.execute(f"set role {role}")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("select * from agent_bridge.claim_rows(1, 30, 0, null)")
+
+
+def hot_updates(conn: psycopg.Connection[tuple[object, ...]]) -> int:
+    conn.execute("select pg_stat_force_next_flush()")
+    conn.commit()
+    conn.execute("select pg_stat_clear_snapshot()")
+    row = conn.execute("select n_tup_hot_upd from pg_stat_user_tables "
+                       "where relid = 'public.agent_task_requests'::regclass").fetchone()
+    conn.commit()
+    assert row is not None
+    return int(row[0])
+
+
+def test_start_and_renewals_write_no_index(clean_db: str) -> None:
+    """The start and lease renewals change no indexed column: HOT updates (no index
+    written), while the rescue still finds expired leases."""
+    for _ in range(3):
+        insert_task(clean_db, {"prompt": "p"})
+    with psycopg.connect(clean_db) as conn:
+        claimed = conn.execute(
+            "select id, attempt from public.agent_tasks_claim(3, 30, 0, null)").fetchall()
+        conn.commit()
+        before = hot_updates(conn)
+        for task_id, attempt in claimed:
+            conn.execute("select * from public.agent_task_start(%s, %s, 'w', 30)",
+                         (task_id, attempt))
+            conn.execute("select * from public.agent_task_heartbeat(%s, %s, 'w', 0.001)",
+                         (task_id, attempt))
+            conn.commit()
+        assert hot_updates(conn) - before == 2 * len(claimed)
+        conn.execute("select pg_sleep(0.01)")
+        rescued = conn.execute("select id, status from public.agent_tasks_rescue(10)").fetchall()
+        conn.commit()
+    assert sorted(str(i) for i, _ in rescued) == sorted(str(i) for i, _ in claimed)
