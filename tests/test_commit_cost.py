@@ -59,7 +59,7 @@ def hot_updates(conn: psycopg.Connection[tuple[object, ...]]) -> int:
                        "where relid = 'public.agent_task_requests'::regclass").fetchone()
     conn.commit()
     assert row is not None
-    return int(row[0])
+    return int(str(row[0]))
 
 
 def test_start_and_renewals_write_no_index(clean_db: str) -> None:
