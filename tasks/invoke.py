@@ -261,8 +261,7 @@ class _HandlerThreads:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: collections.deque[queue.SimpleQueue[_Job | None]] = collections.deque()
-        self._pid = os.getpid()
+        self._idle: collections.deque[queue.SimpleQueue[_Job]] = collections.deque()
 
     def call(self, handler: Handler, task: dict[str, Any], timeout: float) -> Any:
         job = _Job(handler, task, timeout, contextvars.copy_context())
@@ -273,19 +272,16 @@ class _HandlerThreads:
             raise job.error
         return job.result
 
-    def _inbox(self) -> queue.SimpleQueue[_Job | None]:
+    def _inbox(self) -> queue.SimpleQueue[_Job]:
         with self._lock:
-            if self._pid != os.getpid():
-                self._idle.clear()
-                self._pid = os.getpid()
             if self._idle:
                 return self._idle.pop()
-        inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        inbox: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         threading.Thread(target=self._serve, args=(inbox,), name="handler",
                          daemon=True).start()
         return inbox
 
-    def _serve(self, inbox: queue.SimpleQueue[_Job | None]) -> None:
+    def _serve(self, inbox: queue.SimpleQueue[_Job]) -> None:
         while True:
             try:
                 job = inbox.get(timeout=THREAD_IDLE_SECONDS)
@@ -298,19 +294,15 @@ class _HandlerThreads:
                     else:
                         return
                 continue
-            if job is None:
-                return
             job.run()
-            job = None
+            del job  # its task and result are not kept while the thread is idle
             with self._lock:
-                if self._pid != os.getpid():
-                    return
                 self._idle.append(inbox)
 
     def forget_after_fork(self) -> None:
+        """A forked child has none of the parent's handler threads (os.register_at_fork)."""
         self._lock = threading.Lock()
         self._idle.clear()
-        self._pid = os.getpid()
 
 
 class _Job:
