@@ -351,27 +351,35 @@ def bridge_io(ctx: Context, *, pool: str, concurrency: int, kind: str, n: int,
     return r
 
 
-def plain_celery_throughput(ctx: Context, *, pool: str, concurrency: int, n: int
-                            ) -> dict[str, Any]:
-    from bench.plain_celery import QUEUE, TASK, make_app
+def plain_celery_throughput(ctx: Context, *, pool: str, concurrency: int, n: int,
+                            sleep: bool = False, processes: int = 1) -> dict[str, Any]:
+    """Plain Celery, no database: `n` jobs published at once (in one pipeline, as the
+    bridge publishes a claimed batch) until every one is acknowledged. `sleep`: each
+    job waits 1 s (the I/O-bound ceiling), on `processes` workers."""
+    from bench.plain_celery import QUEUE, SLEEP_TASK, TASK, make_app
 
     servers = ctx.servers
     env = base_env(redis_url=servers.redis_url)
     app = make_app(servers.redis_url)
-    publisher = Publisher(app, QUEUE, TASK)
+    warm_publisher = Publisher(app, QUEUE, TASK)
+    publisher = Publisher(app, QUEUE, SLEEP_TASK if sleep else TASK)
     client = servers.redis_client()
 
     def drained() -> bool:
         # acks_late: a message stays in kombu's `unacked` hash until its task ends.
         return int(client.llen(QUEUE)) == 0 and int(client.hlen("unacked")) == 0
 
-    with proc_group(ctx, f"plain-celery-{pool}{concurrency}", env) as group:
-        worker = group.celery_worker("bench.plain_celery", pool=pool, concurrency=concurrency)
-        publisher.publish([Claim(f"warmup-{i}", 1) for i in range(50)])
+    label = "sleep1s" if sleep else "noop"
+    with proc_group(ctx, f"plain-celery-{label}-{pool}{concurrency}x{processes}", env) as group:
+        workers = [group.celery_worker("bench.plain_celery", pool=pool, concurrency=concurrency)
+                   for _ in range(processes)]
+        warm_publisher.publish([Claim(f"warmup-{i}", 1)
+                                for i in range(min(50, max(10, concurrency * processes)))])
         time.sleep(0.2)
         wait_until(drained, 60, 0.01, "warm-up messages")
         sampler = ResourceSampler({"publisher (bench process)": own_process,
-                                   "worker": worker.processes, "redis": redis_process(servers)})
+                                   "worker": lambda: [p for w in workers for p in w.processes()],
+                                   "redis": redis_process(servers)})
         sampler.start()
         began = time.time()
         publisher.publish([Claim(f"task-{i}", 1) for i in range(n)])
@@ -380,10 +388,15 @@ def plain_celery_throughput(ctx: Context, *, pool: str, concurrency: int, n: int
     app.close()
     client.close()
     elapsed = ended - began
-    return {"system": "plain Celery (no database)", "workload": "no-op",
-            "pool": f"{pool} -c {concurrency}", "n": n, "seconds": elapsed,
-            "tasks_per_s": n / elapsed, "completed": n, "failed": 0,  # drained: all acked
-            "resources": {k: vars(v) for k, v in usage.items()}}
+    pool_label = f"{pool} -c {concurrency}" if processes == 1 else \
+        f"{processes} workers x {pool} -c {concurrency}"
+    result = {"system": "plain Celery (no database)", "workload": "sleep 1 s" if sleep else "no-op",
+              "pool": pool_label, "n": n, "seconds": elapsed,
+              "tasks_per_s": n / elapsed, "completed": n, "failed": 0,  # drained: all acked
+              "resources": {k: vars(v) for k, v in usage.items()}}
+    if sleep:
+        result.update(ideal_seconds=float(-(-n // (concurrency * processes))), handler="sync")
+    return result
 
 
 # The seed design ------------------------------------------------------------------

@@ -4,10 +4,14 @@ The same Celery configuration as the real worker (`tasks.app.celery_config`: JSO
 acks_late, reject_on_worker_lost, prefetch 1, task events as CELERY_TASK_EVENTS says,
 off by default), the same Redis, the same message shape `(task_id, attempt)` sent by
 the same `Publisher` (one pipeline per batch), and a task that does nothing.
+Two tasks: a no-op (the throughput ceiling) and one that sleeps 1 s (the I/O-bound
+ceiling: what Celery alone does with 1,000 waiting tasks on this machine).
 Run with `celery -A bench.plain_celery worker ...`.
 """
 
 from __future__ import annotations
+
+import time
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -17,6 +21,7 @@ from tasks.app import celery_config
 
 QUEUE = "plain_bench"
 TASK = "bench.plain_noop"
+SLEEP_TASK = "bench.plain_sleep_1s"
 
 
 def make_app(broker_url: str | None = None) -> Celery:
@@ -31,6 +36,11 @@ def make_app(broker_url: str | None = None) -> Celery:
 
     @plain.task(name=TASK)
     def plain_noop(task_id: str, attempt: int) -> str:
+        return "completed"
+
+    @plain.task(name=SLEEP_TASK)
+    def plain_sleep_1s(task_id: str, attempt: int) -> str:
+        time.sleep(1.0)
         return "completed"
 
     return plain
