@@ -294,6 +294,16 @@ def stage_medians(samples: list[tuple[str, float, float]], state_dir: Path, logs
     return out
 
 
+def workers_label(pool: str, concurrency: int, processes: int) -> str:
+    return f"{pool} -c {concurrency}" if processes == 1 else \
+        f"{processes} workers x {pool} -c {concurrency}"
+
+
+def one_second_rounds(n: int, slots: int) -> float:
+    """The ideal wall time of `n` tasks that each wait 1 s on `slots` at once."""
+    return float(-(-n // slots))
+
+
 # Throughput ----------------------------------------------------------------------
 
 def bridge_throughput(ctx: Context, *, pool: str, concurrency: int, n: int,
@@ -324,9 +334,8 @@ def bridge_throughput(ctx: Context, *, pool: str, concurrency: int, n: int,
         ended = last_finish(db, "main")
     inserter.close()
     elapsed = ended - began
-    workers_label = f"{pool} -c {concurrency}" if processes == 1 else \
-        f"{processes} workers x {pool} -c {concurrency}"
-    return {"system": "agent-bridge", "workload": label, "pool": workers_label,
+    return {"system": "agent-bridge", "workload": label,
+            "pool": workers_label(pool, concurrency, processes),
             "n": n, "seconds": elapsed, "tasks_per_s": n / elapsed,
             "completed": counts.get("completed", 0), "failed": counts.get("failed", 0),
             "env": extra_env,
@@ -346,7 +355,7 @@ def bridge_io(ctx: Context, *, pool: str, concurrency: int, kind: str, n: int,
     r = bridge_throughput(ctx, pool=pool, concurrency=concurrency, n=n,
                           handler=IO_HANDLERS[kind], label=f"sleep 1 s {kind}",
                           processes=processes)
-    r["ideal_seconds"] = float(-(-n // (concurrency * processes)))  # rounds of 1 s
+    r["ideal_seconds"] = one_second_rounds(n, concurrency * processes)
     r["handler"] = kind
     return r
 
@@ -388,14 +397,13 @@ def plain_celery_throughput(ctx: Context, *, pool: str, concurrency: int, n: int
     app.close()
     client.close()
     elapsed = ended - began
-    pool_label = f"{pool} -c {concurrency}" if processes == 1 else \
-        f"{processes} workers x {pool} -c {concurrency}"
     result = {"system": "plain Celery (no database)", "workload": "sleep 1 s" if sleep else "no-op",
-              "pool": pool_label, "n": n, "seconds": elapsed,
+              "pool": workers_label(pool, concurrency, processes), "n": n, "seconds": elapsed,
               "tasks_per_s": n / elapsed, "completed": n, "failed": 0,  # drained: all acked
               "resources": {k: vars(v) for k, v in usage.items()}}
     if sleep:
-        result.update(ideal_seconds=float(-(-n // (concurrency * processes))), handler="sync")
+        result.update(ideal_seconds=one_second_rounds(n, concurrency * processes),
+                      handler="sync")
     return result
 
 

@@ -3,9 +3,9 @@
 The same Celery configuration as the real worker (`tasks.app.celery_config`: JSON,
 acks_late, reject_on_worker_lost, prefetch 1, task events as CELERY_TASK_EVENTS says,
 off by default), the same Redis, the same message shape `(task_id, attempt)` sent by
-the same `Publisher` (one pipeline per batch), and a task that does nothing.
-Two tasks: a no-op (the throughput ceiling) and one that sleeps 1 s (the I/O-bound
-ceiling: what Celery alone does with 1,000 waiting tasks on this machine).
+the same `Publisher` (one pipeline per batch). Two tasks: a no-op (the throughput
+ceiling) and one that sleeps 1 s (the I/O-bound ceiling: what Celery alone does with
+1,000 waiting tasks on this machine).
 Run with `celery -A bench.plain_celery worker ...`.
 """
 
