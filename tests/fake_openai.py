@@ -182,6 +182,9 @@ class FakeOpenAI:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog is 5: twenty clients connecting at once overflow it
+    # and some get their connection reset. A real API server's backlog is far larger.
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that gave up (timeout tests) makes writes fail: not news.
