@@ -106,6 +106,11 @@ class Settings:
         "HEARTBEAT_INTERVAL", 30.0, "Seconds between the bridge's heartbeat lines.")
     metrics_port: int = _var(
         "METRICS_PORT", 0, "Serve Prometheus metrics on this port (0 = off).")
+    retention_days: float = _var(
+        "AGENT_RETENTION_DAYS", 30.0,
+        "Days a finished (completed or failed) task is kept after it finished: the bridge "
+        "deletes older ones, with their streamed chunks, every few minutes in small batches "
+        "that never hold up a claim. 0 keeps everything. `agent-bridge prune` does it by hand.")
     # Workers --------------------------------------------------------------------
     agent_handler: str = _var(
         "AGENT_HANDLER", "tasks.handlers.simulated:process_task",
@@ -202,6 +207,9 @@ class Settings:
             raise ConfigError("SUPABASE_URL must start with https:// (Project Settings → API)")
         if not 0 <= self.progress_interval < float("inf"):  # NaN fails this too
             raise ConfigError("AGENT_PROGRESS_INTERVAL must be a number of seconds, 0 or more")
+        if not 0 <= self.retention_days < float("inf"):  # NaN fails this too
+            raise ConfigError("AGENT_RETENTION_DAYS must be a number of days, 0 (keep "
+                              "everything) or more")
         if self.max_response_bytes < 1:
             raise ConfigError("AGENT_MAX_RESPONSE_BYTES must be at least 1")
         for name in ("retry_backoff", "retry_backoff_max"):

@@ -19,7 +19,7 @@ import psycopg
 from bridge.queries import Query, parse
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "supabase" / "migrations"
-SCHEMA_VERSION = 3  # what agent_bridge_schema_version() returns after these migrations
+SCHEMA_VERSION = 4  # what agent_bridge_schema_version() returns after these migrations
 
 _IS_SUPABASE = "select exists (select 1 from pg_roles where rolname = 'supabase_admin')"
 _LOCK = "select pg_advisory_xact_lock(hashtext('agent-bridge migrate'))"

@@ -28,6 +28,7 @@ from celery.signals import worker_init, worker_ready
 
 from bridge.agents import DEFAULT, Agent
 from bridge.errors import StoreError, StoreRejected, StoreUnavailable, first_line
+from bridge.logs import escape_controls
 from bridge.store import StartedTask, TaskStore, WriteResult, open_store
 from tasks import agent as agent_context
 from tasks import cancellation, progress
@@ -35,7 +36,14 @@ from tasks.agent import UnknownAgent, agent_for, agents, handler_of
 from tasks.app import RUN_AGENT, app, settings
 from tasks.cancel_watcher import CancelWatcher
 from tasks.cancellation import Cancelled
-from tasks.errors import InvalidPayload, RetryableError, TaskFailed, clean_text
+from tasks.errors import (
+    InvalidPayload,
+    RetryableError,
+    TaskFailed,
+    clean_text,
+    public_message,
+    public_text,
+)
 from tasks.handlers import HandlerNotFound
 from tasks.invoke import HandlerTimeout, call_handler
 from tasks.lease import Holding, LeaseKeeper
@@ -88,10 +96,11 @@ def retry_delay(retries: int, retry_after: float | None) -> float:
 
 
 def error_body(kind: str, message: str, *, retryable: bool = False, **more: Any) -> dict[str, Any]:
-    """The row's `error`; its text cleaned so the database takes it (no NUL, no lone
-    surrogate, at most 4 KB a string)."""
-    more = {k: clean_text(v) if isinstance(v, str) else v for k, v in more.items()}
-    return {"type": clean_text(kind, 200), "message": clean_text(message),
+    """The row's `error`, which the task's owner reads: its text without addresses
+    (public_text) and cleaned so the database takes it (no NUL, no lone surrogate, at
+    most 4 KB a string). The detail stays in the worker's log."""
+    more = {k: public_text(v) if isinstance(v, str) else v for k, v in more.items()}
+    return {"type": clean_text(kind, 200), "message": public_text(message),
             "retryable": retryable, **more}
 
 
@@ -144,7 +153,8 @@ class Execution:
         log.info("🤖 Working on Task %s (attempt %d)", self.task_id, self.attempt,
                  extra={"action": "start", **self.fields})
         if isinstance(started.request_payload, dict):
-            log.debug("   User asking: %s", started.request_payload.get("prompt"),
+            # The user's text, escaped: a newline in a prompt must not forge a log line.
+            log.debug("   User asking: %s", escape_controls(started.request_payload.get("prompt")),
                       extra=self.fields)
         holding = self.keeper.hold(self.task_id, self.attempt, self.worker)
         try:
@@ -186,20 +196,24 @@ class Execution:
         except Cancelled:
             return self._cancelled(holding)
         except InvalidPayload as exc:
-            return self._fail(holding, error_body("InvalidPayload", str(exc)))
+            return self._fail(holding, error_body("InvalidPayload", public_message(exc)),
+                              detail=str(exc))
         except UnknownAgent as exc:
             return self._fail(holding, error_body("UnknownAgent", str(exc)))
         except RetryableError as exc:
             retries = self.celery_task.request.retries
             if retries >= self._max_retries:
+                gave_up = f" (gave up after {retries} retries)"
                 return self._fail(holding, error_body(
-                    "RetryableError", f"{exc} (gave up after {retries} retries)",
-                    retries=retries))
+                    "RetryableError", public_message(exc) + gave_up, retries=retries),
+                    detail=f"{exc}{gave_up}")
             retry = (retry_delay(retries, exc.retry_after), exc)
         except (HandlerTimeout, SoftTimeLimitExceeded):
             return self._fail(holding, error_body("TimeLimitExceeded", self._time_limit_text()))
         except Exception as exc:
-            return self._fail(holding, error_body(type(exc).__name__, str(exc) or repr(exc)))
+            # The user reads the classified message; the log keeps the exception's text.
+            return self._fail(holding, error_body(type(exc).__name__, public_message(exc)),
+                              detail=str(exc) or repr(exc))
         # Outside the except blocks: Celery's Retry must not be caught above.
         return self._retry(holding, *retry)
 
@@ -233,14 +247,16 @@ class Execution:
 
     def _retry(self, holding: Holding, delay: float, exc: RetryableError) -> str:
         retries = self.celery_task.request.retries + 1
-        error = error_body("RetryableError", str(exc), retryable=True, retries=retries,
-                           next_retry_in=delay)
+        error = error_body("RetryableError", public_message(exc), retryable=True,
+                           retries=retries, next_retry_in=delay)
         try:
             result = self._write(holding, lambda: self.store.schedule_retry(
                 self.task_id, self.attempt, self.worker, error, delay, settings.lease_seconds))
         except WriteRefused as refused:
             return self._fail(holding, error_body(
-                "RetryableError", f"{exc} (the retry could not be scheduled: {refused})"))
+                "RetryableError",
+                f"{public_message(exc)} (the retry could not be scheduled: {refused})"),
+                detail=f"{exc} (the retry could not be scheduled: {refused})")
         if result is None or not result.applied:
             return "stale"
         if result.status != "processing":  # a cancel request ended the row instead
@@ -295,7 +311,9 @@ class Execution:
         self.failure = error_body("Cancelled", "cancelled on request while it was running")
         return "cancelled"
 
-    def _fail(self, holding: Holding, error: dict[str, Any]) -> str:
+    def _fail(self, holding: Holding, error: dict[str, Any], detail: str | None = None) -> str:
+        """End the row failed with `error` (what its user reads); the log line says
+        `detail`, the exception's own text, when it differs."""
         try:
             result = self._write(holding, lambda: self.store.fail(
                 self.task_id, self.attempt, self.worker, error))
@@ -313,7 +331,8 @@ class Execution:
         if result is None or not result.applied:
             return "stale"
         self.failure = error
-        log.warning("❌ Task %s failed: %s: %s", self.task_id, error["type"], error["message"],
+        log.warning("❌ Task %s failed: %s: %s", self.task_id, error["type"],
+                    escape_controls(detail if detail is not None else error["message"]),
                     extra={"action": "failed", "error_type": error["type"], **self.fields})
         return "failed"
 

@@ -173,7 +173,7 @@ class PostgrestStub:
             wants_rows = "return=representation" in headers.get("prefer", "")
             single = "vnd.pgrst.object" in headers.get("accept", "")
             return self._run(claims, lambda cur: self._insert(cur, table[1], body, wants_rows,
-                                                              single))
+                                                              single, query))
         if table and method == "GET":
             single = "vnd.pgrst.object" in headers.get("accept", "")
             # GET runs READ ONLY, as PostgREST's transactions do.
@@ -273,24 +273,41 @@ class PostgrestStub:
         return 200, row[0] if row and row[0] is not None else JSON_NULL
 
     def _insert(self, cur: psycopg.Cursor[Any], table: str, body: Any, wants_rows: bool,
-                single: bool = False) -> Reply:
+                single: bool = False, query: list[tuple[str, str]] | None = None) -> Reply:
+        """PostgREST's insert: `RETURNING 1` unless the rows are wanted (returningF), else
+        RETURNING the `select` columns (`*` when none) and the primary key, and the body
+        holds the `select` columns. As with PostgREST, asking for a column (or `*`) the
+        role may not select fails with 42501, and a role with column grants only must
+        list its columns."""
         rows = body if isinstance(body, list) else [body]
         columns = sorted({key for r in rows if isinstance(r, dict) for key in r})
         if not columns or not all(isinstance(r, dict) for r in rows):
             return 400, error("PGRST102", "Empty or invalid json")
         cols = sql.SQL(", ").join(map(sql.Identifier, columns))
-        query = sql.SQL(
-            "with r as (insert into public.{t} ({c}) select {c} from json_populate_recordset("
-            "null::public.{t}, %s::json) returning *) select coalesce(json_agg(r), '[]') from r"
-        ).format(t=sql.Identifier(table), c=cols)
-        row = cur.execute(query, [json.dumps(rows)]).fetchone()
+        insert = sql.SQL("insert into public.{t} ({c}) select {c} from json_populate_recordset("
+                         "null::public.{t}, %s::json)").format(t=sql.Identifier(table), c=cols)
+        if not wants_rows:
+            cur.execute(insert + sql.SQL(" returning 1"), [json.dumps(rows)])
+            return 201, None
+        picked = _picked(query or [])
+        if picked is None:
+            returning: sql.Composable = sql.SQL("*")
+            shown: sql.Composable = sql.SQL("r.*")
+        else:
+            keys = [r[0] for r in cur.execute(_PRIMARY_KEY, [table]).fetchall()]
+            returning = sql.SQL(", ").join(map(sql.Identifier, dict.fromkeys(picked + keys)))
+            shown = sql.SQL(", ").join(sql.Identifier("r", c) for c in picked)
+        row = cur.execute(sql.SQL(
+            "with r as ({} returning {}) select coalesce(json_agg(x), '[]') from "
+            "(select {} from r) x").format(insert, returning, shown), [json.dumps(rows)]
+        ).fetchone()
         inserted = row[0] if row else []
-        if wants_rows and single:
+        if single:
             if len(inserted) != 1:
                 return 406, error("PGRST116", "Cannot coerce the result to a single JSON object",
                                   f"The result contains {len(inserted)} rows")
             return 201, inserted[0]
-        return (201, inserted) if wants_rows else (201, None)
+        return 201, inserted
 
     def _select(self, cur: psycopg.Cursor[Any], table: str, query: list[tuple[str, str]],
                 single: bool) -> Reply:
@@ -313,8 +330,8 @@ class PostgrestStub:
                                 " nulls last" if "nullslast" in mods else "")))
             elif key == "limit" and value.isdigit():
                 limit = int(value) if limit is None else min(limit, int(value))
-            elif key == "select" and value != "*":
-                wanted = sql.SQL(", ").join(sql.Identifier("r", c) for c in value.split(","))
+            elif key == "select" and (picked := _picked([(key, value)])) is not None:
+                wanted = sql.SQL(", ").join(sql.Identifier("r", c) for c in picked)
             elif key != "select" and op in _OPS:
                 conditions.append(sql.SQL("{} {} %s").format(sql.Identifier("r", key),
                                                              sql.SQL(_OPS[op])))
@@ -335,6 +352,20 @@ class PostgrestStub:
             return 406, error("PGRST116", "Cannot coerce the result to a single JSON object",
                               f"The result contains {len(rows)} rows")
         return 200, rows[0]
+
+
+_PRIMARY_KEY = """
+select a.attname from pg_index i
+  join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey::int2[])
+ where i.indrelid = format('public.%%I', %s::text)::regclass and i.indisprimary
+"""
+
+
+def _picked(query: list[tuple[str, str]]) -> list[str] | None:
+    """The columns of `select=a,b,...`; None for `*` or no `select` (every column)."""
+    value = next((v for k, v in query if k == "select"), "*")
+    names = [c.strip() for c in value.split(",") if c.strip()]
+    return None if not names or "*" in names else names
 
 
 def _handler(stub: PostgrestStub) -> type[BaseHTTPRequestHandler]:

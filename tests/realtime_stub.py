@@ -14,12 +14,26 @@ has not been run against this code. What it does as Realtime does:
   active a moment later (Realtime inserts it into realtime.subscription after replying),
   then a `system` message says "Subscribed to PostgreSQL". Changes committed before that
   moment are not delivered to this subscriber: the real server's race, kept on purpose.
-- Each change is authorised per subscriber as walrus does: the record holds only the
-  columns the subscriber's role may select; with RLS on, the row must be visible to that
+- Each change is authorised per subscriber as walrus' `realtime.apply_rls` does: the record
+  holds only the columns the subscriber's role may select (`has_column_privilege`); an
+  INSERT/UPDATE whose primary key the role may not select is sent as `errors: ["Error 401:
+  Unauthorized"]` without the row; with RLS on, an INSERT/UPDATE must be visible to that
   role with the subscriber's JWT claims (`set local role`, `request.jwt.claims`), checked
-  on the real database; DELETEs carry the primary key only. Payload:
-  `{ids: [binding ids], data: {schema, table, commit_timestamp, type, columns, errors,
-  record, old_record}}`, pushed with join_ref null (Phoenix's fastlane).
+  on the real database. Payload: `{ids: [binding ids], data: {schema, table,
+  commit_timestamp, type, columns, errors, record, old_record}}`, pushed with join_ref null
+  (Phoenix's fastlane).
+- `old_record` (UPDATE, DELETE) is what wal2json sends as the row's `identity`: the
+  replica identity columns (the primary key by default; the index's columns for REPLICA
+  IDENTITY USING INDEX; every column for FULL), keeping those the role may select; for a
+  DELETE on a table with RLS on, only those that are also primary key columns (apply_rls:
+  "if RLS enabled, we can't secure deletes so filter to pkey"); `{}` when none is left.
+- A DELETE is NOT checked against RLS: every subscriber of the table whose filters pass
+  gets it. Filters (`column=eq.value`, ...) are matched against the new row for
+  INSERT/UPDATE and against the identity columns for a DELETE (is_visible_through_filters:
+  a filter on a column the event does not carry does not match).
+- A filter on a column the role may not select is refused when the subscription is
+  created (realtime.subscription_check_filters: "invalid column for filter"): the join is
+  answered ok, then a `system` message with status `error`, and nothing is delivered.
 - `access_token` on a joined channel re-verifies and replaces the claims; an invalid
   token, or the token's `exp` passing, ends the channel with a `system` error and
   `phx_close`.
@@ -45,7 +59,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 import psycopg
@@ -82,13 +96,22 @@ $$;
 """
 _PUBLISHED = ("select schemaname, tablename from pg_publication_tables "
               "where pubname = 'supabase_realtime'")
-# Columns the role may select, with pg_type.typname as walrus reports them; and the pk.
+# Per column, as walrus sees it: name, pg_type.typname, primary key?, may the role select
+# it?, RLS on the table?, in the replica identity? (wal2json's `pk` and `identity`: the
+# primary key; the identity index's columns (REPLICA IDENTITY USING INDEX) or the primary
+# key's (DEFAULT); every column for FULL; none for NOTHING).
 _COLUMNS = """
-select a.attname, t.typname, coalesce(a.attnum = any(i.indkey::int2[]), false),
-       has_column_privilege(%s, c.oid, a.attname, 'SELECT'), c.relrowsecurity
+select a.attname, t.typname, coalesce(a.attnum = any(pk.indkey::int2[]), false),
+       has_column_privilege(%s, c.oid, a.attname, 'SELECT'), c.relrowsecurity,
+       case c.relreplident
+           when 'f' then true
+           when 'd' then coalesce(a.attnum = any(pk.indkey::int2[]), false)
+           when 'i' then coalesce(a.attnum = any(ri.indkey::int2[]), false)
+           else false end
   from pg_attribute a join pg_class c on c.oid = a.attrelid
   join pg_namespace n on n.oid = c.relnamespace join pg_type t on t.oid = a.atttypid
-  left join pg_index i on i.indrelid = c.oid and i.indisprimary
+  left join pg_index pk on pk.indrelid = c.oid and pk.indisprimary
+  left join pg_index ri on ri.indrelid = c.oid and ri.indisreplident
  where n.nspname = %s and c.relname = %s and a.attnum > 0 and not a.attisdropped
  order by a.attnum
 """
@@ -97,6 +120,15 @@ select a.attname, t.typname, coalesce(a.attnum = any(i.indkey::int2[]), false),
 def _binding_id(params: dict[str, Any]) -> int:
     """A stable integer per binding, as Realtime's :erlang.phash2(params)."""
     return zlib.crc32(json.dumps(params, sort_keys=True).encode()) & 0x7FFFFFF
+
+
+class _Column(NamedTuple):
+    name: str
+    type: str
+    pkey: bool
+    selectable: bool  # by the subscriber's role
+    rls: bool  # the table's row level security is on
+    identity: bool  # in the replica identity (what wal2json sends of a deleted row)
 
 
 @dataclass
@@ -160,7 +192,7 @@ class RealtimeStub:
         self._pool: AsyncConnectionPool | None = None
         self._listener: psycopg.AsyncConnection[Any] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._columns: dict[tuple[str, str, str], list[tuple[str, str, bool, bool, bool]]] = {}
+        self._columns: dict[tuple[str, str, str], list[_Column]] = {}
         self.port = 0
 
     # Life cycle -----------------------------------------------------------------------
@@ -388,11 +420,43 @@ class RealtimeStub:
         await asyncio.sleep(self.subscribe_delay)
         if sock.channels.get(channel.topic) is not channel:
             return
+        try:
+            refused = await self._refused_filter(channel)
+        except psycopg.Error as exc:  # e.g. a token whose role does not exist
+            refused = ("Unable to subscribe to changes with given parameters. An exception "
+                       f"happened so please check your connect parameters. Exception: {exc}")
+        if refused is not None:
+            # subscription_check_filters raised: the subscription is not created, and the
+            # channel says so (not retried: the parameters are at fault).
+            await sock.push(channel.join_ref, None, channel.topic, "system", {
+                "extension": "postgres_changes", "status": "error", "message": refused,
+                "channel": channel.topic.removeprefix("realtime:")})
+            return
         channel.active = True
         await sock.push(channel.join_ref, None, channel.topic, "system", {
             "extension": "postgres_changes", "status": "ok",
             "message": "Subscribed to PostgreSQL",
             "channel": channel.topic.removeprefix("realtime:")})
+
+    async def _refused_filter(self, channel: _Channel) -> str | None:
+        """Why Realtime would refuse to create this channel's subscriptions, or None: a
+        filter on a column the role may not select (realtime.subscription_check_filters)."""
+        for binding in channel.bindings:
+            parsed = _parse_filter(binding["filter"]) if binding.get("filter") else None
+            if parsed is None:
+                continue
+            columns = await self._table_columns(channel.role, binding.get("schema", "public"),
+                                                str(binding.get("table")))
+            if not columns:
+                continue  # not a table of this database: no subscription, no error here
+            if not any(c.name == parsed[0] and c.selectable for c in columns):
+                return ("Unable to subscribe to changes with given parameters. An exception "
+                        "happened so please check your connect parameters: [event: "
+                        f"{binding.get('event', '*')}, schema: {binding.get('schema')}, table: "
+                        f"{binding.get('table')}, filters: {binding['filter']}, select: nil]. "
+                        f"Exception: ERROR P0001 (raise_exception) invalid column for filter "
+                        f"{parsed[0]}")
+        return None
 
     async def _reply_error(self, sock: _Socket, join_ref: Any, ref: Any, topic: str,
                            reason: str) -> None:
@@ -456,10 +520,14 @@ class RealtimeStub:
     async def _dispatch(self, change: dict[str, Any]) -> None:
         for sock in list(self.sockets):
             for channel in list(sock.channels.values()):
-                ids = [b["id"] for b in channel.bindings if _matches(b, change)]
-                if not ids or not channel.active:
+                if not channel.active or not any(_concerns(b, change) for b in channel.bindings):
                     continue
-                data = await self._authorised(channel, change)
+                columns = await self._table_columns(channel.role, change["schema"],
+                                                    change["table"])
+                ids = [b["id"] for b in channel.bindings if _matches(b, change, columns)]
+                if not ids:
+                    continue
+                data = await self._authorised(channel, change, columns)
                 if data is None:
                     continue
                 if self._lose_events:
@@ -470,36 +538,42 @@ class RealtimeStub:
                 await sock.push(None, None, channel.topic, "postgres_changes",
                                 {"ids": ids, "data": data})
 
-    async def _authorised(self, channel: _Channel, change: dict[str, Any]
-                          ) -> dict[str, Any] | None:
-        """The change as this subscriber may see it (walrus' apply_rls), or None."""
+    async def _table_columns(self, role: str, schema: str, table: str) -> list[_Column]:
         assert self._pool is not None
-        schema, table, kind = change["schema"], change["table"], change["type"]
-        key = (channel.role, schema, table)
+        key = (role, schema, table)
         if key not in self._columns:
             async with self._pool.connection() as conn:
-                self._columns[key] = [tuple(r) for r in await (await conn.execute(
-                    _COLUMNS, [channel.role, schema, table])).fetchall()]
-        columns = self._columns[key]
+                self._columns[key] = [_Column(*r) for r in await (await conn.execute(
+                    _COLUMNS, [role, schema, table])).fetchall()]
+        return self._columns[key]
+
+    async def _authorised(self, channel: _Channel, change: dict[str, Any],
+                          columns: list[_Column]) -> dict[str, Any] | None:
+        """The change as this subscriber may see it (walrus' apply_rls), or None."""
+        schema, table, kind = change["schema"], change["table"], change["type"]
         data: dict[str, Any] = {"schema": schema, "table": table, "type": kind,
                                 "commit_timestamp": change["commit_timestamp"],
-                                "columns": [{"name": n, "type": t} for n, t, _, sel, _ in columns
-                                            if sel], "errors": None}
-        pkeys = [n for n, _, pk, _, _ in columns if pk]
-        if kind != "DELETE" and not all(sel for _, _, pk, sel, _ in columns if pk):
+                                "columns": [{"name": c.name, "type": c.type} for c in columns
+                                            if c.selectable], "errors": None}
+        if kind != "DELETE" and not all(c.selectable for c in columns if c.pkey):
             return {**{k: data[k] for k in ("schema", "table", "type")},
                     "errors": ["Error 401: Unauthorized"]}
-        selectable = {n for n, _, _, sel, _ in columns if sel}
+        rls = bool(columns and columns[0].rls)
         if kind in ("INSERT", "UPDATE"):
             record = change["record"] or {}
-            rls = bool(columns and columns[0][4])
             if rls and not await self._visible(channel, schema, table,
-                                               {k: record.get(k) for k in pkeys}):
+                                               {c.name: record.get(c.name) for c in columns
+                                                if c.pkey}):
                 return None
-            data["record"] = {k: v for k, v in record.items() if k in selectable}
+            data["record"] = {c.name: record[c.name] for c in columns
+                              if c.selectable and c.name in record}
         if kind in ("UPDATE", "DELETE"):
+            # wal2json's `identity`; for a DELETE with RLS on, apply_rls keeps only the
+            # primary key's columns among them ("we can't secure deletes").
             old = change["old"] or {}
-            data["old_record"] = {k: old.get(k) for k in pkeys if k in selectable}
+            data["old_record"] = {c.name: old.get(c.name) for c in columns
+                                  if c.identity and c.selectable
+                                  and (kind != "DELETE" or not rls or c.pkey)}
         return data
 
     async def _visible(self, channel: _Channel, schema: str, table: str,
@@ -532,13 +606,21 @@ def _parse_filter(text: str) -> tuple[str, str, list[str]] | None:
     return column, op, values
 
 
-def _matches(binding: dict[str, Any], change: dict[str, Any]) -> bool:
+def _concerns(binding: dict[str, Any], change: dict[str, Any]) -> bool:
+    """The binding's event, schema and table fit the change (filters aside)."""
     event = str(binding.get("event", "*")).upper()
     if event != "*" and event != change["type"]:
         return False
     if binding.get("schema", "public") not in ("*", change["schema"]):
         return False
-    if binding.get("table") not in (None, "*", change["table"]):
+    return binding.get("table") in (None, "*", change["table"])
+
+
+def _matches(binding: dict[str, Any], change: dict[str, Any], columns: list[_Column]) -> bool:
+    """realtime.is_visible_through_filters: a filter matches the new row's columns
+    (INSERT, UPDATE) or, for a DELETE, the identity columns wal2json sends; a filter on a
+    column the event does not carry does not match."""
+    if not _concerns(binding, change):
         return False
     if not binding.get("filter"):
         return True
@@ -546,8 +628,15 @@ def _matches(binding: dict[str, Any], change: dict[str, Any]) -> bool:
     if parsed is None:
         return False
     column, op, values = parsed
-    row = change["record"] if change["type"] != "DELETE" else change["old"]
-    value = _text((row or {}).get(column))
+    if change["type"] == "DELETE":
+        if not any(c.name == column and c.identity for c in columns):
+            return False
+        row = change["old"] or {}
+    else:
+        row = change["record"] or {}
+        if column not in row:
+            return False
+    value = _text(row.get(column))
     return (value in values) if op in ("eq", "in") else (value not in values)
 
 

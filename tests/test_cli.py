@@ -22,7 +22,7 @@ from tests.conftest import SERVICE_KEY, fetch_task, insert_task
 from tests.stack import REPO, Stack
 
 AGENT_BRIDGE = Path(sys.executable).parent / "agent-bridge"
-SUBCOMMANDS = ("run", "migrate", "submit", "status", "show", "check", "retry")
+SUBCOMMANDS = ("run", "migrate", "submit", "status", "show", "check", "retry", "cancel", "prune")
 
 
 def env_with(**values: str) -> dict[str, str]:

@@ -58,17 +58,21 @@ def row(db_url: str, task_id: str) -> dict[str, Any]:
 
 
 def test_deep_payload_is_refused_at_insert_naming_the_limit(clean_db: str) -> None:
-    """1,200 levels (2.4 KB) passed the size check and broke the worker's JSON decoder."""
-    with pytest.raises(errors.InvalidParameterValue,
-                       match="request_payload is nested more than 64 levels deep; "
-                             "the limit is 64 levels"):
-        sql(clean_db, "insert into public.agent_task_requests (request_payload) "
-                      "values (%s::jsonb)", [nested(1200)])
-    with pytest.raises(errors.InvalidParameterValue, match="the limit is 64 levels"):
-        sql(clean_db, "insert into public.agent_task_requests (request_payload) "
-                      "values (%s::jsonb)", ['{"p": [' * 33 + "]}" * 33])  # arrays count
-    sql(clean_db, "insert into public.agent_task_requests (request_payload) "
-                  "values (%s::jsonb)", [nested(63)])  # the root object is level 1
+    """1,200 levels (2.4 KB) passed the size check and broke the worker's JSON decoder.
+    Refused by failing the row at once (so a user's day budget counts it, issue 20):
+    InvalidRequest naming the limit, the payload not kept, never claimed."""
+    for payload in (nested(1200), '{"p": [' * 33 + "]}" * 33):  # arrays count
+        [(status, error, stored)] = sql(
+            clean_db, "insert into public.agent_task_requests (request_payload) "
+                      "values (%s::jsonb) returning status, error, request_payload", [payload])
+        assert (status, error["type"], stored) == ("failed", "InvalidRequest", {})
+        assert error["message"] == ("request_payload is nested more than 64 levels deep; "
+                                    "the limit is 64 levels")
+    [(status,)] = sql(clean_db, "insert into public.agent_task_requests (request_payload) "
+                                "values (%s::jsonb) returning status",
+                      [nested(63)])  # the root object is level 1
+    assert status == "pending"
+    assert len(sql(clean_db, "select * from public.agent_tasks_claim(10, 30)")) == 1
 
 
 @pytest.mark.parametrize("value", ["infinity", "-infinity"])

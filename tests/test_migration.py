@@ -4,6 +4,7 @@ NOTIFY, realtime)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from psycopg.types.json import Jsonb
 from bridge.migrate import (
     SCHEMA_VERSION,
     applied_versions,
-    compat_sql,
     migrate,
     migration_files,
     split_statements,
@@ -90,40 +90,6 @@ def test_second_migration_changes_nothing(fresh_db: str) -> None:
 
 
 # The Supabase CLI's migration history (supabase/cli pkg/migration/history.go, file.go).
-CLI_HISTORY_DDL = [
-    "create schema if not exists supabase_migrations",
-    "create table if not exists supabase_migrations.schema_migrations "
-    "(version text not null primary key)",
-    "alter table supabase_migrations.schema_migrations add column if not exists statements text[]",
-    "alter table supabase_migrations.schema_migrations add column if not exists name text",
-]
-
-
-def cli_db_push(url: str) -> list[str]:
-    """What `supabase db push --db-url` does (the CLI itself cannot run here: its npm
-    package downloads a binary): create the history table, list the remote versions,
-    and apply each local file whose version is not among them, recording
-    (version, name, statements) in the same transaction."""
-    pushed = []
-    with psycopg.connect(url) as conn:
-        for ddl in CLI_HISTORY_DDL:
-            conn.execute(ddl)
-        remote = {r[0] for r in conn.execute(
-            "select version from supabase_migrations.schema_migrations order by version")}
-        for path in migration_files():
-            version, _, rest = path.name.partition("_")
-            if version in remote:
-                continue
-            statements = split_statements(path.read_text("utf-8"))
-            for statement in statements:
-                conn.execute(statement.encode())
-            conn.execute("insert into supabase_migrations.schema_migrations"
-                         "(version, name, statements) values (%s, %s, %s)",
-                         [version, rest.removesuffix(".sql"), statements])
-            pushed.append(path.name)
-    return pushed
-
-
 def test_history_is_recorded_as_the_supabase_cli_records_it(fresh_db: str) -> None:
     """After `agent-bridge migrate`, `supabase migration list` sees every migration as
     applied remotely: one row per file, (version, name, statements) as the CLI writes them."""
@@ -144,20 +110,7 @@ def test_history_is_recorded_as_the_supabase_cli_records_it(fresh_db: str) -> No
                  split_statements(p.read_text("utf-8"))) for p in migration_files()]
     assert rows == expected
     assert applied_versions(fresh_db) == [v for v, _, _ in expected]
-    # `migration list`: local versions not applied remotely -> none; `db push`: nothing to do.
-    assert cli_db_push(fresh_db) == []
-
-
-def test_migrate_after_the_cli_applies_nothing_again(fresh_db: str) -> None:
-    """`supabase db push` first (on a database with Supabase's roles, here from our compat
-    script), then `agent-bridge migrate`: it sees every version recorded and runs none."""
-    run(fresh_db, compat_sql())
-    assert cli_db_push(fresh_db) == [p.name for p in migration_files()]
-    before = schema_dump(fresh_db)
-    assert migrate(fresh_db) == ["supabase_compat.sql"]
-    assert schema_dump(fresh_db) == before
-    assert len(run(fresh_db, "select 1 from supabase_migrations.schema_migrations")) == len(
-        migration_files())
+    # What the real CLI then sees (db push, migration list): tests/test_supabase_cli.py.
 
 
 def test_migrate_applies_only_the_versions_the_cli_has_not(fresh_db: str, tmp_path: Path
@@ -278,9 +231,11 @@ def test_request_payload_checks(upgraded: dict[str, str]) -> None:
     with pytest.raises(errors.InvalidParameterValue, match="got string"):
         run(url, "insert into agent_task_requests (request_payload) values ('\"hi\"')")
     big = Jsonb({"prompt": "x" * (1024 * 1024)})
-    with pytest.raises(errors.StringDataRightTruncation,
-                       match=r"request_payload is \d+ bytes; the limit is 1048576 bytes"):
-        run(url, "insert into agent_task_requests (request_payload) values (%s)", [big])
+    [(status, error)] = run(url, "insert into agent_task_requests (request_payload) values (%s) "
+                                 "returning status, error", [big])
+    assert (status, error["type"]) == ("failed", "InvalidRequest")  # stored failed, counted
+    assert re.fullmatch(r"request_payload is \d+ bytes; the limit is 1048576 bytes",
+                        error["message"])
     with pytest.raises(errors.InvalidParameterValue):
         run(url, "update agent_task_requests set request_payload = '3' where id = %s",
             [upgraded["pending"]])

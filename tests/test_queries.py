@@ -34,7 +34,7 @@ def test_every_query_loaded() -> None:
     assert set(QUERIES) == {"claim", "start", "heartbeat", "progress", "append", "complete", "fail",
                             "schedule_retry", "release", "rescue", "requeue", "stats",
                             "schema_version", "cancel", "request_cancel", "cancelled",
-                            "cancel_requested", "register_agents", "agent_stats"}
+                            "cancel_requested", "register_agents", "agent_stats", "prune"}
     for q in QUERIES.values():
         assert q.description and not q.description.startswith("select")
         assert q.sql.startswith("select ") and ";" not in q.sql

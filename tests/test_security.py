@@ -201,7 +201,8 @@ def test_user_rls_through_postgrest_with_a_signed_jwt(gateway: Any, clean_db: st
     alice, bob = as_user(gateway, ALICE), as_user(gateway, BOB)
     table = "agent_task_requests"
     inserted = alice.table(table).insert({"status": "pending",
-                                          "request_payload": {"prompt": "hi"}}).execute().data
+                                          "request_payload": {"prompt": "hi"}}
+                                         ).select("id,user_id,status").execute().data
     assert isinstance(inserted, list) and len(inserted) == 1
     row: dict[str, Any] = dict(inserted[0])  # type: ignore[arg-type]
     assert row["user_id"] == ALICE and row["status"] == "pending"
@@ -234,7 +235,7 @@ def test_the_gateway_requires_the_apikey_header(gateway: Any) -> None:
                        headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert no_key.status_code == 401
     assert no_key.json()["message"] == "No API key found in request"
-    with_key = httpx.get(f"{gateway.url}/rest/v1/agent_task_requests",
+    with_key = httpx.get(f"{gateway.url}/rest/v1/agent_task_requests?select=id",
                          headers={"apikey": gateway.anon_key, "Authorization": f"Bearer {token}"},
                          timeout=10)
     assert with_key.status_code == 200 and with_key.json() == []

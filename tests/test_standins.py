@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
+from websockets.sync.connection import Connection
 
 from tests.supabase_gateway import StandIns
 from tests.supabase_jwt import user_token
@@ -41,7 +44,8 @@ def test_keys_and_tokens_are_checked(standins: StandIns) -> None:
 def test_requests_run_as_the_tokens_user(standins: StandIns) -> None:
     alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
     made = rest(standins, "POST", "agent_task_requests", apikey=standins.anon_key,
-                token=user_token(alice), json={"request_payload": {"prompt": "hi"}})
+                token=user_token(alice), json={"request_payload": {"prompt": "hi"}},
+                params={"select": "id,user_id"})
     assert made.status_code == 201, made.text
     row = made.json()[0]
     assert row["user_id"] == alice  # auth.uid() from the token's claims
@@ -61,7 +65,7 @@ def _socket(s: StandIns, key: str) -> ClientConnection:
     return connect(ws_url, open_timeout=10)
 
 
-def _recv(ws: ClientConnection, event: str) -> list[Any]:
+def _recv(ws: Connection, event: str) -> list[Any]:
     while True:
         msg = json.loads(ws.recv(timeout=10))
         if msg[3] == event:
@@ -73,7 +77,8 @@ def test_realtime_protocol(standins: StandIns, clean_db: str) -> None:
         _socket(standins, "not-a-key")
     alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
     made = rest(standins, "POST", "agent_task_requests", apikey=standins.anon_key,
-                token=user_token(alice), json={"request_payload": {"prompt": "hi"}}).json()[0]
+                token=user_token(alice), json={"request_payload": {"prompt": "hi"}},
+                params={"select": "id"}).json()[0]
     binding = {"event": "UPDATE", "schema": "public", "table": "agent_task_requests",
                "filter": f"id=eq.{made['id']}"}
     sockets = {}
@@ -89,8 +94,6 @@ def test_realtime_protocol(standins: StandIns, clean_db: str) -> None:
         ws.send(json.dumps([None, "2", "phoenix", "heartbeat", {}]))
         assert _recv(ws, "phx_reply")[4]["status"] == "ok"
         sockets[user] = ws
-    import psycopg
-
     with psycopg.connect(clean_db, autocommit=True) as conn:
         conn.execute("update public.agent_task_requests set priority = 5 where id = %s",
                      [made["id"]])
@@ -98,7 +101,7 @@ def test_realtime_protocol(standins: StandIns, clean_db: str) -> None:
     assert change[0] is None and change[1] is None  # pushed, not a reply
     data = change[4]["data"]
     assert data["type"] == "UPDATE" and data["record"]["priority"] == 5
-    assert data["old_record"] == {"id": made["id"]}  # the primary key only
+    assert data["old_record"] == {}  # the replica identity: a private key, not the id
     assert {"name": "request_payload", "type": "jsonb"} in data["columns"]
     # Changes are dispatched one after another: once Alice has the next one, whatever Bob
     # was sent for the first is on his socket before his heartbeat's answer.
@@ -110,3 +113,88 @@ def test_realtime_protocol(standins: StandIns, clean_db: str) -> None:
     assert json.loads(sockets[bob].recv(timeout=10))[3] == "phx_reply"
     for ws in sockets.values():
         ws.close()
+
+
+# DELETE events, as walrus' apply_rls sends them -------------------------------------------
+
+@pytest.fixture
+def probe(clean_db: str) -> Iterator[str]:
+    """A published table of the test's own, made before the stand-ins start (they hook the
+    publication's tables when they start): the owner's rows, with a column users may not
+    select."""
+    with psycopg.connect(clean_db, autocommit=True) as conn:
+        conn.execute("""
+            create table public.standin_probe (
+                id integer primary key, owner uuid not null, shown text, secret text);
+            alter table public.standin_probe enable row level security;
+            create policy own on public.standin_probe for select to authenticated
+                using (owner = (select auth.uid()));
+            grant select (id, owner, shown) on public.standin_probe to authenticated;
+            alter publication supabase_realtime add table public.standin_probe;
+        """)
+    try:
+        yield clean_db
+    finally:
+        with psycopg.connect(clean_db, autocommit=True) as conn:
+            conn.execute("drop table public.standin_probe")
+
+
+@pytest.mark.parametrize(("identity", "rls", "old_record", "by_shown"), [
+    # the primary key, as every DELETE carries it by default
+    ("default", True, {"id": 1}, False),
+    # FULL sends every column, but with RLS on apply_rls keeps only the primary key's
+    ("full", True, {"id": 1}, True),
+    # with RLS off, every identity column the role may select (not `secret`)
+    ("full", False, {"id": 1, "owner": "OWNER", "shown": "x"}, True),
+])
+def test_realtime_deletes(probe: str, identity: str, rls: bool, old_record: dict[str, Any],
+                          by_shown: bool) -> None:
+    """A DELETE goes to every subscriber, RLS not applied; old_record is the replica
+    identity's selectable columns (the primary key's only with RLS on); a filter matches a
+    DELETE only on an identity column. A filter on a column the role may not select is
+    refused when the subscription is made."""
+    owner, stranger = str(uuid.uuid4()), str(uuid.uuid4())
+    with psycopg.connect(probe, autocommit=True) as conn:
+        conn.execute(f"alter table public.standin_probe replica identity {identity}")
+        if not rls:
+            conn.execute("alter table public.standin_probe disable row level security")
+    s = StandIns(probe)
+    s.start()
+    try:
+        ws = _socket(s, s.anon_key)
+        table = {"schema": "public", "table": "standin_probe"}
+        bindings = [{"event": "*", **table}, {"event": "*", **table, "filter": "id=eq.1"},
+                    {"event": "*", **table, "filter": "shown=eq.x"}]
+        ws.send(json.dumps(["1", "1", "realtime:probe", "phx_join", {
+            "config": {"postgres_changes": bindings}, "access_token": user_token(stranger)}]))
+        every, by_id, by_shown_id = (
+            b["id"] for b in _recv(ws, "phx_reply")[4]["response"]["postgres_changes"])
+        assert _recv(ws, "system")[4]["status"] == "ok"
+        with psycopg.connect(probe, autocommit=True) as conn:
+            conn.execute("insert into public.standin_probe values (1, %s, 'x', 's')", [owner])
+            conn.execute("delete from public.standin_probe where id = 1")
+            # The stranger's own row: sent after the others, in commit order.
+            conn.execute("insert into public.standin_probe values (2, %s, 'x', 's')", [stranger])
+        seen: list[dict[str, Any]] = []
+        while not seen or seen[-1]["data"].get("record", {}).get("id") != 2:
+            seen.append(_recv(ws, "postgres_changes")[4])
+        kinds = [m["data"]["type"] for m in seen]
+        assert kinds == (["DELETE", "INSERT"] if rls else ["INSERT", "DELETE", "INSERT"])
+        deleted = seen[-2]
+        assert deleted["data"]["old_record"] == {
+            k: owner if v == "OWNER" else v for k, v in old_record.items()}
+        assert sorted(deleted["ids"]) == sorted(
+            [every, by_id] + ([by_shown_id] if by_shown else []))
+        assert "secret" not in json.dumps(seen)
+        ws.close()
+
+        with _socket(s, s.anon_key) as refused:
+            refused.send(json.dumps(["1", "1", "realtime:secret", "phx_join", {"config": {
+                "postgres_changes": [{"event": "*", **table, "filter": "secret=eq.s"}]},
+                "access_token": user_token(stranger)}]))
+            assert _recv(refused, "phx_reply")[4]["status"] == "ok"
+            error = _recv(refused, "system")[4]
+        assert error["status"] == "error"
+        assert error["message"].endswith("invalid column for filter secret")
+    finally:
+        s.stop()

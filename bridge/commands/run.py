@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import threading
+from datetime import timedelta
 from types import FrameType
 
 from bridge import logs
@@ -13,6 +14,7 @@ from bridge.config import Settings
 from bridge.engine import Bridge
 from bridge.metrics import Metrics
 from bridge.publisher import Publisher
+from bridge.retention import Retention, announce_off
 from bridge.store import open_store
 
 # `run --once`: what failed -> (what to say, exit code).
@@ -52,9 +54,22 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Retention on its own thread and connection: never in a claim's transaction, and
+    # a claim never waits for it (bridge/retention.py). Not part of a `--once` round.
+    retention: Retention | None = None
+    if settings.retention_days > 0 and not args.once:
+        retention = Retention(open_store(settings, pool=False),
+                              timedelta(days=settings.retention_days))
+        retention.start(stop)
+    elif not args.once:
+        announce_off()
     try:
         failure = bridge.run(stop, once=args.once)
     finally:
+        stop.set()
+        if retention is not None:
+            retention.join(timeout=15)  # a batch is short; a daemon thread in any case
+            retention.store.close()
         store.close()
     if failure is None:
         return 0

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Insert a pending row {prompt, context} into agent_task_requests and "
                     "print its id. With --wait, print each status change until the task "
                     "ends, then the answer. Exit codes with --wait: 0 completed, 1 failed, "
-                    "2 timed out.")
+                    "2 timed out; without it: 0, or 1 when the task was stored failed "
+                    "(a payload over the size or depth limit).")
     p.add_argument("prompt", nargs="?",
                    help="the request_payload.prompt; `-` reads it from stdin")
     p.add_argument("--file", "-f", type=Path, metavar="PATH",
@@ -88,12 +89,22 @@ def run(args: argparse.Namespace) -> int:
                                args.agent)
         print(task_id, flush=True)
         if not args.wait:
-            return 0
+            return failed_at_insert(store, task_id)
         interval = POSTGRES_POLL if settings.store_kind == "postgres" \
             else max(0.2, settings.poll_interval)
         return follow(store, task_id, args.timeout, interval)
     finally:
         store.close()
+
+
+def failed_at_insert(store: TaskStore, task_id: str) -> int:
+    """A payload over the size or depth limit is stored already failed (InvalidRequest)
+    rather than refused, so the insert succeeds: say why and exit as --wait would."""
+    row = store.get(task_id)
+    if row is not None and row["status"] == "failed":
+        print(error_of(row.get("error"), row.get("response_payload")), file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 def follow(store: TaskStore, task_id: str, timeout: float, interval: float) -> int:

@@ -78,3 +78,7 @@ select * from public.agent_tasks_cancel_requested(p_ids => %(p_ids)s::uuid[], p_
 -- schema_version --
 -- The schema version the migration installed.
 select public.agent_bridge_schema_version() as agent_bridge_schema_version
+
+-- prune --
+-- Retention: at most p_batch finished rows older than p_older_than deleted (chunks too), and old day counters; p_dry_run counts all instead.
+select * from public.agent_tasks_prune(p_older_than => %(p_older_than)s::interval, p_batch => %(p_batch)s::integer, p_dry_run => %(p_dry_run)s::boolean)

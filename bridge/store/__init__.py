@@ -9,7 +9,7 @@ driver: `postgres.py` (psycopg) or `supabase.py` (supabase-py).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from bridge.config import Settings
@@ -17,6 +17,7 @@ from bridge.queries import load_all
 from bridge.store.records import (
     AgentStats,
     Claim,
+    Pruned,
     Rescued,
     StartedTask,
     Stats,
@@ -28,8 +29,8 @@ from bridge.store.transport import Transport
 WAKE_CHANNEL = "agent_task_requests"  # NOTIFY: a row became pending (the bridge listens)
 CANCEL_CHANNEL = "agent_task_cancel"  # NOTIFY 'id:attempt': a held row was asked to stop
 
-__all__ = ["CANCEL_CHANNEL", "WAKE_CHANNEL", "AgentStats", "Claim", "Rescued", "StartedTask",
-           "Stats", "TaskStore", "WriteResult", "open_store", "request_payload"]
+__all__ = ["CANCEL_CHANNEL", "WAKE_CHANNEL", "AgentStats", "Claim", "Pruned", "Rescued",
+           "StartedTask", "Stats", "TaskStore", "WriteResult", "open_store", "request_payload"]
 
 
 class TaskStore:
@@ -211,6 +212,15 @@ class TaskStore:
         besides `default`; returns the names now registered."""
         rows = self._call("register_agents", p_agents={k: dict(v) for k, v in agents.items()})
         return [str(r["name"]) for r in rows]
+
+    def prune(self, older_than: timedelta, batch: int = 500, *, dry_run: bool = False
+              ) -> Pruned:
+        """One retention batch (agent_tasks_prune, one short transaction): at most `batch`
+        finished rows older than `older_than` deleted with their chunks, and at most
+        `batch` old day counters. `dry_run`: how many there are in all; nothing deleted."""
+        rows = self._call("prune", p_older_than=f"{older_than.total_seconds():f} seconds",
+                          p_batch=batch, p_dry_run=dry_run)
+        return Pruned(int(rows[0]["tasks"]), int(rows[0]["day_usage"]))
 
     def schema_version(self) -> int:
         return int(self._call("schema_version")[0]["agent_bridge_schema_version"])

@@ -100,3 +100,11 @@ class Stats:
     failed: int
     expired_leases: int
     oldest_due_seconds: float | None
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What one retention call deleted (a dry run: what it would delete)."""
+
+    tasks: int  # finished rows of agent_task_requests, with their chunks
+    day_usage: int  # per-user day counters of days before yesterday

@@ -56,6 +56,13 @@ error events inside a stream raise `RetryableError` (``retry_after`` from
 (400/401/403/404/422, ``content_filter``, ``content_policy_violation``, quota)
 raises `ProviderError`, which fails the task at once. Messages never contain the
 API key: it is scrubbed out of anything the provider sends back.
+
+The task's owner reads a classified message (`tasks.errors.public`): ``provider
+unreachable``, ``provider timed out``, ``provider rate limited the request (429)``,
+``provider failed the request (503)``, ``provider refused the request (401
+invalid_api_key)``; the provider's own words only where they are about the request (400,
+413, 422, a content-policy refusal). The exception's text, with the server's address and
+the OS error, is the operator's, in the worker's log.
 """
 
 from __future__ import annotations
@@ -75,7 +82,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 from tasks.cancellation import raise_if_cancelled
-from tasks.errors import MAX_RETRY_AFTER, InvalidPayload, RetryableError
+from tasks.errors import (
+    MAX_RETRY_AFTER,
+    PROVIDER_TIMED_OUT,
+    PROVIDER_UNREACHABLE,
+    InvalidPayload,
+    RetryableError,
+    public,
+)
 from tasks.payload import json_type, validate_default
 from tasks.progress import report_progress
 
@@ -407,21 +421,26 @@ def _where(base_url: str) -> str:
 
 
 _POLICY_CODES: Final = frozenset({"content_policy_violation", "content_filter"})
+# Refusals whose provider message is about the request the user sent (too long, malformed,
+# ...), so the user reads it; the rest (key, model, quota, permissions) are the operator's.
+_REQUEST_STATUSES: Final = frozenset({400, 413, 422})
 _PERMANENT_429_CODES: Final = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 
 
 def translate_error(exc: openai.OpenAIError, current: Settings) -> Exception:
-    """The RetryableError or ProviderError to raise for an SDK exception."""
+    """The RetryableError or ProviderError to raise for an SDK exception: its text for the
+    operator's log, its public message (what the task's owner reads) classified."""
     key = current.api_key
     if isinstance(exc, openai.APITimeoutError):
-        return RetryableError(
+        return public(RetryableError(
             f"OpenAI-compatible API at {_where(current.base_url)} did not answer within "
-            f"{current.timeout:g}s (OPENAI_TIMEOUT)")
+            f"{current.timeout:g}s (OPENAI_TIMEOUT)"), PROVIDER_TIMED_OUT)
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc.__context__
         detail = f": {scrub(str(cause), key)}" if cause is not None and str(cause) else ""
-        return RetryableError(
-            f"could not reach the OpenAI-compatible API at {_where(current.base_url)}{detail}")
+        return public(RetryableError(
+            f"could not reach the OpenAI-compatible API at {_where(current.base_url)}{detail}"),
+            PROVIDER_UNREACHABLE)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         code = exc.code
@@ -432,23 +451,29 @@ def translate_error(exc: openai.OpenAIError, current: Settings) -> Exception:
         if retryable and code not in _POLICY_CODES:
             retry_after = parse_retry_after(exc.response.headers)
             verb = "rate limited" if status == 429 else "failed"
-            return RetryableError(
+            return public(RetryableError(
                 f"OpenAI-compatible API {verb} the request ({label}): {message}",
-                retry_after=retry_after)
-        return ProviderError(f"OpenAI-compatible API refused the request ({label}): {message}",
-                             status_code=status, code=code)
+                retry_after=retry_after), f"provider {verb} the request ({label})")
+        shown = (f": {message}" if status in _REQUEST_STATUSES or code in _POLICY_CODES
+                 else "")
+        return public(ProviderError(
+            f"OpenAI-compatible API refused the request ({label}): {message}",
+            status_code=status, code=code), f"provider refused the request ({label}){shown}")
     if isinstance(exc, openai.APIError):
         # An error event inside a stream: a content refusal is final, anything
         # else (overload, server hiccup) is worth another try.
         message = scrub(_provider_message(exc), key)
         if exc.code in _POLICY_CODES:
-            return ProviderError(
+            return public(ProviderError(
                 f"OpenAI-compatible API refused the request ({exc.code}): {message}",
-                code=exc.code)
+                code=exc.code), f"provider refused the request ({exc.code}): {message}")
         label = f" ({exc.code})" if exc.code else ""
-        return RetryableError(f"OpenAI-compatible API reported an error mid-stream{label}: "
-                              f"{message}")
-    return ProviderError(f"OpenAI SDK error ({type(exc).__name__}): {scrub(str(exc), key)}")
+        return public(RetryableError(
+            f"OpenAI-compatible API reported an error mid-stream{label}: {message}"),
+            f"provider reported an error mid-stream{label}")
+    return public(ProviderError(
+        f"OpenAI SDK error ({type(exc).__name__}): {scrub(str(exc), key)}"),
+        f"provider error ({type(exc).__name__})")
 
 
 def _content_filtered(answer: str) -> ProviderError:

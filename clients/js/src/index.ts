@@ -47,3 +47,6 @@ export type {
   AgentTaskStatus,
   Json, OnUpdate, SubmitInput, SubmitOptions, WatchOptions,
 } from './types.js'
+/** The columns a signed-in user may read, for apps that read the tables themselves
+ * (`select('*')` is refused: some columns are the operator's). */
+export { CHUNK_COLUMNS, TASK_COLUMNS } from './types.js'

@@ -3,7 +3,9 @@ import type { PostgrestError, SupabaseClient } from '@supabase/supabase-js'
 
 import { AgentBridgeError, RequestRefusedError } from './errors.js'
 import { isAgentTask } from './rows.js'
-import { TABLE, type AgentTask, type OnUpdate, type SubmitInput, type SubmitOptions } from './types.js'
+import {
+  TABLE, TASK_COLUMNS, type AgentTask, type OnUpdate, type SubmitInput, type SubmitOptions,
+} from './types.js'
 import { watchAgentTask } from './watch.js'
 
 /** Insert the row; rejects with RequestRefusedError carrying the database's message. */
@@ -23,7 +25,7 @@ export async function insertAgentTask(
   if (agent !== undefined) row.agent = agent
   if (enterpriseId !== undefined) row.enterprise_id = enterpriseId
   const { data, error, status }: { data: unknown; error: PostgrestError | null; status: number } =
-    await supabase.from(TABLE).insert(row).select('*').single()
+    await supabase.from(TABLE).insert(row).select(TASK_COLUMNS).single()
   if (error) throw new RequestRefusedError(error, status)
   if (!isAgentTask(data)) throw new AgentBridgeError('the database stored the task but returned no row')
   return data

@@ -31,7 +31,7 @@ export interface AgentTaskErrorInfo {
   [key: string]: Json | undefined
 }
 
-/** One row of `agent_task_requests`. */
+/** One row of `agent_task_requests`, as a signed-in user may read it (TASK_COLUMNS). */
 export interface AgentTask {
   id: string
   status: AgentTaskStatus
@@ -46,7 +46,6 @@ export interface AgentTask {
   lease_expires_at?: string | null
   started_at?: string | null
   finished_at?: string | null
-  worker?: string | null
   error?: AgentTaskErrorInfo | null
   user_id?: string | null
   enterprise_id?: string | null
@@ -86,6 +85,13 @@ export type AgentTasksDefaults = SubmitOptions
 
 export const TABLE = 'agent_task_requests'
 
+/** The columns of `agent_task_requests` the client reads. Users may select these, not every
+ * column (the worker's host and process are the operator's), so `select('*')` is refused
+ * (42501): every read names its columns. */
+export const TASK_COLUMNS = 'id,status,request_payload,response_payload,created_at,updated_at,' +
+  'attempts,max_attempts,priority,run_at,lease_expires_at,started_at,finished_at,error,user_id,' +
+  'enterprise_id,agent'
+
 /** One piece of a streamed answer (`agent_task_chunks`): while attempt `attempt` runs, its
  * answer is `answer.slice(0, answer_offset) + text` (offsets in characters, i.e. Unicode
  * code points) applied in `seq` order. The client rebuilds it; apps see it as the row's
@@ -100,3 +106,6 @@ export interface AgentTaskChunk {
 }
 
 export const CHUNKS_TABLE = 'agent_task_chunks'
+
+/** The columns of `agent_task_chunks` the client reads (users may not select them all). */
+export const CHUNK_COLUMNS = 'task_id,attempt,seq,answer_offset,text,created_at'

@@ -19,8 +19,8 @@ import type { PostgrestError, RealtimeChannel, SupabaseClient } from '@supabase/
 import { TaskNotFoundError, TaskTimeoutError, failureOf } from './errors.js'
 import { isAgentTask, isFinal, isNewer, micros } from './rows.js'
 import { isChunk, StreamedAnswer } from './stream.js'
-import { CHUNKS_TABLE, TABLE, type AgentTask, type AgentTaskChunk, type OnUpdate,
-  type WatchOptions } from './types.js'
+import { CHUNK_COLUMNS, CHUNKS_TABLE, TABLE, TASK_COLUMNS, type AgentTask, type AgentTaskChunk,
+  type OnUpdate, type WatchOptions } from './types.js'
 
 const DEFAULT_POLL_MS = 20_000
 const DEFAULT_REJOIN_MS = 250
@@ -160,7 +160,7 @@ export function watchAgentTask(
       const found: AgentTaskChunk[] = []
       let next = 0
       for (let page = 0; page < MAX_CHUNK_PAGES; page++) {
-        let query = supabase.from(CHUNKS_TABLE).select('*').eq('task_id', taskId)
+        let query = supabase.from(CHUNKS_TABLE).select(CHUNK_COLUMNS).eq('task_id', taskId)
         if (attempt !== undefined) query = query.eq('attempt', attempt)
         const { data, error }: { data: unknown; error: PostgrestError | null } =
           await query.gte('seq', next).order('attempt').order('seq').limit(CHUNK_PAGE)
@@ -179,7 +179,7 @@ export function watchAgentTask(
     const read = async (): Promise<void> => {
       if (done) return
       const { data, error }: { data: unknown; error: PostgrestError | null } =
-        await supabase.from(TABLE).select('*').eq('id', taskId).maybeSingle()
+        await supabase.from(TABLE).select(TASK_COLUMNS).eq('id', taskId).maybeSingle()
       if (done) return
       if (error) return // transient (network, gateway): the next trigger reads again
       if (data === null) {

@@ -7,8 +7,8 @@ import assert from 'node:assert/strict'
 import { after, afterEach, test } from 'node:test'
 
 import {
-  createAgentTasks, RequestRefusedError, TaskCancelledError, TaskFailedError, TaskNotFoundError,
-  TaskTimeoutError, type AgentTask,
+  createAgentTasks, RequestRefusedError, TASK_COLUMNS, TaskCancelledError, TaskFailedError,
+  TaskNotFoundError, TaskTimeoutError, type AgentTask,
 } from 'agent-bridge-client'
 
 import { closeAll, HAS_CANCEL, holdName, newUser, realtime, release, serviceClient, until } from './helpers.js'
@@ -45,6 +45,8 @@ test('partial answers stream in order and the final answer replaces them', async
   assert.equal(seen[0]?.status, 'pending')
   assert.deepEqual(seen.at(-1), done)
   assertInOrder(seen)
+  // The worker's host and process are the operator's: never in a read or an event.
+  assert.ok(seen.every((t) => !('worker' in t) && !('replica_key' in t)))
   // Once subscribed, every partial answer arrives, each growing the one before; the last
   // may be replaced by the final answer before it shows (its chunk is deleted with the
   // row's end, and Realtime sends nothing for a row gone by the time it looks).
@@ -53,6 +55,17 @@ test('partial answers stream in order and the final answer replaces them', async
   const shown = answers.slice(answers.indexOf('one'))
   assert.deepEqual(shown, expected.slice(0, shown.length))
   assert.ok(shown.length >= expected.length - 1, shown.join(' | '))
+})
+
+test("users read named columns: select('*') is refused, as PostgREST refuses it", async () => {
+  const { supabase } = newUser()
+  const task = await createAgentTasks(supabase).insertAgentTask({ prompt: 'mine', context: { chunks: 1, delay: 0 } })
+  const star = await supabase.from('agent_task_requests').select('*').eq('id', task.id)
+  assert.equal(star.error?.code, '42501')
+  const named = await supabase.from('agent_task_requests').select(TASK_COLUMNS).eq('id', task.id).single()
+  assert.equal(named.error, null)
+  assert.equal((named.data as { id?: string } | null)?.id, task.id)
+  assert.ok(!('worker' in task))
 })
 
 test("the guide's race: a task finished before the channel is joined is still seen", async () => {
@@ -166,13 +179,16 @@ test('a failed task rejects with error.type and message', async () => {
   assert.equal(err.task.status, 'failed')
 })
 
-test("a refused insert rejects with the database's message", async () => {
+test('a payload over the size limit fails its task with InvalidRequest', async () => {
+  // Stored failed rather than refused, so the day budget counts it (issue 20).
   const tasks = createAgentTasks(newUser().supabase)
   const err = await tasks.submitAgentTask({ prompt: 'x'.repeat(1_100_000) })
     .then(() => null, (e: unknown) => e)
-  assert.ok(err instanceof RequestRefusedError)
-  assert.match(err.message, /request_payload is \d+ bytes; the limit is 1048576 bytes/)
-  assert.equal(err.code, '22001')
+  assert.ok(err instanceof TaskFailedError)
+  assert.equal(err.type, 'InvalidRequest')
+  assert.match(err.message, /^InvalidRequest: request_payload is \d+ bytes; the limit is 1048576 bytes$/)
+  assert.equal(err.task.status, 'failed')
+  assert.deepEqual(err.task.request_payload, {})
 })
 
 test('the quota refusal reaches the caller with its message', async (t) => {
