@@ -33,6 +33,7 @@ from typing import Any
 
 import psycopg
 
+from bench.fairness import plans
 from bench.measure import percentile, table
 from bench.stack import Servers, servers
 from bridge.migrate import MIGRATIONS_DIR, migrate
@@ -129,21 +130,6 @@ def claims(conn: psycopg.Connection[Any], batch: int, n: int) -> dict[str, Any]:
             "rows_per_claim": sum(got) / n, "tenant_writes_per_claim": written / n}
 
 
-def plans(conn: psycopg.Connection[Any]) -> list[str]:
-    """The plan of every statement one claim of 10 runs, with actual rows (auto_explain)."""
-    found: list[str] = []
-    conn.add_notice_handler(lambda d: found.append(d.message_primary or ""))
-    conn.execute("load 'auto_explain'")
-    for setting in ("log_min_duration = 0", "log_nested_statements = on",
-                    "log_analyze = on", "log_timing = off", "log_buffers = on"):
-        conn.execute(f"set auto_explain.{setting}")
-    conn.execute("set client_min_messages = log")
-    conn.execute("select * from public.agent_tasks_claim(10, 30, 0, %s)", [AGENTS]).fetchall()
-    conn.execute("set client_min_messages = notice")
-    conn.execute("set auto_explain.log_min_duration = -1")
-    return found
-
-
 def unclaim(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("update public.agent_task_requests set status = 'pending', "
@@ -164,7 +150,7 @@ def run_schema(srv: Servers, schema: str, size: Size, show_plans: bool) -> dict[
     first_n = size.first if schema == "after" else size.first_before
     with psycopg.connect(url, autocommit=True) as conn:
         if show_plans:  # (the first claim of the session: planned on the stale statistics)
-            out["plans"] = plans(conn)
+            out["plans"] = plans(conn, 10, AGENTS)
         first = claims(conn, 10, first_n)
         out["phases"].append({"phase": "right after the arrival, before ANALYZE", **first})
         drain(conn)

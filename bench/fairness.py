@@ -83,17 +83,21 @@ def unclaim(conn: psycopg.Connection[Any]) -> None:
                  "lease_expires_at = null where status = 'processing'")
 
 
-def plans(conn: psycopg.Connection[Any], batch: int) -> list[str]:
-    """The plan of every statement one claim runs, with actual rows (auto_explain)."""
+def plans(conn: psycopg.Connection[Any], batch: int, agents: list[str] | None = None
+          ) -> list[str]:
+    """The plan of every statement one claim runs, with actual rows and buffers
+    (auto_explain)."""
     found: list[str] = []
     conn.add_notice_handler(lambda d: found.append(d.message_primary or ""))
     conn.execute("load 'auto_explain'")
     for setting in ("log_min_duration = 0", "log_nested_statements = on",
-                    "log_analyze = on", "log_timing = off", "log_buffers = off"):
+                    "log_analyze = on", "log_timing = off", "log_buffers = on"):
         conn.execute(f"set auto_explain.{setting}")
     conn.execute("set client_min_messages = log")
-    conn.execute("select * from public.agent_tasks_claim(%s, 30)", [batch]).fetchall()
+    conn.execute("select * from public.agent_tasks_claim(%s, 30, 0, %s)",
+                 [batch, agents]).fetchall()
     conn.execute("set client_min_messages = notice")
+    conn.execute("set auto_explain.log_min_duration = -1")
     return found
 
 

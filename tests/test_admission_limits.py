@@ -20,7 +20,9 @@ from psycopg import errors
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from bench.payload_shapes import OLD_WALKER
 from tests.conftest import SERVICE_KEY, as_role
+from tests.limits import limits_restored
 from tests.postgrest_stub import PostgrestStub
 from tests.supabase_jwt import role_key, user_token
 from tests.test_cli import cli, env_with
@@ -99,19 +101,14 @@ def set_limits(db_url: str, tenant: str = "*", /, **values: Any) -> None:
 def db(clean_db: str) -> Iterator[str]:
     """The test database with the limits as shipped and no usage counted; the limits and
     registered agents are restored afterwards."""
-    saved = sql(clean_db, "select to_jsonb(l) from public.agent_tenant_limits l")
     agents = sql(clean_db, "select coalesce(jsonb_object_agg(name, jsonb_build_object("
                            "'queue', queue, 'max_attempts', max_attempts)), '{}') "
                            "from public.agent_bridge_agents")[0][0]
     sql(clean_db, "truncate agent_bridge.user_day_usage")
     try:
-        yield clean_db
+        with limits_restored(clean_db):
+            yield clean_db
     finally:
-        sql(clean_db, "delete from public.agent_tenant_limits")
-        for (row,) in saved:
-            sql(clean_db, "insert into public.agent_tenant_limits select * from "
-                          "jsonb_populate_record(null::public.agent_tenant_limits, %s)",
-                [json.dumps(row)])
         sql(clean_db, "select public.agent_bridge_register_agents(%s)", [Jsonb(agents)])
         sql(clean_db, "truncate agent_bridge.user_day_usage")
 
@@ -340,28 +337,9 @@ def test_users_cannot_insert_failed_rows_themselves(db: str) -> None:
 
 
 def old_depth_function(conn: psycopg.Connection[Any]) -> None:
-    """Before this change: the level-by-level walker of 20261130000100_hardening.sql, as a
-    function returning whether `doc` is deeper than `max_depth`."""
-    conn.execute("""
-        create or replace function pg_temp.too_deep(doc jsonb, max_depth integer)
-        returns boolean language plpgsql as $$
-        declare level jsonb[] := array[doc]; depth integer := 0;
-        begin
-            while cardinality(level) > 0 loop
-                depth := depth + 1;
-                if depth > max_depth then return true; end if;
-                select coalesce(array_agg(c.value), '{}') into level
-                  from unnest(level) as v(doc)
-                 cross join lateral (
-                        select e.value from jsonb_each(
-                            case when jsonb_typeof(v.doc) = 'object' then v.doc end) e
-                        union all
-                        select a.value from jsonb_array_elements(
-                            case when jsonb_typeof(v.doc) = 'array' then v.doc end) a) c
-                 where jsonb_typeof(c.value) in ('object', 'array');
-            end loop;
-            return false;
-        end $$""")
+    """Before this change: the level-by-level walker of 20261130000100_hardening.sql, as
+    `pg_temp.too_deep(doc, max_depth)` (the bench's copy, in this session's own schema)."""
+    conn.execute(OLD_WALKER.replace("public.bench_old_too_deep", "pg_temp.too_deep").encode())
 
 
 def random_json(rng: random.Random, depth: int, max_depth: int) -> Any:

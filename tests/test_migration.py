@@ -21,6 +21,7 @@ from bridge.migrate import (
     migration_files,
     split_statements,
 )
+from tests.plans import explain_everything
 
 # The integration guide's table, exactly as users created it before agent-bridge.
 GUIDE_TABLE = """
@@ -271,13 +272,8 @@ def test_claim_reads_the_partial_index(upgraded: dict[str, str]) -> None:
     run(url, "insert into agent_task_requests (request_payload, enterprise_id) "
              "select '{}', 'tenant-' || (g % 5) from generate_series(1, 20) g")
     run(url, "analyze agent_task_requests")
-    plans: list[str] = []
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
-        for setting in ("load 'auto_explain'", "set auto_explain.log_min_duration = 0",
-                        "set auto_explain.log_nested_statements = on",
-                        "set client_min_messages = log"):
-            conn.execute(setting)
+        plans = explain_everything(conn)
         assert len(conn.execute("select * from public.agent_tasks_claim(10, 30)").fetchall()) == 10
     statements = [p for p in plans if "agent_task_requests" in p]
     assert statements and "agent_task_requests_tenant_claim_idx" in "".join(statements)

@@ -13,6 +13,7 @@ import pytest
 import bridge.store
 import bridge.store.supabase
 from bridge.queries import Query, load, load_rows
+from tests.plans import explain_everything
 
 QUERIES = load()
 STORE_SOURCE = Path(bridge.store.__file__).read_text(encoding="utf-8")
@@ -86,12 +87,7 @@ def test_claim_itself_does_not_scan_the_table(clean_db: str) -> None:
         conn.execute("insert into public.agent_task_requests (request_payload) "
                      "select '{}' from generate_series(1, 20)")
         conn.execute("analyze public.agent_task_requests")
-        plans: list[str] = []
-        conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
-        conn.execute("load 'auto_explain'")
-        for setting, value in (("log_min_duration", "0"), ("log_nested_statements", "on"),
-                               ("log_level", "notice")):
-            conn.execute(f"set auto_explain.{setting} = '{value}'")
+        plans = explain_everything(conn)
         claimed = conn.execute("select * from public.agent_tasks_claim("
                                "p_limit => 10, p_lease_seconds => 30)").fetchall()
     assert len(claimed) == 10

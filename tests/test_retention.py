@@ -21,6 +21,7 @@ from bridge.retention import Retention, describe_age, prune
 from bridge.store import Pruned, TaskStore
 from bridge.store.postgres import PostgresTransport
 from tests.conftest import SERVICE_KEY, as_role
+from tests.plans import explain_everything
 from tests.stack import Stack
 from tests.test_cli import cli, env_with
 
@@ -182,12 +183,7 @@ def test_prune_reads_only_old_finished_rows_through_its_index(db: str) -> None:
     old = add(db, "failed", "40 days", count=5)
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("analyze public.agent_task_requests")
-        plans: list[str] = []
-        conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
-        conn.execute("load 'auto_explain'")
-        for setting, value in (("log_min_duration", "0"), ("log_nested_statements", "on"),
-                               ("log_level", "notice")):
-            conn.execute(f"set auto_explain.{setting} = '{value}'")
+        plans = explain_everything(conn)
         counted = conn.execute("select * from public.agent_tasks_prune(interval '30 days', "
                                "500, true)").fetchall()
         pruned = conn.execute("select * from public.agent_tasks_prune(interval '30 days', "

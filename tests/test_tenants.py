@@ -22,6 +22,7 @@ from psycopg import errors
 from bridge.migrate import MIGRATIONS_DIR, migrate
 from supabase import Client, ClientOptions, create_client
 from tests.conftest import SERVICE_KEY
+from tests.limits import limits_restored
 from tests.postgrest_stub import PostgrestStub
 from tests.supabase_jwt import role_key, user_token
 
@@ -72,16 +73,9 @@ def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
 @pytest.fixture
 def limits(clean_db: str) -> Iterator[str]:
     """The test's database with the operator's limits as shipped, restored afterwards."""
-    saved = sql(clean_db, "select to_jsonb(l) from public.agent_tenant_limits l")
     sql(clean_db, "delete from public.agent_task_tenants")  # turns start afresh
-    try:
+    with limits_restored(clean_db):
         yield clean_db
-    finally:
-        sql(clean_db, "delete from public.agent_tenant_limits")
-        for (row,) in saved:
-            sql(clean_db, "insert into public.agent_tenant_limits select * from "
-                          "jsonb_populate_record(null::public.agent_tenant_limits, %s)",
-                [json.dumps(row)])
 
 
 # Quota ---------------------------------------------------------------------------------
