@@ -225,7 +225,7 @@ def bridge_latency(ctx: Context, *, transport: str, pool: str, concurrency: int,
         extra.update(LOG_FORMAT="json", LOG_LEVEL="DEBUG")
     stub: Any = None
     if transport == "supabase":
-        from tests.postgrest_stub import PostgrestStub
+        from tests.fakes.postgrest import PostgrestStub
 
         stub = PostgrestStub(db, service_key=SERVICE_KEY)
         extra.update(SUPABASE_URL=stub.start(), SUPABASE_SERVICE_KEY=SERVICE_KEY,

@@ -96,7 +96,7 @@ def _stack(s: Servers, name: str, transport: str, handler: str, concurrency: int
                              "BRIDGE_MAX_QUEUED": "400", "POLL_INTERVAL": "0.5"}
     stub: Any = None
     if transport == "supabase":
-        from tests.postgrest_stub import PostgrestStub
+        from tests.fakes.postgrest import PostgrestStub
 
         stub = PostgrestStub(db, service_key=SERVICE_KEY)
         extra.update(SUPABASE_URL=stub.start(), SUPABASE_SERVICE_KEY=SERVICE_KEY,

@@ -1,7 +1,7 @@
 """`python -m bench.realtime_wakeup`: Supabase mode (SUPABASE_URL + service key only),
 insert → handler started, with Realtime wake-ups (SUPABASE_REALTIME=true) beside poll-only
 (POLL_INTERVAL 2 s), same run, against the stand-ins: the PostgREST and Realtime stand-ins
-behind one gateway (tests/supabase_gateway.py), not a real Supabase.
+behind one gateway (tests/fakes/gateway.py), not a real Supabase.
 
     .venv/bin/python -m bench.realtime_wakeup            # 40 tasks each (~2 min)
     .venv/bin/python -m bench.realtime_wakeup --n 10     # smoke run
@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.benchmarks import DoneListener, Inserter, latency_run, latency_summary, payload
 from bench.stack import ProcGroup, Servers, base_env, servers
-from tests.supabase_gateway import StandIns
+from tests.fakes.gateway import StandIns
 
 
 def measure(s: Servers, *, realtime: bool, n: int) -> dict[str, Any]:

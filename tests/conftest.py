@@ -23,9 +23,9 @@ from bridge.migrate import migrate
 from bridge.store import TaskStore
 from bridge.store.postgres import PostgresTransport
 from bridge.store.supabase import SupabaseTransport
-from tests.postgrest_stub import PostgrestStub
+from tests.fakes.gateway import StandIns
+from tests.fakes.postgrest import PostgrestStub
 from tests.stack import Stack
-from tests.supabase_gateway import StandIns
 
 SERVICE_KEY = "test-service-role-key"
 

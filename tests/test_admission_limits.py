@@ -22,9 +22,9 @@ from psycopg.types.json import Jsonb
 
 from bench.payload_shapes import OLD_WALKER
 from tests.conftest import SERVICE_KEY, as_role
+from tests.fakes.jwt import role_key, user_token
+from tests.fakes.postgrest import PostgrestStub
 from tests.limits import limits_restored
-from tests.postgrest_stub import PostgrestStub
-from tests.supabase_jwt import role_key, user_token
 from tests.test_cli import cli, env_with
 
 PROMPT = {"prompt": "hi"}

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from tests.conftest import PgServer, insert_task
-from tests.fake_openai import FakeOpenAI
+from tests.fakes.openai_server import FakeOpenAI
 from tests.stack import Stack
 
 API_KEY = "sk-test-SECRET-0123456789abcdef"

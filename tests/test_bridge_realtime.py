@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.conftest import insert_task
+from tests.fakes.gateway import StandIns
 from tests.stack import Proc, Stack
-from tests.supabase_gateway import StandIns
 
 SLOW_POLL = "120"
 

@@ -20,9 +20,9 @@ from bridge.store import TaskStore
 from supabase import Client, ClientOptions, create_client
 from tests.conftest import as_role, insert_task
 from tests.conftest import fetch_task as _fetch_task
-from tests.fake_openai import FakeOpenAI
+from tests.fakes.jwt import role_key, user_token
+from tests.fakes.openai_server import FakeOpenAI
 from tests.stack import BIN, Stack
-from tests.supabase_jwt import role_key, user_token
 from tests.test_flower import AUTH, poll, start_flower
 
 ALICE = str(uuid.uuid4())

@@ -17,9 +17,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.fakes.gateway import StandIns
+from tests.fakes.jwt import TEST_JWT_SECRET
 from tests.stack import REPO, Stack
-from tests.supabase_gateway import StandIns
-from tests.supabase_jwt import TEST_JWT_SECRET
 
 JS = REPO / "clients" / "js"
 CHROMIUM = Path("/usr/bin/chromium")

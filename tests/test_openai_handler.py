@@ -1,4 +1,4 @@
-"""The OpenAI-compatible handler, with the real SDK talking HTTP to tests/fake_openai.py."""
+"""The OpenAI-compatible handler, with the real SDK talking HTTP to tests/fakes/openai_server.py."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tasks.errors import InvalidPayload, RetryableError
 from tasks.handlers import openai_chat
 from tasks.handlers.openai_chat import ProviderError, Settings, SettingsError
 from tasks.progress import bind, report_progress, unbind
-from tests.fake_openai import FakeOpenAI, split_text
+from tests.fakes.openai_server import FakeOpenAI, split_text
 
 KEY = "sk-test-SECRET0123456789abcdefXYZ"
 PROMPT = "Hello Agent, are you online? (secret-prompt-marker)"

@@ -16,7 +16,7 @@ from psycopg import errors
 
 from supabase import Client, ClientOptions, create_client
 from tests.conftest import SERVICE_KEY, as_role
-from tests.postgrest_stub import PostgrestStub
+from tests.fakes.postgrest import PostgrestStub
 
 ALICE = str(uuid.uuid4())
 BOB = str(uuid.uuid4())
@@ -174,7 +174,7 @@ def test_anon_key_through_postgrest_is_refused(clean_db: str) -> None:
 
 @pytest.fixture
 def gateway(clean_db: str) -> Iterator[Any]:
-    from tests.supabase_gateway import StandIns
+    from tests.fakes.gateway import StandIns
 
     standins = StandIns(clean_db)
     standins.start()
@@ -186,7 +186,7 @@ def gateway(clean_db: str) -> Iterator[Any]:
 
 def as_user(gateway: Any, user: str | None) -> Client:
     """supabase-py as a signed-in user's frontend: the anon key, then the user's token."""
-    from tests.supabase_jwt import user_token
+    from tests.fakes.jwt import user_token
 
     c = client(gateway.url, gateway.anon_key)
     if user is not None:
@@ -228,7 +228,7 @@ def test_user_rls_through_postgrest_with_a_signed_jwt(gateway: Any, clean_db: st
 
 def test_the_gateway_requires_the_apikey_header(gateway: Any) -> None:
     """Without `apikey` the gateway refuses even a valid user token: 401, before PostgREST."""
-    from tests.supabase_jwt import user_token
+    from tests.fakes.jwt import user_token
 
     token = user_token(ALICE)
     no_key = httpx.get(f"{gateway.url}/rest/v1/agent_task_requests",

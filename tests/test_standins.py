@@ -16,8 +16,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.sync.connection import Connection
 
-from tests.supabase_gateway import StandIns
-from tests.supabase_jwt import user_token
+from tests.fakes.gateway import StandIns
+from tests.fakes.jwt import user_token
 
 
 def rest(s: StandIns, method: str, path: str, *, apikey: str | None, token: str | None = None,

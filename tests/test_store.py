@@ -22,7 +22,7 @@ from bridge.store.supabase import SupabaseTransport
 from supabase import ClientOptions, create_client
 from tests.conftest import SERVICE_KEY, insert_task
 from tests.conftest import fetch_task as _fetch_task
-from tests.postgrest_stub import PostgrestStub
+from tests.fakes.postgrest import PostgrestStub
 
 LEASE = 60.0
 ERROR = {"type": "Boom", "message": "it broke", "retryable": True}

@@ -1,5 +1,5 @@
 """The Supabase transport against what the real PostgREST and Supabase's gateway do, through
-the PostgREST stand-in (tests/postgrest_stub.py) with the real supabase-py client:
+the PostgREST stand-in (tests/fakes/postgrest.py) with the real supabase-py client:
 gateway and proxy errors, db-max-rows, read-only STABLE functions, PGRST203 for
 overloads, the schema cache reload, and the new secret API keys."""
 
@@ -21,9 +21,9 @@ from bridge.queries import load
 from bridge.store import TaskStore
 from bridge.store.supabase import KEY_FIX, SupabaseTransport, make_client
 from tests.conftest import SERVICE_KEY, PgServer, fetch_task, insert_task
-from tests.postgrest_stub import PostgrestStub
+from tests.fakes.jwt import role_key
+from tests.fakes.postgrest import PostgrestStub
 from tests.stack import Stack
-from tests.supabase_jwt import role_key
 
 SECRET_KEY = "sb_secret_N7UND0UgjKTVK-Uodkm0Hg_xSvEMPvz"  # the shape of Supabase's secret keys
 

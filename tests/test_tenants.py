@@ -22,9 +22,9 @@ from psycopg import errors
 from bridge.migrate import MIGRATIONS_DIR, migrate
 from supabase import Client, ClientOptions, create_client
 from tests.conftest import SERVICE_KEY
+from tests.fakes.jwt import role_key, user_token
+from tests.fakes.postgrest import PostgrestStub
 from tests.limits import limits_restored
-from tests.postgrest_stub import PostgrestStub
-from tests.supabase_jwt import role_key, user_token
 
 PAYLOAD = '{"prompt": "hi"}'
 

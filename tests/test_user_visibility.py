@@ -1,7 +1,7 @@
 """What a signed-in user can learn that is not theirs (issue 20, items 4 and 6).
 
 As Supabase's roles, through the real database; Realtime events through the Realtime
-stand-in (tests/realtime_stub.py, which sends DELETEs as walrus' apply_rls does: the
+stand-in (tests/fakes/realtime.py, which sends DELETEs as walrus' apply_rls does: the
 replica identity columns the role may select, the primary key's only when RLS is on, to
 every subscriber, RLS not applied); the worker's errors and logs through a real worker.
 
@@ -32,9 +32,9 @@ from websockets.sync.client import connect
 from websockets.sync.connection import Connection
 
 from tests.conftest import as_role, insert_task
+from tests.fakes.gateway import StandIns
+from tests.fakes.jwt import user_token
 from tests.stack import Stack
-from tests.supabase_gateway import StandIns
-from tests.supabase_jwt import user_token
 from tests.visibility_handlers import INTERNAL
 
 TASKS, CHUNKS = "agent_task_requests", "agent_task_chunks"

@@ -146,9 +146,9 @@ class StandIns:
     "Supabase project" at `url`, with the anon and service_role keys as signed JWTs."""
 
     def __init__(self, database_url: str, *, subscribe_delay: float = 0.05) -> None:
-        from tests.postgrest_stub import PostgrestStub
-        from tests.realtime_stub import RealtimeStub
-        from tests.supabase_jwt import role_key
+        from tests.fakes.jwt import role_key
+        from tests.fakes.postgrest import PostgrestStub
+        from tests.fakes.realtime import RealtimeStub
 
         self.anon_key = role_key("anon")
         self.service_key = role_key("service_role")

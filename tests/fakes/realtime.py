@@ -70,7 +70,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from tests.supabase_jwt import TEST_JWT_SECRET, InvalidToken, verify
+from tests.fakes.jwt import TEST_JWT_SECRET, InvalidToken, verify
 
 NOTIFY_CHANNEL = "realtime_stub"
 

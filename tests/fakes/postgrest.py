@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from tests.supabase_jwt import TEST_JWT_SECRET, InvalidToken, verify
+from tests.fakes.jwt import TEST_JWT_SECRET, InvalidToken, verify
 
 Reply = tuple[int, Any]  # HTTP status, JSON body (None: no body)
 # A function that returned SQL null: PostgREST answers with the JSON `null`, not an
