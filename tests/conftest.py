@@ -6,11 +6,8 @@ tests that must stop or restart a server are skipped against those.
 
 from __future__ import annotations
 
-import json
 import os
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,41 +15,15 @@ import psycopg
 import pytest
 import redis
 
-from bridge.localstack import LocalPostgres, LocalRedis, with_database
+from bridge.localstack import LocalPostgres, LocalRedis
 from bridge.migrate import migrate
 from bridge.store import TaskStore
 from bridge.store.postgres import PostgresTransport
 from bridge.store.supabase import SupabaseTransport
+from tests.db import PgServer
 from tests.fakes.gateway import StandIns
-from tests.fakes.postgrest import PostgrestStub
+from tests.fakes.postgrest import SERVICE_KEY, PostgrestStub
 from tests.stack import Stack
-
-SERVICE_KEY = "test-service-role-key"
-
-
-class PgServer:
-    """The test PostgreSQL server: make databases on it, and stop/start it if it is ours."""
-
-    def __init__(self, admin_url: str, local: LocalPostgres | None) -> None:
-        self.admin_url = admin_url
-        self.local = local
-
-    def create_database(self, name: str | None = None) -> str:
-        name = name or f"ab_test_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
-            conn.execute(f'create database "{name}"')
-        return with_database(self.admin_url, name)
-
-    def drop_database(self, url: str) -> None:
-        name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
-
-    def require_local(self) -> LocalPostgres:
-        if self.local is None:
-            pytest.skip("stops the database server: not done to a TEST_DATABASE_URL server")
-        return self.local
 
 
 @pytest.fixture(scope="session")
@@ -168,16 +139,6 @@ def stack(clean_db: str, clean_redis: str, tmp_path: Path) -> Iterator[Stack]:
         s.stop_all()
 
 
-@contextmanager
-def as_role(db_url: str, role: str, sub: str | None = None) -> Iterator[psycopg.Connection[Any]]:
-    """A transaction set up the way PostgREST sets one up for a request with this JWT."""
-    claims = {"role": role, **({"sub": sub} if sub else {})}
-    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
-        conn.execute(f"set local role {role}")
-        conn.execute("select set_config('request.jwt.claims', %s, true)", [json.dumps(claims)])
-        yield conn
-
-
 @pytest.fixture
 def standins(clean_db: str) -> Iterator[StandIns]:
     """The PostgREST and Realtime stand-ins behind one gateway, on an empty table."""
@@ -189,23 +150,3 @@ def standins(clean_db: str) -> Iterator[StandIns]:
         s.stop()
 
 
-def insert_task(db_url: str, payload: object = None, **columns: object) -> str:
-    """Insert a row the way the guide's frontend does; returns its id."""
-    payload = {"prompt": "Hello Agent, are you online?"} if payload is None else payload
-    names = ["status", "request_payload", *columns]
-    values = ["pending", psycopg.types.json.Jsonb(payload), *columns.values()]
-    placeholders = ", ".join(["%s"] * len(values))
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        row = conn.execute(
-            f"insert into public.agent_task_requests ({', '.join(names)}) "
-            f"values ({placeholders}) returning id", values).fetchone()
-    assert row is not None
-    return str(row[0])
-
-
-def fetch_task(db_url: str, task_id: str) -> dict[str, object]:
-    with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as conn:
-        row = conn.execute("select * from public.agent_task_requests where id = %s",
-                           [task_id]).fetchone()
-    assert row is not None
-    return dict(row)

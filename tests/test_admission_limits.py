@@ -21,9 +21,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from bench.payload_shapes import OLD_WALKER
-from tests.conftest import SERVICE_KEY, as_role
+from tests.db import as_role, sql
 from tests.fakes.jwt import role_key, user_token
-from tests.fakes.postgrest import PostgrestStub
+from tests.fakes.postgrest import SERVICE_KEY, PostgrestStub
 from tests.limits import limits_restored
 from tests.test_cli import cli, env_with
 
@@ -41,10 +41,6 @@ def nested(depth: int, leaf: str = "1") -> str:
     return '{"a": ' * depth + leaf + "}" * depth
 
 
-def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def insert(db_url: str, user: str, payload: Any = None, enterprise: str | None = None,

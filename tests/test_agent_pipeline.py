@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import PgServer, insert_task
+from tests.db import PgServer, insert_task
 from tests.fakes.openai_server import FakeOpenAI
 from tests.stack import Stack
 

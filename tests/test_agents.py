@@ -26,7 +26,8 @@ from bridge.errors import StoreRejected
 from bridge.localstack import free_port
 from bridge.migrate import migrate
 from bridge.store import TaskStore
-from tests.conftest import SERVICE_KEY, insert_task
+from tests.db import insert_task
+from tests.fakes.postgrest import SERVICE_KEY
 from tests.stack import BIN, REPO, Stack
 from tests.test_flower import AUTH, poll, start_flower
 from tests.test_migration import GUIDE_TABLE, run
@@ -207,7 +208,7 @@ def test_users_choose_the_agent_and_get_a_400_for_an_unknown_one(
         clean_db: str, postgrest: str) -> None:
     """Through PostgREST (the stand-in) a signed-in user's insert names the agent; an
     unknown one answers 400 with the known agents, which supabase-js shows."""
-    from tests.conftest import as_role
+    from tests.db import as_role
     from tests.test_security import ALICE, client, submit
 
     with psycopg.connect(clean_db, autocommit=True) as conn:

@@ -17,7 +17,7 @@ from bridge.publisher import BrokerUnavailable, Publisher
 from bridge.store import TaskStore
 from bridge.store.postgres import PostgresTransport
 from tasks.app import RUN_AGENT, celery_config
-from tests.conftest import insert_task
+from tests.db import insert_task
 from tests.stack import Stack
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import insert_task
+from tests.db import insert_task
 from tests.fakes.gateway import StandIns
 from tests.stack import Proc, Stack
 

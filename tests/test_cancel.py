@@ -11,15 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from postgrest.exceptions import APIError
 from psycopg import errors
 
 from bridge.store import TaskStore
 from supabase import Client, ClientOptions, create_client
-from tests.conftest import as_role, insert_task
-from tests.conftest import fetch_task as _fetch_task
+from tests.db import as_role, insert_task, sql
+from tests.db import fetch_task as _fetch_task
 from tests.fakes.jwt import role_key, user_token
 from tests.fakes.openai_server import FakeOpenAI
 from tests.stack import BIN, Stack
@@ -35,10 +34,6 @@ def fetch_task(db_url: str, task_id: str) -> dict[str, Any]:
     return dict(_fetch_task(db_url, task_id))
 
 
-def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def submit_as(db_url: str, user: str) -> str:

@@ -21,13 +21,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.db import sql
+
 PAYLOAD = '{"prompt": "x"}'
 
 
-def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ import pytest
 from bridge.config import variables
 from bridge.localstack import free_port
 from bridge.migrate import SCHEMA_VERSION, migration_files
-from tests.conftest import SERVICE_KEY, fetch_task, insert_task
+from tests.db import fetch_task, insert_task
+from tests.fakes.postgrest import SERVICE_KEY
 from tests.stack import REPO, Stack
 
 AGENT_BRIDGE = Path(sys.executable).parent / "agent-bridge"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.conftest import insert_task
+from tests.db import insert_task
 
 
 def commit_mode(conn: psycopg.Connection[tuple[object, ...]]) -> str:

@@ -11,7 +11,7 @@ import pytest
 from bridge.localstack import LocalRedis
 from bridge.store import TaskStore
 from bridge.store.postgres import PostgresTransport
-from tests.conftest import PgServer, insert_task
+from tests.db import PgServer, insert_task
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import httpx
 import redis
 
 from bridge.localstack import free_port
-from tests.conftest import insert_task
+from tests.db import insert_task
 from tests.stack import BIN, Proc, Stack
 
 AUTH = ("user", "pass")

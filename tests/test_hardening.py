@@ -27,7 +27,7 @@ from bridge.store import Claim, TaskStore
 from bridge.store.postgres import PostgresTransport
 from tasks.errors import MAX_ERROR_TEXT, RetryableError, clean_text
 from tasks.payload import json_size
-from tests.conftest import PgServer, insert_task
+from tests.db import PgServer, insert_task, sql
 from tests.stack import Stack
 
 LEASE = 60.0
@@ -35,10 +35,6 @@ ERROR = {"type": "Boom", "message": "it broke", "retryable": True}
 RESPONSE_LIMIT = 100_000  # AGENT_MAX_RESPONSE_BYTES of the workers below
 
 
-def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def nested(depth: int) -> str:

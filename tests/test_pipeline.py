@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import insert_task
+from tests.db import insert_task
 from tests.stack import Stack
 
 
@@ -115,7 +115,7 @@ def test_supabase_mode_end_to_end(clean_db: str, clean_redis: str, tmp_path: Pat
                                   postgrest: str) -> None:
     """Bridge and worker both on the Supabase transport (supabase-py rpc() calls to the
     PostgREST-compatible endpoint); the bridge polls instead of LISTENing."""
-    from tests.conftest import SERVICE_KEY
+    from tests.fakes.postgrest import SERVICE_KEY
 
     stack = Stack(clean_db, clean_redis, tmp_path, BRIDGE_TRANSPORT="supabase",
                   SUPABASE_URL=postgrest, SUPABASE_SERVICE_KEY=SERVICE_KEY, DATABASE_URL="")

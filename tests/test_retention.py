@@ -20,7 +20,8 @@ from bridge.migrate import migrate
 from bridge.retention import Retention, describe_age, prune
 from bridge.store import Pruned, TaskStore
 from bridge.store.postgres import PostgresTransport
-from tests.conftest import SERVICE_KEY, as_role
+from tests.db import as_role
+from tests.fakes.postgrest import SERVICE_KEY
 from tests.plans import explain_everything
 from tests.stack import Stack
 from tests.test_cli import cli, env_with

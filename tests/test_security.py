@@ -15,8 +15,8 @@ from postgrest.exceptions import APIError
 from psycopg import errors
 
 from supabase import Client, ClientOptions, create_client
-from tests.conftest import SERVICE_KEY, as_role
-from tests.fakes.postgrest import PostgrestStub
+from tests.db import as_role
+from tests.fakes.postgrest import SERVICE_KEY, PostgrestStub
 
 ALICE = str(uuid.uuid4())
 BOB = str(uuid.uuid4())

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from postgrest.exceptions import APIError
 
@@ -20,9 +19,9 @@ from bridge.store import Claim, TaskStore
 from bridge.store.postgres import PostgresTransport
 from bridge.store.supabase import SupabaseTransport
 from supabase import ClientOptions, create_client
-from tests.conftest import SERVICE_KEY, insert_task
-from tests.conftest import fetch_task as _fetch_task
-from tests.fakes.postgrest import PostgrestStub
+from tests.db import fetch_task as _fetch_task
+from tests.db import insert_task, sql
+from tests.fakes.postgrest import SERVICE_KEY, PostgrestStub
 
 LEASE = 60.0
 ERROR = {"type": "Boom", "message": "it broke", "retryable": True}
@@ -47,11 +46,6 @@ def make_store(store: TaskStore, clean_db: str, request: pytest.FixtureRequest
         s.close()
 
 
-def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    """Plain SQL as the superuser, for setting up and inspecting rows."""
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def expire(db_url: str, task_id: str) -> None:

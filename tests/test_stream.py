@@ -11,22 +11,17 @@ import time
 import uuid
 from typing import Any
 
-import psycopg
 import pytest
 from psycopg import errors
 
 from bridge.store import TaskStore
-from tests.conftest import as_role, fetch_task, insert_task
+from tests.db import as_role, fetch_task, insert_task, sql
 from tests.stack import Stack
 
 LEASE = 60.0
 INTERVAL = 0.2  # AGENT_PROGRESS_INTERVAL of the pipeline tests
 
 
-def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def chunks(db_url: str, task_id: str) -> list[tuple[int, int, int, str]]:

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from bridge.migrate import MIGRATIONS_DIR, compat_sql, migrate, migration_files
-from tests.conftest import PgServer
+from tests.db import PgServer
 from tests.test_migration import schema_dump
 
 SUPABASE_CLI = "2.117.0"

@@ -20,9 +20,9 @@ from bridge.migrate import migrate
 from bridge.queries import load
 from bridge.store import TaskStore
 from bridge.store.supabase import KEY_FIX, SupabaseTransport, make_client
-from tests.conftest import SERVICE_KEY, PgServer, fetch_task, insert_task
+from tests.db import PgServer, fetch_task, insert_task, sql
 from tests.fakes.jwt import role_key
-from tests.fakes.postgrest import PostgrestStub
+from tests.fakes.postgrest import SERVICE_KEY, PostgrestStub
 from tests.stack import Stack
 
 SECRET_KEY = "sb_secret_N7UND0UgjKTVK-Uodkm0Hg_xSvEMPvz"  # the shape of Supabase's secret keys
@@ -60,10 +60,6 @@ def stub_factory(own_db: str) -> Iterator[Callable[..., tuple[PostgrestStub, str
         stub.stop()
 
 
-def sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def store_on(url: str, key: str = SERVICE_KEY, **options: Any) -> TaskStore:

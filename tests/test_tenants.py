@@ -21,9 +21,9 @@ from psycopg import errors
 
 from bridge.migrate import MIGRATIONS_DIR, migrate
 from supabase import Client, ClientOptions, create_client
-from tests.conftest import SERVICE_KEY
+from tests.db import sql
 from tests.fakes.jwt import role_key, user_token
-from tests.fakes.postgrest import PostgrestStub
+from tests.fakes.postgrest import SERVICE_KEY, PostgrestStub
 from tests.limits import limits_restored
 
 PAYLOAD = '{"prompt": "hi"}'
@@ -64,10 +64,6 @@ def insert(db_url: str, user: str, enterprise: str | None = None, **columns: Any
         return dict(zip([c.name for c in cur.description], row, strict=True))
 
 
-def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 @pytest.fixture

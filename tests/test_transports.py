@@ -14,7 +14,7 @@ from bridge.errors import StoreRejected, StoreUnavailable, is_transient
 from bridge.queries import Query
 from bridge.store import TaskStore, open_store, request_payload
 from bridge.store.postgres import PostgresTransport, classify
-from tests.conftest import SERVICE_KEY
+from tests.fakes.postgrest import SERVICE_KEY
 
 
 @pytest.mark.parametrize(("sqlstate", "transient"), [

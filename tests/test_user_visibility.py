@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from psycopg import errors
 from websockets.sync.client import connect
 from websockets.sync.connection import Connection
 
-from tests.conftest import as_role, insert_task
+from tests.db import as_role, insert_task, sql
 from tests.fakes.gateway import StandIns
 from tests.fakes.jwt import user_token
 from tests.stack import Stack
@@ -40,10 +39,6 @@ from tests.visibility_handlers import INTERNAL
 TASKS, CHUNKS = "agent_task_requests", "agent_task_chunks"
 
 
-def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 def start(db_url: str, task_id: str, worker: str = "w1") -> None:

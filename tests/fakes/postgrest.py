@@ -73,6 +73,9 @@ select coalesce(array_agg(a.name order by a.n) filter (where a.n > 0), '{}'),
 _OPS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}  # col=op.value
 
 
+# The service key the tests give a PostgrestStub of their own (the gateway signs real JWTs).
+SERVICE_KEY = "test-service-role-key"
+
 class PostgrestStub:
     def __init__(self, database_url: str, *, service_key: str, anon_key: str | None = None,
                  jwt_secret: str = TEST_JWT_SECRET, max_rows: int | None = None,

@@ -1,0 +1,83 @@
+"""Plain database access for tests: the test server, SQL as the owner or as Supabase's
+roles (the way PostgREST sets up a request), and rows inserted as the guide's frontend
+does."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from bridge.localstack import LocalPostgres, with_database
+
+
+class PgServer:
+    """The test PostgreSQL server: make databases on it, and stop/start it if it is ours."""
+
+    def __init__(self, admin_url: str, local: LocalPostgres | None) -> None:
+        self.admin_url = admin_url
+        self.local = local
+
+    def create_database(self, name: str | None = None) -> str:
+        name = name or f"ab_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+            conn.execute(f'create database "{name}"')
+        return with_database(self.admin_url, name)
+
+    def drop_database(self, url: str) -> None:
+        name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+    def require_local(self) -> LocalPostgres:
+        if self.local is None:
+            pytest.skip("stops the database server: not done to a TEST_DATABASE_URL server")
+        return self.local
+
+
+def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Plain SQL as the database owner, for setting up and inspecting rows."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+@contextmanager
+def as_role(db_url: str, role: str, sub: str | None = None) -> Iterator[psycopg.Connection[Any]]:
+    """A transaction set up the way PostgREST sets one up for a request with this JWT."""
+    claims = {"role": role, **({"sub": sub} if sub else {})}
+    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
+        conn.execute(f"set local role {role}")
+        conn.execute("select set_config('request.jwt.claims', %s, true)", [json.dumps(claims)])
+        yield conn
+
+
+def insert_task(db_url: str, payload: object = None, **columns: object) -> str:
+    """Insert a row the way the guide's frontend does; returns its id."""
+    payload = {"prompt": "Hello Agent, are you online?"} if payload is None else payload
+    names = ["status", "request_payload", *columns]
+    values = ["pending", Jsonb(payload), *columns.values()]
+    placeholders = ", ".join(["%s"] * len(values))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            f"insert into public.agent_task_requests ({', '.join(names)}) "
+            f"values ({placeholders}) returning id", values).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def fetch_task(db_url: str, task_id: str) -> dict[str, object]:
+    """The row as the database owner sees it."""
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        row = conn.execute("select * from public.agent_task_requests where id = %s",
+                           [task_id]).fetchone()
+    assert row is not None
+    return dict(row)
