@@ -110,13 +110,7 @@ def configure(settings: Settings) -> Agents:
             max_attempts=(None if "max_attempts" not in table else int(
                 _number(table, "max_attempts", 0, where, low=1, integer=True))),
             openai=_openai(table.get("openai", {}), where))
-        wait = settings.retry_backoff_max * 1.5 + agent.time_limit
-        if wait > settings.visibility_timeout / 2:
-            raise ConfigError(
-                f"{where}: time_limit={agent.time_limit:g}s plus the longest retry backoff "
-                f"({settings.retry_backoff_max * 1.5:g}s) must fit in half of "
-                f"CELERY_VISIBILITY_TIMEOUT={settings.visibility_timeout:g}s; raise it to at "
-                f"least {2 * wait:g}s")
+        settings.check_visibility_timeout(agent)
         agents[name] = agent
     return Agents(agents)
 

@@ -11,11 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from bridge.commands import COMMANDS
-from bridge.config import ConfigError
-from bridge.errors import StoreError
-from bridge.localstack import LocalStackError
+from bridge.errors import AgentBridgeError
 
-EXPECTED = (ConfigError, StoreError, LocalStackError, ConnectionError, TimeoutError)
+# Every error of ours, and a network failure a library let through.
+EXPECTED = (AgentBridgeError, ConnectionError, TimeoutError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,16 +7,76 @@ configuration table and `.env.example` are checked against this list by a test.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dotenv import find_dotenv, load_dotenv
 
+from bridge.errors import AgentBridgeError
 
-class ConfigError(ValueError):
+if TYPE_CHECKING:
+    from bridge.agents import Agent
+
+
+class ConfigError(AgentBridgeError, ValueError):
     """The configuration is invalid; the message says which variable and why."""
+
+
+# --------------------------------------------------------------------------- one parser
+# Every boolean and number read from the environment goes through these (Settings
+# below, and the OpenAI-compatible handler's OPENAI_* settings): a typo is refused with
+# the variable, the value and what is allowed, never read as false or as a default.
+
+TRUE: tuple[str, ...] = ("true", "1", "yes", "on")
+FALSE: tuple[str, ...] = ("false", "0", "no", "off")
+
+
+def parse_bool(name: str, raw: str, error: type[ConfigError] = ConfigError) -> bool:
+    """`raw` (set in variable `name`) as a boolean: true/false, 1/0, yes/no, on/off, in
+    any case; anything else raises `error`."""
+    value = raw.strip().lower()
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    raise error(f"{name}={raw!r} must be true or false (or 1/0, yes/no, on/off)")
+
+
+def parse_int(name: str, raw: str, error: type[ConfigError] = ConfigError) -> int:
+    """`raw` (set in variable `name`) as a whole number; anything else raises `error`."""
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise error(f"{name}={raw!r} is not a whole number (e.g. 10)") from None
+
+
+def parse_float(name: str, raw: str, error: type[ConfigError] = ConfigError, *,
+                low: float | None = None, strict: bool = False) -> float:
+    """`raw` (set in variable `name`) as a finite number (NaN and infinity are refused),
+    at least `low` (more than `low` when `strict`) when `low` is given."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise error(f"{name}={raw!r} is not a number (e.g. 2.5)") from None
+    if not math.isfinite(value) or (low is not None and (
+            value < low or (strict and value == low))):
+        bound = "" if low is None else (f" more than {low:g}" if strict else f" at least {low:g}")
+        raise error(f"{name}={raw!r} must be a finite number{bound}")
+    return value
+
+
+def parse_value(name: str, raw: str, kind: type, error: type[ConfigError] = ConfigError) -> Any:
+    """`raw` as a `kind` (bool, int, float or str), by the parsers above."""
+    if kind is bool:
+        return parse_bool(name, raw, error)
+    if kind is int:
+        return parse_int(name, raw, error)
+    if kind is float:
+        return parse_float(name, raw, error)
+    return raw
 
 
 def check_database_url(url: str) -> None:
@@ -168,7 +228,7 @@ class Settings:
             raw = environ.get(f.metadata["env"])
             if raw is None or raw.strip() == "":
                 continue
-            values[f.name] = _parse(f.metadata["env"], raw.strip(), type(f.default))
+            values[f.name] = parse_value(f.metadata["env"], raw.strip(), type(f.default))
         settings = cls(**values)
         settings.validate()
         return settings
@@ -193,6 +253,27 @@ class Settings:
     def longest_retry_wait(self) -> float:
         """The longest a retried job can sit in a worker before it runs again and ends."""
         return self.longest_retry_delay + self.time_limit
+
+    def check_visibility_timeout(self, agent: Agent | None = None) -> None:
+        """The one visibility-timeout rule, for the defaults and for each agent: a retry
+        waits in worker memory (countdown) and a running job is unacked, so if either
+        outlasts the visibility timeout Redis hands the job to a second worker while the
+        first still holds it. Both must fit in half of it."""
+        wait = self.longest_retry_delay + (self.time_limit if agent is None else agent.time_limit)
+        if wait <= self.visibility_timeout / 2:
+            return
+        if agent is None:
+            raise ConfigError(
+                f"CELERY_VISIBILITY_TIMEOUT={self.visibility_timeout:g}s is too short: the "
+                f"longest retry backoff (AGENT_RETRY_BACKOFF_MAX={self.retry_backoff_max:g}s, "
+                f"+50% jitter) plus AGENT_TIME_LIMIT={self.time_limit:g}s must fit in half of "
+                f"it, or Redis redelivers jobs that are still waiting or running. Raise "
+                f"CELERY_VISIBILITY_TIMEOUT to at least {2 * wait:g}s or lower the others.")
+        raise ConfigError(
+            f"AGENTS_FILE [{agent.name}]: time_limit={agent.time_limit:g}s plus the longest "
+            f"retry backoff ({self.longest_retry_delay:g}s) must fit in half of "
+            f"CELERY_VISIBILITY_TIMEOUT={self.visibility_timeout:g}s; raise it to at "
+            f"least {2 * wait:g}s")
 
     def validate(self) -> None:
         if self.transport not in ("auto", "postgres", "supabase"):
@@ -229,17 +310,7 @@ class Settings:
                               f"({self.supabase_max_rows}): Supabase's Data API returns at most "
                               "that many rows, and claimed rows past it would wait for their "
                               "lease; lower BRIDGE_BATCH_SIZE")
-        # A retry waits in worker memory (countdown) and a running job is unacked: if
-        # either outlasts the visibility timeout, Redis hands the job to a second
-        # worker while the first still holds it.
-        if self.longest_retry_wait > self.visibility_timeout / 2:
-            raise ConfigError(
-                f"CELERY_VISIBILITY_TIMEOUT={self.visibility_timeout:g}s is too short: the "
-                f"longest retry backoff (AGENT_RETRY_BACKOFF_MAX={self.retry_backoff_max:g}s, "
-                f"+50% jitter) plus AGENT_TIME_LIMIT={self.time_limit:g}s must fit in half of "
-                f"it, or Redis redelivers jobs that are still waiting or running. Raise "
-                f"CELERY_VISIBILITY_TIMEOUT to at least {2 * self.longest_retry_wait:g}s or "
-                f"lower the others.")
+        self.check_visibility_timeout()
         from bridge.agents import configure  # AGENTS and AGENTS_FILE, checked here
 
         configure(self)
@@ -265,15 +336,6 @@ class Settings:
 
 def _env(name: str) -> str:
     return str(next(f.metadata["env"] for f in dataclasses.fields(Settings) if f.name == name))
-
-
-def _parse(env: str, raw: str, kind: type) -> Any:
-    try:
-        if kind is bool:
-            return raw.lower() in ("1", "true", "yes", "on")
-        return kind(raw)
-    except ValueError:
-        raise ConfigError(f"{env}={raw!r} is not a valid {kind.__name__}") from None
 
 
 def variables() -> list[tuple[str, Any, str]]:

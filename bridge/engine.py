@@ -20,12 +20,12 @@ from bridge.backpressure import QueueGauge
 from bridge.config import Settings
 from bridge.errors import StoreError, StoreUnavailable, first_line
 from bridge.metrics import Metrics
+from bridge.names import TABLE
 from bridge.publisher import BrokerUnavailable, Publisher
 from bridge.store import Claim, TaskStore
 
 log = logging.getLogger("agent_bridge.bridge")
 
-TABLE = "agent_task_requests"
 BACKPRESSURE_PAUSE = 0.05  # seconds between queue checks while an agent's queue is full
 
 
@@ -94,11 +94,6 @@ class Bridge:
                                           max_queued=settings.max_queued,
                                           target_seconds=settings.queue_seconds)
                        for a in self.agents}
-
-    @property
-    def queue_full(self) -> bool:
-        """Every agent's queue is full: nothing can be claimed now."""
-        return len(self.blocked) == len(self.agents)
 
     # One round ---------------------------------------------------------------
     def rescue(self) -> int:

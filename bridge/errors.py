@@ -1,6 +1,18 @@
-"""The errors the task store raises; transport errors are turned into these."""
+"""`AgentBridgeError`, the base of every error agent-bridge raises, and the task store's
+errors (transport errors are turned into these).
+
+This module imports nothing of the project, so both packages (`bridge` and `tasks`) can
+build on it without an import cycle and without the bridge loading worker code.
+"""
 
 from __future__ import annotations
+
+
+class AgentBridgeError(Exception):
+    """Base of every exception agent-bridge defines: `except AgentBridgeError` catches
+    them all (the CLI does, to end with one line instead of a traceback). Classes that
+    are also a built-in kind (ValueError, ImportError, LookupError, RuntimeError) keep
+    that base too, so `except ValueError` still works."""
 
 
 def first_line(exc: BaseException) -> str:
@@ -25,7 +37,7 @@ def is_transient(sqlstate: str | None) -> bool:
     return sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate.startswith(_TRANSIENT_STATES)
 
 
-class StoreError(Exception):
+class StoreError(AgentBridgeError):
     """The task store failed. `code`: the SQLSTATE or PostgREST code, when there is one."""
 
     def __init__(self, message: str, code: str | None = None) -> None:

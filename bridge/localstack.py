@@ -16,8 +16,10 @@ import time
 import warnings
 from pathlib import Path
 
+from bridge.errors import AgentBridgeError
 
-class LocalStackError(RuntimeError):
+
+class LocalStackError(AgentBridgeError, RuntimeError):
     """A local service could not be started; the message says what to install."""
 
 

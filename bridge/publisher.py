@@ -8,6 +8,7 @@ from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 
 from bridge.agents import queue_name
+from bridge.errors import AgentBridgeError
 from bridge.store import Claim
 
 # Errors that mean "the broker is not there right now".
@@ -15,7 +16,7 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (OperationalError, KombuError, 
                                                   ConnectionError, TimeoutError)
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(AgentBridgeError):
     """The broker could not be reached, or refused: no job of the call counts as sent."""
 
 

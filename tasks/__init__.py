@@ -2,7 +2,8 @@
 
 Handlers raise `RetryableError` for transient trouble (retried with backoff) and
 `InvalidPayload` for requests they cannot run; any other exception fails the
-task at once. `report_progress()` (in async handlers `await report_progress_async()`)
+task at once. Every exception agent-bridge defines is an `AgentBridgeError`.
+`report_progress()` (in async handlers `await report_progress_async()`)
 streams partial output to the task's subscribers; once the
 task is cancelled it raises `Cancelled`, and `cancelled()` returns True.
 `current_agent()` is the agent (AGENTS) whose task the handler runs.
@@ -10,6 +11,7 @@ task is cancelled it raises `Cancelled`, and `cancelled()` returns True.
 
 from __future__ import annotations
 
+from bridge.errors import AgentBridgeError
 from tasks import revoke  # noqa: F401 - registers the Celery revoke hooks
 from tasks.agent import current_agent
 from tasks.app import app
@@ -20,5 +22,5 @@ from tasks.progress import report_progress, report_progress_async
 from tasks.runner import run_agent
 
 __all__ = [
-    "Cancelled", "InvalidPayload", "RetryableError", "app", "cancelled", "current_agent",
-    "report_progress", "report_progress_async", "requeue_failed", "run_agent"]
+    "AgentBridgeError", "Cancelled", "InvalidPayload", "RetryableError", "app", "cancelled",
+    "current_agent", "report_progress", "report_progress_async", "requeue_failed", "run_agent"]

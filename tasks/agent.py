@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 
 from bridge.agents import DEFAULT, Agent, Agents, configure
+from bridge.errors import AgentBridgeError
 from tasks.app import settings
 from tasks.handlers import Handler, load_handler
 
@@ -17,7 +18,7 @@ _current: contextvars.ContextVar[Agent | None] = contextvars.ContextVar(
     "agent_bridge_agent", default=None)
 
 
-class UnknownAgent(LookupError):
+class UnknownAgent(AgentBridgeError, LookupError):
     """The row names an agent this worker is not configured for."""
 
 

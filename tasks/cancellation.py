@@ -20,8 +20,10 @@ import contextvars
 import threading
 from collections.abc import Callable, Iterator
 
+from bridge.errors import AgentBridgeError
 
-class Cancelled(Exception):
+
+class Cancelled(AgentBridgeError):
     """The task was cancelled (Stop button, `agent-bridge cancel`, Flower revoke).
     Let it propagate: the runner ends the row `failed` with the partial answer."""
 

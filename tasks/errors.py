@@ -30,11 +30,13 @@ import ssl
 import urllib.error
 from typing import TypeVar
 
+from bridge.errors import AgentBridgeError
+
 MAX_RETRY_AFTER = 86400.0  # seconds: the longest Retry-After anything here accepts
 MAX_ERROR_TEXT = 4096  # bytes of UTF-8: the longest error message written to a row
 
 
-class RetryableError(Exception):
+class RetryableError(AgentBridgeError):
     """A transient failure: retry this task later."""
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
@@ -42,11 +44,11 @@ class RetryableError(Exception):
         self.retry_after = clamp_retry_after(retry_after)
 
 
-class InvalidPayload(ValueError):
+class InvalidPayload(AgentBridgeError, ValueError):
     """The request payload is not what the handler accepts; the message says why."""
 
 
-class TaskFailed(Exception):
+class TaskFailed(AgentBridgeError):
     """The task's row was failed; the message is its `error.type: error.message`."""
 
 

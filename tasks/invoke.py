@@ -35,6 +35,7 @@ from typing import Any
 
 from celery.signals import worker_init, worker_process_init
 
+from bridge.errors import AgentBridgeError
 from tasks import cancellation
 from tasks.handlers import Handler
 
@@ -50,7 +51,7 @@ LOOP_PING_TIMEOUT = 1.0
 THREAD_IDLE_SECONDS = 60.0
 
 
-class HandlerTimeout(Exception):
+class HandlerTimeout(AgentBridgeError):
     """The handler ran longer than AGENT_TIME_LIMIT."""
 
 

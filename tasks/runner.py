@@ -27,7 +27,13 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_ready
 
 from bridge.agents import DEFAULT, Agent
-from bridge.errors import StoreError, StoreRejected, StoreUnavailable, first_line
+from bridge.errors import (
+    AgentBridgeError,
+    StoreError,
+    StoreRejected,
+    StoreUnavailable,
+    first_line,
+)
 from bridge.logs import escape_controls
 from bridge.store import StartedTask, TaskStore, WriteResult, open_store
 from tasks import agent as agent_context
@@ -52,7 +58,7 @@ from tasks.payload import json_size, json_type, validate_default
 log = logging.getLogger("agent_bridge.worker")
 
 
-class WriteRefused(Exception):
+class WriteRefused(AgentBridgeError):
     """The database refused an outcome write for what it holds (not for being down)."""
 
 

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from bridge.config import Settings
+from bridge.names import CANCEL_CHANNEL, WAKE_CHANNEL
 from bridge.queries import load_all
 from bridge.store.records import (
     AgentStats,
@@ -25,9 +26,6 @@ from bridge.store.records import (
     request_payload,
 )
 from bridge.store.transport import Transport
-
-WAKE_CHANNEL = "agent_task_requests"  # NOTIFY: a row became pending (the bridge listens)
-CANCEL_CHANNEL = "agent_task_cancel"  # NOTIFY 'id:attempt': a held row was asked to stop
 
 __all__ = ["CANCEL_CHANNEL", "WAKE_CHANNEL", "AgentStats", "Claim", "Pruned", "Rescued",
            "StartedTask", "Stats", "TaskStore", "WriteResult", "open_store", "request_payload"]
@@ -73,7 +71,7 @@ class TaskStore:
         rescued: list[Rescued] = []
         while True:
             rows = self._call("rescue", p_limit=page)
-            rescued += [Rescued(str(r["id"]), int(r["attempt"]), str(r["status"]))
+            rescued += [Rescued(str(r["id"]), int(r["attempt"]), r["status"])
                         for r in rows]
             if len(rows) < page:
                 return rescued

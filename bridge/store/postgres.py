@@ -19,9 +19,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from bridge.errors import StoreRejected, StoreUnavailable, first_line, is_transient
+from bridge.names import WAKE_CHANNEL
 from bridge.queries import Query
 
-CHANNEL = "agent_task_requests"
 
 def classify(exc: BaseException) -> Exception:
     """Turn a psycopg/pool error into StoreUnavailable or StoreRejected."""
@@ -58,7 +58,7 @@ class PostgresTransport:
     max_rows: int | None = None
 
     def __init__(self, conninfo: str, *, listen: bool = False, pool: bool = True,
-                 pool_size: int = 4, connect_timeout: float = 5.0, channel: str = CHANNEL
+                 pool_size: int = 4, connect_timeout: float = 5.0, channel: str = WAKE_CHANNEL
                  ) -> None:
         self._conninfo = conninfo
         self._listen = listen

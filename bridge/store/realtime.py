@@ -21,9 +21,10 @@ from typing import Any
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
 from realtime import RealtimePostgresChangesListenEvent as Event
 
+from bridge.names import TABLE
+
 log = logging.getLogger("bridge.realtime")
 
-TABLE = "agent_task_requests"
 HEARTBEAT_SECONDS = 15
 MAX_BACKOFF = 30.0
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.names import Status
+
 
 def request_payload(prompt: str, context: Mapping[str, Any] | None) -> dict[str, Any]:
     """The frontend's request_payload: {prompt, context}."""
@@ -27,7 +29,7 @@ class WriteResult:
     """The outcome of a fenced write, and the row as the write found it."""
 
     applied: bool
-    status: str | None  # None: no such row
+    status: Status | None  # None: no such row
     attempts: int | None
     worker: str | None
 
@@ -75,7 +77,7 @@ class StartedTask:
 class Rescued:
     id: str
     attempt: int
-    status: str  # 'pending' again, or 'failed' when attempts ran out
+    status: Status  # 'pending' again, or 'failed' when attempts ran out
 
 
 @dataclass(frozen=True)

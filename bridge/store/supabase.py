@@ -19,7 +19,14 @@ from typing import Any
 import httpx
 from postgrest.exceptions import APIError
 
-from bridge.errors import StoreMisconfigured, StoreRejected, StoreUnavailable, is_transient
+from bridge.errors import (
+    AgentBridgeError,
+    StoreMisconfigured,
+    StoreRejected,
+    StoreUnavailable,
+    is_transient,
+)
+from bridge.names import TABLE
 from bridge.queries import Query
 from bridge.store.realtime import RealtimeWakeups
 from supabase import Client, ClientOptions, create_client
@@ -36,7 +43,7 @@ KEY_FIX = ("set SUPABASE_SERVICE_KEY to the project's secret key (sb_secret_...)
            "service_role key, from Project Settings → API Keys")
 
 
-class GatewayAnswer(Exception):
+class GatewayAnswer(AgentBridgeError):
     """An error answer that did not come from PostgREST (no PostgREST error `code`)."""
 
     def __init__(self, status: int, reason: str, body: str) -> None:
@@ -212,7 +219,6 @@ class SupabaseTransport:
 
 # Row operations (bridge/sql/rows.sql) through the table API -------------------------
 
-TABLE = "agent_task_requests"
 
 
 def _rows(data: Any) -> list[dict[str, Any]]:

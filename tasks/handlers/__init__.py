@@ -13,10 +13,12 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+from bridge.errors import AgentBridgeError
+
 Handler = Callable[[dict[str, Any]], Any]
 
 
-class HandlerNotFound(ImportError):
+class HandlerNotFound(AgentBridgeError, ImportError):
     """AGENT_HANDLER does not name an importable callable."""
 
 

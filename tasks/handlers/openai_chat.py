@@ -81,6 +81,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
+from bridge.config import ConfigError, parse_bool, parse_float
+from bridge.errors import AgentBridgeError
 from tasks.cancellation import raise_if_cancelled
 from tasks.errors import (
     MAX_RETRY_AFTER,
@@ -145,8 +147,9 @@ def variables() -> list[tuple[str, str, str]]:
 # --------------------------------------------------------------------------- settings
 
 
-class SettingsError(ValueError):
-    """An OPENAI_* environment variable is missing or malformed."""
+class SettingsError(ConfigError):
+    """An OPENAI_* environment variable is missing or malformed (a ConfigError, so also a
+    ValueError)."""
 
 
 @dataclass(frozen=True)
@@ -190,27 +193,12 @@ class Settings:
 def _float(env: Mapping[str, str], name: str, default: float, *, low: float,
            strict: bool = False) -> float:
     raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if not math.isfinite(value) or value < low or (strict and value == low):
-        bound = f"more than {low:g}" if strict else f"at least {low:g}"
-        raise SettingsError(f"{name}={raw!r} must be a finite number {bound}")
-    return value
+    return parse_float(name, raw, SettingsError, low=low, strict=strict) if raw else default
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{name}={raw!r} must be true or false")
+    raw = env.get(name, "").strip()
+    return parse_bool(name, raw, SettingsError) if raw else default
 
 
 # Most connections one worker process keeps to the API (and keeps alive between
@@ -349,7 +337,7 @@ def build_messages(payload: Mapping[str, Any], system_prompt: str
 # --------------------------------------------------------------------------- errors
 
 
-class ProviderError(Exception):
+class ProviderError(AgentBridgeError):
     """The API refused the request for good (bad key, bad request, content policy, ...)."""
 
     def __init__(self, message: str, *, status_code: int | None = None,
