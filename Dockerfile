@@ -26,15 +26,14 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['openai']))" \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# Why an editable install: `agent-bridge migrate` reads its SQL from
-# Path(bridge/migrate.py).parent.parent / "supabase" / "migrations", i.e. from the source
-# tree next to the `bridge` package. A regular `pip install .` puts `bridge` into
-# site-packages, where that path doesn't exist. `pip install -e .` leaves the package
-# in /app/bridge, so migrations are found in /app/supabase/migrations, and `bridge` and
-# `tasks` still import from any directory (`celery -A tasks`). .dockerignore keeps
-# tests, the .venv and .env out of the image.
+# A regular install, as from a wheel: the SQL migrations ship inside the package
+# (bridge/migrations), so `agent-bridge migrate` needs no source tree. /app keeps the rest
+# of the build context for what you add there (AGENTS_FILE, your own handler modules, which
+# `celery -A tasks` imports from the working directory); the package's own sources and
+# build leftovers are removed from it, so every process runs the installed copy.
+# .dockerignore keeps tests, the .venv and .env out of the image.
 COPY . .
-RUN pip install -e ".[openai]"
+RUN pip install ".[openai]" && rm -rf build ./*.egg-info bridge tasks
 
 USER app
 

@@ -1,6 +1,11 @@
 """Applies the migrations in `supabase/migrations/` to a Postgres database, and records
 them in `supabase_migrations.schema_migrations` exactly as the Supabase CLI does.
 
+The package carries the migrations as data, `bridge/migrations/`: in the repository that
+is a symlink to `../supabase/migrations` (the one copy git keeps, where the Supabase CLI
+looks), and a wheel holds the files themselves, so an installed `agent-bridge migrate`
+needs no source tree.
+
 On a database that is not Supabase it first creates what Supabase would have
 provided (roles, auth.uid(), the realtime publication). A migration whose version
 is already recorded (by this command or by `supabase db push`) is skipped, as the
@@ -16,9 +21,12 @@ from pathlib import Path
 
 import psycopg
 
+from bridge.errors import AgentBridgeError
 from bridge.queries import Query, parse
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "supabase" / "migrations"
+# pip unpacks a wheel, and an editable install maps `bridge` to the source folder, so the
+# package's files are on disk either way and a plain Path serves (no zip import support).
+MIGRATIONS_DIR = Path(str(resources.files("bridge").joinpath("migrations")))
 SCHEMA_VERSION = 4  # what agent_bridge_schema_version() returns after these migrations
 
 _IS_SUPABASE = "select exists (select 1 from pg_roles where rolname = 'supabase_admin')"
@@ -52,6 +60,53 @@ def migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
         assert match is not None
         found.append(Migration(match[1], match[2], path))
     return found
+
+
+@dataclass(frozen=True)
+class Exported:
+    filename: str
+    copied: bool  # False: the folder already held this very file
+
+
+class ExportConflict(AgentBridgeError, FileExistsError):
+    """The target folder holds a different file under one of our names or versions."""
+
+
+def export(target: Path, *, force: bool = False, directory: Path = MIGRATIONS_DIR
+           ) -> list[Exported]:
+    """Copy every migration file into `target` (created if missing), e.g. a Supabase
+    project's `supabase/migrations`, where `supabase db push` applies them.
+
+    Nothing is written if a file of the same name differs (unless `force`: then ours
+    replaces it), or if another file has one of our versions: the CLI keys its history
+    by version, so it would apply only one of the two."""
+    if target.exists() and not target.is_dir():
+        raise ExportConflict(f"{target} is not a folder")
+    sources = migration_files(directory)
+    ours = {_version(p.name): p.name for p in sources}
+    existing = sorted(p.name for p in target.glob("*.sql")) if target.is_dir() else []
+    clashes = [f"{name} has the version of our {ours[version]}; rename yours"
+               for name in existing
+               if (version := _version(name)) in ours and ours[version] != name]
+    plan: list[tuple[Path, bytes, bool]] = []
+    for path in sources:
+        data, dest = path.read_bytes(), target / path.name
+        same = dest.is_file() and dest.read_bytes() == data
+        if dest.exists() and not same and not force:
+            clashes.append(f"{path.name} exists and differs (--force replaces it)")
+        plan.append((dest, data, not same))
+    if clashes:
+        raise ExportConflict(f"nothing copied into {target}: " + "; ".join(clashes))
+    target.mkdir(parents=True, exist_ok=True)
+    for dest, data, copy in plan:
+        if copy:
+            dest.write_bytes(data)
+    return [Exported(dest.name, copy) for dest, _, copy in plan]
+
+
+def _version(filename: str) -> str | None:
+    match = _FILE.match(filename)
+    return match[1] if match else None
 
 
 def compat_sql() -> str:

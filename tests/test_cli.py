@@ -23,7 +23,8 @@ from tests.fakes.postgrest import SERVICE_KEY
 from tests.stack import REPO, Stack
 
 AGENT_BRIDGE = Path(sys.executable).parent / "agent-bridge"
-SUBCOMMANDS = ("run", "migrate", "submit", "status", "show", "check", "retry", "cancel", "prune")
+SUBCOMMANDS = ("run", "migrate", "submit", "status", "show", "check", "retry", "cancel", "prune",
+               "migrations")
 
 
 def env_with(**values: str) -> dict[str, str]:

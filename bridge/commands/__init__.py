@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bridge.commands import cancel, check, dev, migrate, prune, retry, run, show, status, submit
+from bridge.commands import (
+    cancel,
+    check,
+    dev,
+    migrate,
+    migrations,
+    prune,
+    retry,
+    run,
+    show,
+    status,
+    submit,
+)
 
-COMMANDS: list[ModuleType] = [run, dev, migrate, submit, status, show, check, retry, cancel,
-                              prune]
+COMMANDS: list[ModuleType] = [run, dev, migrate, migrations, submit, status, show, check, retry,
+                              cancel, prune]

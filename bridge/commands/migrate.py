@@ -15,13 +15,15 @@ from bridge.migrate import MIGRATIONS_DIR, migrate
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "migrate", help="create or upgrade the table and its functions (DATABASE_URL)",
-        description="Apply supabase/migrations/*.sql to DATABASE_URL and record them in "
+        description="Apply the migrations the package ships (the repository's "
+                    "supabase/migrations/*.sql) to DATABASE_URL and record them in "
                     "supabase_migrations.schema_migrations as the Supabase CLI does, so "
                     "`supabase db push` and `supabase migration list` agree. On a plain "
                     "PostgreSQL it first creates the roles and auth.uid() Supabase would "
                     "provide. Versions already recorded are skipped.")
     p.add_argument("--database-url", help="default: $DATABASE_URL")
-    p.add_argument("--dir", type=Path, default=MIGRATIONS_DIR, help="migrations directory")
+    p.add_argument("--dir", type=Path, default=MIGRATIONS_DIR,
+                   help="migrations directory (default: the package's)")
     p.set_defaults(func=run)
 
 
