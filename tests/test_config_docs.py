@@ -1,6 +1,7 @@
 """The configuration docs match the code: every setting is in `.env.example` (with its
-default) and in the README, and docker-compose.yml uses only variables `.env.example`
-explains and sets only variables something reads."""
+default) and has a row in the configuration reference (docs/reference/configuration.md), which
+lists nothing else, and docker-compose.yml uses only variables `.env.example` explains and sets
+only variables something reads."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tasks.handlers.openai_chat import variables as openai_variables
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_EXAMPLE = ROOT / ".env.example"
-README = ROOT / "README.md"
+CONFIG_DOCS = ROOT / "docs" / "reference" / "configuration.md"
 COMPOSE = ROOT / "docker-compose.yml"
 
 VARIABLES: list[tuple[str, Any, str]] = [*bridge_variables(), *openai_variables()]
@@ -67,13 +68,36 @@ def test_env_example_shows_the_default(name: str, default: Any) -> None:
         f".env.example shows {name}={values}, but the default is {default!r}")
 
 
+def documented_variables() -> list[str]:
+    """The first cell of every table row of the configuration reference: `| `NAME` | ...`."""
+    text = CONFIG_DOCS.read_text(encoding="utf-8")
+    return re.findall(r"^\|\s*`([A-Z][A-Z0-9_]*)`\s*\|", text, re.MULTILINE)
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_readme_has_every_variable(name: str) -> None:
-    if not README.exists():
-        pytest.skip("README.md does not exist yet; its configuration table is checked "
-                    "once it does")
-    text = README.read_text(encoding="utf-8")
-    assert re.search(rf"\b{name}\b", text), f"README.md does not mention {name}"
+def test_configuration_reference_has_every_variable(name: str) -> None:
+    assert name in documented_variables(), (
+        f"docs/reference/configuration.md has no table row for {name}")
+
+
+@pytest.mark.parametrize(("name", "default"), [(n, d) for n, d, _ in VARIABLES])
+def test_configuration_reference_shows_the_default(name: str, default: Any) -> None:
+    text = CONFIG_DOCS.read_text(encoding="utf-8")
+    row = re.search(rf"^\|\s*`{name}`\s*\|([^|]*)\|", text, re.MULTILINE)
+    assert row, f"docs/reference/configuration.md has no table row for {name}"
+    shown = row.group(1).strip().strip("`")
+    if default == "":
+        assert shown == "", f"{name} has no default, but the docs show {shown!r}"
+    else:
+        assert shows_default(shown, default), (
+            f"docs/reference/configuration.md shows {name} = {shown!r}, the default is {default!r}")
+
+
+def test_configuration_reference_lists_only_settings() -> None:
+    rows = documented_variables()
+    assert not sorted(set(rows) - set(NAMES)), (
+        f"docs/reference/configuration.md documents unknown {sorted(set(rows) - set(NAMES))}")
+    assert len(rows) == len(set(rows)), "a variable has two rows"
 
 
 def test_compose_interpolates_only_variables_env_example_explains() -> None:

@@ -440,8 +440,8 @@ def test_the_default_response_limit_is_one_mib() -> None:
 
 
 def test_docs_list_the_failure_behaviours() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("### When a task goes wrong", 1)[1].split("\n## ", 1)[0]
+    page = Path(__file__).resolve().parent.parent / "docs" / "explanation" / "failure-behaviour.md"
+    section = page.read_text().split("\n## When a task goes wrong", 1)[1].split("\n## ", 1)[0]
     for phrase in ("InvalidPayload", "64 levels", "4 KB", "AGENT_MAX_RESPONSE_BYTES",
                    "Retry-After", "finite", "TaskFailed", "prefork", "threads"):
         assert re.search(re.escape(phrase), section), phrase

@@ -26,7 +26,7 @@ from tests.plans import explain_everything
 from tests.stack import Stack
 from tests.test_cli import cli, env_with
 
-# What the README's pg_cron job runs (cron.schedule('agent-bridge-retention', '* * * * *', ...)).
+# The pg_cron job of docs/how-to/retention.md (cron.schedule('agent-bridge-retention', …)) runs:
 CRON_COMMAND = "select * from public.agent_tasks_prune(interval '30 days', 1000)"
 DAYS_30 = timedelta(days=30)
 
