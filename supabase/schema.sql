@@ -1,0 +1,2300 @@
+-- agent-bridge: the schema as it is now.
+--
+-- The migrations in supabase/migrations/ are how the database got here, and they are what
+-- `agent-bridge migrate` and `supabase db push` apply; this file is the same schema written
+-- once, for reading top to bottom. tests/test_schema_file.py builds a database from each
+-- (both on top of bridge/sql/supabase_compat.sql: the roles, auth.uid(), auth.jwt() and the
+-- supabase_realtime publication Supabase provides) and checks that `pg_dump --schema-only`
+-- of the two is identical. A migration that changes the schema updates this file in the
+-- same commit.
+--
+-- Every status change is one of the state functions of section 4; nothing else writes
+-- `status` (triggers only keep columns in step with it).
+--
+--   pending ──claim──▶ processing ──complete──▶ completed
+--      ▲                   │  │ ──fail─────────▶ failed ──requeue──▶ pending
+--      └──release/rescue───┘  └─schedule_retry (stays processing)
+--   pending / processing ──cancel──▶ failed (Cancelled)
+--
+-- Fencing: every claim increments `attempts`; a worker passes (attempt, worker) with every
+-- later write, and a write whose pair no longer matches the row changes nothing and
+-- returns applied = false.
+--
+-- Sections: 1. tables, types and their constraints; 2. indexes; 3. helpers in schema
+-- agent_bridge; 4. state functions; 5. triggers; 6. row-level security policies;
+-- 7. grants; 8. publication and schema version.
+
+-- Helpers live in their own schema, which PostgREST does not expose: they are not part
+-- of the API.
+create schema agent_bridge;
+
+-- 1. Tables, types and their constraints ----------------------------------------------------
+
+-- The integration guide's table (its first six columns, types and four statuses,
+-- unchanged), one row per task. A row's tenant is its enterprise_id, else its user_id,
+-- else the one shared tenant ('shared') of rows the service inserts without either.
+create table public.agent_task_requests (
+    id uuid primary key default gen_random_uuid(),
+    status varchar(50) not null default 'pending',
+    request_payload jsonb not null default '{}'::jsonb,
+    response_payload jsonb,
+    created_at timestamptz default now(),
+    updated_at timestamptz default now(),
+    -- The fencing number: one more at every claim.
+    attempts integer not null default 0,
+    max_attempts integer not null default 3,
+    priority integer not null default 0,
+    run_at timestamptz not null default now(),
+    lease_expires_at timestamptz,
+    started_at timestamptz,
+    finished_at timestamptz,
+    -- host:pid:run of the worker holding the attempt; private to the service.
+    worker text,
+    -- {type, message, retryable, at, attempt, ...} of the last failure or retry.
+    error jsonb,
+    user_id uuid default auth.uid(),
+    enterprise_id text,
+    -- The agent the row is for; its jobs go to the Celery queue agent_tasks.<agent>
+    -- (`default` keeps agent_tasks).
+    agent text not null default 'default',
+    tenant text generated always as (
+        coalesce(nullif(enterprise_id, ''), user_id::text, 'shared')) stored,
+    -- When cancellation was asked for (null: never). Cleared when an operator requeues.
+    cancel_requested_at timestamptz,
+    -- The row's replica identity (section 2): what a Realtime DELETE event carries.
+    replica_key bigint generated always as identity,
+    constraint agent_task_requests_status_check
+        check (status in ('pending', 'processing', 'completed', 'failed')),
+    constraint agent_task_requests_attempts_check check (attempts >= 0 and max_attempts >= 1),
+    constraint agent_task_requests_finished_check
+        check ((status in ('completed', 'failed')) = (finished_at is not null)),
+    -- Only a processing row has a lease, and it always has one, so rescue sees every
+    -- processing row.
+    constraint agent_task_requests_lease_check
+        check (status = 'processing' or lease_expires_at is null),
+    constraint agent_task_requests_lease_held_check
+        check ((status = 'processing') = (lease_expires_at is not null)),
+    -- '-infinity' broke the stats, 'infinity' never ran.
+    constraint agent_task_requests_run_at_check check (isfinite(run_at))
+)
+-- The start and the lease renewals change no indexed column: with room left on the page
+-- they are HOT updates, which write no index at all.
+with (fillfactor = 90);
+
+comment on column public.agent_task_requests.replica_key is
+    'agent-bridge: the row''s replica identity (what a Realtime DELETE event would carry), '
+    'so that it is not the task id; private to the service.';
+
+-- The result every fenced write returns: whether it applied, and the row as it is now, so
+-- a refused caller can say why (newer attempt, already finished, ...).
+create type public.agent_task_write as (
+    applied boolean,
+    status text,
+    attempts integer,
+    worker text
+);
+
+-- Streamed answers as appended chunks: a worker streaming `{"answer": text, "partial":
+-- true}` appends only what is new, instead of rewriting the row's whole response_payload
+-- (whose bytes, in WAL and in every Realtime UPDATE message, grew with the square of the
+-- answer's length):
+--
+--   answer = left(answer, answer_offset) || text      (in seq order, per attempt)
+--
+-- Chunks live only while their attempt runs: when the row leaves `processing`, or its
+-- worker changes, they are deleted in the same transaction (folded first into
+-- response_payload where the row keeps the partial answer). No foreign key to
+-- agent_task_requests: `truncate agent_task_requests` must keep working, and an insert
+-- need not lock the row a second time. A trigger deletes a deleted row's chunks; the
+-- select policy hides any other orphan.
+create table public.agent_task_chunks (
+    task_id uuid not null,
+    attempt integer not null,
+    seq integer not null constraint agent_task_chunks_seq_check check (seq >= 0),
+    answer_offset integer not null
+        constraint agent_task_chunks_answer_offset_check check (answer_offset >= 0),
+    text text not null,
+    created_at timestamptz not null default now(),
+    replica_key bigint generated always as identity,
+    primary key (task_id, attempt, seq)
+);
+
+comment on table public.agent_task_chunks is
+    'agent-bridge: the streamed answer of a running attempt, as appended pieces: answer = '
+    'left(answer, answer_offset) || text, in seq order. Deleted when the attempt ends.';
+comment on column public.agent_task_chunks.replica_key is
+    'agent-bridge: the row''s replica identity (what a Realtime DELETE event would carry), '
+    'so that it is not (task_id, attempt, seq); private to the service.';
+
+-- The agents a bridge serves, registered by `agent-bridge run` from its AGENTS setting
+-- each time it starts (agent_bridge_register_agents). `default` (AGENT_HANDLER) is always
+-- known and is not listed here. Before any bridge has registered, only `default` is
+-- accepted.
+create table public.agent_bridge_agents (
+    name text primary key
+        constraint agent_bridge_agents_name_check
+        check (name ~ '^[a-z0-9][a-z0-9_-]{0,62}$' and name <> 'default'),
+    queue text not null,
+    -- max_attempts given to the agent's new rows; null keeps the table default.
+    max_attempts integer
+        constraint agent_bridge_agents_max_attempts_check
+        check (max_attempts is null or max_attempts >= 1),
+    registered_at timestamptz not null default now()
+);
+
+-- The operator's limits: one row per tenant that differs from the default, plus the
+-- default row '*'. A null in a tenant's row means "as the '*' row"; a null in the '*' row
+-- means the built-in value (20 active rows, priority 0..0, 7 days, TENANT_CONCURRENCY,
+-- 2,000 rows and 50 MiB a day, every agent).
+create table public.agent_tenant_limits (
+    tenant text primary key,
+    max_active integer constraint agent_tenant_limits_max_active_check check (max_active >= 0),
+    min_priority integer,
+    max_priority integer,
+    run_at_horizon interval
+        constraint agent_tenant_limits_run_at_horizon_check
+        check (run_at_horizon >= interval '0'),
+    max_processing integer
+        constraint agent_tenant_limits_max_processing_check check (max_processing >= 0),
+    -- The operator's words; private to the service.
+    note text,
+    max_rows_per_day integer
+        constraint agent_tenant_limits_max_rows_per_day_check check (max_rows_per_day >= 0),
+    max_request_bytes_per_day bigint
+        constraint agent_tenant_limits_max_request_bytes_per_day_check
+        check (max_request_bytes_per_day >= 0),
+    allowed_agents text[],
+    constraint agent_tenant_limits_check check (min_priority <= max_priority)
+);
+
+comment on table public.agent_tenant_limits is
+    'agent-bridge limits per tenant (enterprise_id, else user id); the row ''*'' is the default. '
+    'max_active: pending+processing rows one signed-in user may have; min/max_priority: the '
+    'priority band users may choose; run_at_horizon: how far ahead users may schedule; '
+    'max_processing: rows of the tenant processing at once (0 = no cap, null = '
+    'TENANT_CONCURRENCY); max_rows_per_day, max_request_bytes_per_day: rows and request '
+    'bytes one signed-in user may insert per UTC day; allowed_agents: the agents its users '
+    'may insert for (null = every agent). Null = as the ''*'' row.';
+comment on column public.agent_tenant_limits.max_rows_per_day is
+    'Rows one signed-in user may insert per UTC day, refused ones that were stored as '
+    'failed included (null = as ''*''; null in ''*'' = 2000).';
+comment on column public.agent_tenant_limits.max_request_bytes_per_day is
+    'request_payload bytes (pg_column_size, uncompressed) one signed-in user may send per UTC '
+    'day, payloads stored as failed for their size included (null = as ''*''; null in '
+    '''*'' = 52428800).';
+comment on column public.agent_tenant_limits.allowed_agents is
+    'The agents the tenant''s signed-in users may insert rows for (null = as ''*''; null in '
+    '''*'' = every agent).';
+
+-- The default row, as the migrations insert it (an operator may change it; later
+-- migrations never overwrite it).
+insert into public.agent_tenant_limits (tenant, max_active, min_priority, max_priority,
+                                        run_at_horizon, max_processing, note,
+                                        max_rows_per_day, max_request_bytes_per_day)
+values ('*', 20, 0, 0, interval '7 days', null, 'default for every tenant', 2000, 52428800);
+
+-- The claim's round-robin. Rounds are 2^20 stamps apart: a claim stamps the tenants it
+-- serves with the round's first stamp, and tenants that join before the next claim take
+-- the stamps after it, one each in order of arrival (agent_bridge.tenant_join_stamp). So a
+-- tenant that joins goes behind the tenants just served, ahead of any tenant served later,
+-- and joiners never tie with each other. 2^63 / 2^20 rounds is ~278 years of 1,000 claims
+-- a second.
+create sequence public.agent_task_claim_round increment by 1048576;
+create sequence public.agent_task_tenant_arrival;
+-- A sequence never called hands out its start value first, which would stamp the first
+-- round's tenants ahead of the tenants that joined before it: issue that value now.
+select nextval('public.agent_task_claim_round');
+
+-- One row per tenant seen with a pending row. Its states:
+--   active                        in the rotation: the claim visits it in (served, tenant)
+--                                 order; it may have due rows
+--   not active, wake_at = t       asleep: every pending row of it has run_at >= t
+--   not active, wake_at is null   idle: no pending rows
+-- `served`: the claim round that last gave it rows, or its join stamp; the claim serves
+-- the least recently served tenants first. The invariant (no lost wake-up): a tenant with
+-- a committed pending row is active, or asleep with wake_at <= that row's run_at; see
+-- agent_bridge.tenants_arrive for the locking protocol that keeps it.
+create table public.agent_task_tenants (
+    tenant text primary key,
+    active boolean not null default true,
+    served bigint not null,  -- default agent_bridge.tenant_join_stamp(), set in section 3
+    wake_at timestamptz,
+    constraint agent_task_tenants_wake_check check (wake_at is null or not active)
+);
+
+comment on column public.agent_task_tenants.wake_at is
+    'agent-bridge: set while the tenant is asleep (not active): no pending row of it is '
+    'due before this time. Null while active or idle (no pending rows).';
+
+-- Day budgets: one row per signed-in user and UTC day. Written only by
+-- agent_bridge.count_user_request (from the admit trigger, under the user's quota lock);
+-- users have no access. Rows older than a week are deleted by that user's next insert,
+-- and days before yesterday by the prune.
+create table agent_bridge.user_day_usage (
+    user_id uuid not null,
+    day date not null,
+    rows integer not null default 0,
+    request_bytes bigint not null default 0,
+    primary key (user_id, day)
+);
+
+comment on table agent_bridge.user_day_usage is
+    'agent-bridge day budgets: rows and request_payload bytes each signed-in user inserted per '
+    'UTC day (agent_tenant_limits.max_rows_per_day, max_request_bytes_per_day). Delete a row to '
+    'give a user their day back.';
+
+-- 2. Indexes --------------------------------------------------------------------------------
+
+-- The claim reads these in order and stops after `limit` rows: a tenant's due rows in its
+-- own order (priority, then age); the second serves claims limited to some agents without
+-- reading the others' rows.
+create index agent_task_requests_claim_idx
+    on public.agent_task_requests (priority desc, run_at, created_at)
+    where status = 'pending';
+create index agent_task_requests_tenant_claim_idx
+    on public.agent_task_requests (tenant, priority desc, run_at, created_at)
+    where status = 'pending';
+create index agent_task_requests_tenant_agent_claim_idx
+    on public.agent_task_requests (tenant, agent, priority desc, run_at, created_at)
+    where status = 'pending';
+-- How many rows a tenant has processing (its cap), and a user's active rows (the quota),
+-- without reading finished history. The rescue finds expired leases through the first
+-- too: there is deliberately no index on lease_expires_at, so that the start and the
+-- lease renewals stay HOT updates.
+create index agent_task_requests_tenant_processing_idx
+    on public.agent_task_requests (tenant)
+    where status = 'processing';
+create index agent_task_requests_user_active_idx
+    on public.agent_task_requests (user_id)
+    where status in ('pending', 'processing');
+create index agent_task_requests_user_idx
+    on public.agent_task_requests (user_id);
+-- The prune: the oldest finished rows first, a short range scan from the left whatever
+-- the table's size. Serves the requeue's failed_since filter too.
+create index agent_task_requests_finished_idx
+    on public.agent_task_requests (finished_at)
+    where status in ('completed', 'failed');
+
+-- The sleepers, earliest first: the claim reads the due ones off the front; and the
+-- tenants in the rotation, in turn order.
+create index agent_task_tenants_wake_idx
+    on public.agent_task_tenants (wake_at) where wake_at is not null;
+create index agent_task_tenants_turn_idx
+    on public.agent_task_tenants (served, tenant) where active;
+
+-- Replica identity. Supabase Realtime cannot check a deleted row against RLS, so it sends
+-- every DELETE of a published table to every subscriber whose filters pass, with the
+-- row's replica identity columns that the subscriber may select and, on a table with RLS
+-- on, only primary key columns. Each published table's identity is therefore a column of
+-- its own, `replica_key`: not a primary key column and selectable by no API role, so a
+-- DELETE event says that some row went, and when; not whose or which.
+create unique index agent_task_requests_replica_key_idx
+    on public.agent_task_requests (replica_key);
+create unique index agent_task_chunks_replica_key_idx
+    on public.agent_task_chunks (replica_key);
+alter table public.agent_task_requests
+    replica identity using index agent_task_requests_replica_key_idx;
+alter table public.agent_task_chunks
+    replica identity using index agent_task_chunks_replica_key_idx;
+
+-- 3. Helpers in schema agent_bridge ---------------------------------------------------------
+--
+-- Not part of the API. The claim's body (agent_bridge.claim_rows) and the prune's batches
+-- are in section 4, next to the functions that call them.
+
+-- A lease or delay in seconds is refused unless it is a real number in range: a null
+-- lease would leave a processing row that rescue never sees, a NaN or an infinite one
+-- fails deep inside make_interval, and a delay of 1e20 seconds overflows timestamptz.
+create function agent_bridge.check_seconds(
+    p_name text, p_value double precision, p_zero_ok boolean)
+returns void
+language plpgsql
+immutable
+security invoker
+set search_path = ''
+as $$
+begin
+    if p_value is null or p_value = 'NaN' or p_value > 31536000
+       or p_value < 0 or (p_value = 0 and not p_zero_ok) then
+        raise exception '% must be % 0 and at most 31536000 (a year), got %', p_name,
+            case when p_zero_ok then 'at least' else 'more than' end,
+            coalesce(p_value::text, 'null') using errcode = '22023';
+    end if;
+end
+$$;
+
+-- Every write waits for its commit to reach the disk (synchronous_commit = on); the claim,
+-- the start and the lease renewals need not. They are fenced and leased, so if the server
+-- crashes before they reach the disk (at most a fraction of a second of commits, never a
+-- torn one), what is lost is recovered as a crash of the bridge or worker is: a lost claim
+-- leaves the row pending (a job sent for it is refused at start); a lost start or renewal
+-- leaves the row without its worker, whose outcome is then refused, and the rescue runs
+-- the task again. Outcomes (complete, fail, retry, cancel), releases and rescues keep
+-- waiting for the disk: a completed task is never run again. `set_config(..., true)`
+-- lasts to the end of the caller's transaction, so the commit right after the call is the
+-- one relaxed.
+create function agent_bridge.relax_commit()
+returns void
+language sql
+volatile
+security invoker
+set search_path = ''
+as $$ select set_config('synchronous_commit', 'off', true) $$;
+
+-- The size of a payload, for the size limit and the day budget alike: its size as stored,
+-- read from the value's header, O(1), where ::text would write the whole document out
+-- (14 ms for 1 MiB of small arrays). For text it is about the JSON's length; for
+-- documents of many small objects and arrays, up to 4 times it: those are the ones that
+-- cost the database the most to parse, index and keep, so the limit bounds that cost too.
+-- (A compressed value, only possible from INSERT ... SELECT of a stored row, would show
+-- its compressed size: its text size is measured instead.)
+create function agent_bridge.payload_bytes(p_payload jsonb)
+returns bigint
+language sql
+immutable
+parallel safe
+security invoker
+set search_path = ''
+as $$
+    select case when pg_catalog.pg_column_compression(p_payload) is null
+                then pg_catalog.pg_column_size(p_payload)::bigint
+                else pg_catalog.octet_length(p_payload::text)::bigint end
+$$;
+
+-- Adds one row of p_bytes to the signed-in user's (auth.uid()) count for today and returns
+-- the new totals; the caller refuses the insert (rolling this back) if they are over a
+-- limit. The user comes from the JWT, never from an argument, so a call can only ever spend
+-- the caller's own budget. Concurrent calls for one user queue on the counter row (ON
+-- CONFLICT DO UPDATE locks it), so totals never skip a row even without the admit trigger's
+-- advisory lock. Security definer: users may not write the table themselves.
+create function agent_bridge.count_user_request(p_bytes bigint)
+returns table (rows integer, request_bytes bigint)
+language plpgsql
+volatile
+security definer
+set search_path = ''
+as $$
+#variable_conflict use_column
+declare
+    v_uid uuid := auth.uid();
+    v_day date := (now() at time zone 'UTC')::date;
+begin
+    if pg_catalog.pg_trigger_depth() = 0 then
+        raise exception 'agent_bridge.count_user_request is called by the insert trigger only'
+            using errcode = '42501';
+    end if;
+    if v_uid is null or p_bytes is null or p_bytes < 0 then
+        return;
+    end if;
+    delete from agent_bridge.user_day_usage u
+     where u.user_id = v_uid and u.day < v_day - 7;
+    return query
+    insert into agent_bridge.user_day_usage as u (user_id, day, rows, request_bytes)
+    values (v_uid, v_day, 1, p_bytes)
+    on conflict (user_id, day) do update
+       set rows = u.rows + 1, request_bytes = u.request_bytes + excluded.request_bytes
+    returning u.rows, u.request_bytes;
+end
+$$;
+
+-- The answer the chunks of (p_id, p_attempt) rebuild; null when there are none.
+create function agent_bridge.streamed_answer(p_id uuid, p_attempt integer)
+returns text
+language plpgsql
+stable
+security invoker
+set search_path = ''
+as $$
+declare
+    answer text;
+    c record;
+begin
+    for c in select k.answer_offset, k.text from public.agent_task_chunks k
+              where k.task_id = p_id and k.attempt = p_attempt order by k.seq loop
+        answer := left(coalesce(answer, ''), c.answer_offset) || c.text;
+    end loop;
+    return answer;
+end
+$$;
+
+-- A row's response_payload with its streamed answer folded in: p_payload when nothing
+-- was streamed, else {"answer": <rebuilt>, "partial": true}, what the row would hold had
+-- every partial answer rewritten it.
+create function agent_bridge.streamed_payload(
+    p_id uuid, p_attempt integer, p_payload jsonb)
+returns jsonb
+language plpgsql
+stable
+security invoker
+set search_path = ''
+as $$
+declare
+    answer text := agent_bridge.streamed_answer(p_id, p_attempt);
+begin
+    if answer is null then
+        return p_payload;
+    end if;
+    return jsonb_build_object('answer', answer, 'partial', true);
+end
+$$;
+
+-- The stamp of a tenant joining the line now (new, back from idle, or awake): behind
+-- every tenant already waiting, ahead of every tenant served after it arrived. Nobody
+-- jumps the queue and nobody is starved.
+create function agent_bridge.tenant_join_stamp()
+returns bigint
+language sql
+volatile
+security invoker
+set search_path = ''
+as $$
+    select r.last_value + 1 + nextval('public.agent_task_tenant_arrival') % 1048575
+      from public.agent_task_claim_round r
+$$;
+
+alter table public.agent_task_tenants
+    alter column served set default agent_bridge.tenant_join_stamp();
+
+-- The earliest run_at of a tenant's pending rows, null if none: the first entry of each
+-- priority in agent_task_requests_tenant_claim_idx (tenant, priority desc, run_at, ...),
+-- one index probe per distinct priority the tenant has pending (users have one band,
+-- by default the single priority 0), never a read of all its rows.
+create function agent_bridge.tenant_next_run_at(p_tenant text)
+returns timestamptz
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    with recursive heads as (
+        (select t.priority, t.run_at from public.agent_task_requests t
+          where t.tenant = p_tenant and t.status = 'pending'
+          order by t.priority desc, t.run_at
+          limit 1)
+        union all
+        select n.priority, n.run_at
+          from heads h
+         cross join lateral (
+             select t.priority, t.run_at from public.agent_task_requests t
+              where t.tenant = p_tenant and t.status = 'pending' and t.priority < h.priority
+              order by t.priority desc, t.run_at
+              limit 1) n
+    )
+    select min(h.run_at) from heads h
+$$;
+
+-- The tenants of rows that just became pending (p_run_at: each row's run_at; null means
+-- due now). A tenant with a due row is active; one whose new rows are all in the future
+-- sleeps until the earliest, or sooner if it already sleeps until sooner; an active one
+-- stays as it is (the claim puts it to sleep if it has nothing due).
+--
+-- Locking protocol with the claim: an active tenant's row is held FOR KEY SHARE until this
+-- transaction ends; any other tenant's row is locked by the upsert (ON CONFLICT DO UPDATE
+-- locks the row even when its WHERE leaves it unchanged). The claim puts a tenant to sleep
+-- or deactivates it only under FOR UPDATE SKIP LOCKED (which skips both) and only after
+-- re-reading, under that lock and with a fresh snapshot, its pending rows. So a tenant
+-- never goes to sleep past (or is deactivated despite) a pending row that is uncommitted:
+-- either the writer holds the tenant and the claim leaves it active, or the writer's lock
+-- waits for the claim, then finds the tenant inactive and upserts it here, waking it or
+-- lowering wake_at. Claims' `served` updates take a lock that does not conflict with KEY
+-- SHARE. A joiner's stamp is the current round's: a tenant coming back never keeps a
+-- stamp older than that, so it cannot jump the queue.
+create function agent_bridge.tenants_arrive(p_tenants text[], p_run_at timestamptz[])
+returns void
+language plpgsql
+volatile
+security definer
+set search_path = ''
+as $$
+declare
+    v_held text[];
+begin
+    if cardinality(p_tenants) is null or cardinality(p_tenants) = 0 then
+        return;
+    end if;
+    select coalesce(array_agg(s.tenant), '{}') into v_held
+      from (select s.tenant from public.agent_task_tenants s
+             where s.tenant = any (p_tenants) and s.active
+             order by s.tenant
+               for key share) s;
+    insert into public.agent_task_tenants as s (tenant, active, wake_at, served)
+    select x.tenant, x.due, case when not x.due then x.first_run_at end,
+           agent_bridge.tenant_join_stamp()
+      from (select a.tenant,
+                   bool_or(a.run_at is null or a.run_at <= now()) as due,
+                   min(a.run_at) as first_run_at
+              from unnest(p_tenants, p_run_at) a(tenant, run_at)
+             where a.tenant is not null and a.tenant <> all (v_held)
+             group by a.tenant) x
+     order by x.tenant
+    on conflict (tenant) do update
+       set active = excluded.active,
+           wake_at = case when excluded.active then null
+                          else least(s.wake_at, excluded.wake_at) end,
+           served = case when excluded.active then greatest(s.served, excluded.served)
+                         else s.served end
+     where not s.active
+       and (excluded.active or s.wake_at is null or excluded.wake_at < s.wake_at);
+end
+$$;
+
+-- A negative age or a batch out of bounds is refused; a null one means "nothing to do", as
+-- null arguments do for the other state functions.
+create function agent_bridge.check_prune(p_older_than interval, p_batch integer)
+returns void
+language plpgsql
+immutable
+security invoker
+set search_path = ''
+as $$
+begin
+    if p_older_than < interval '0' then
+        raise exception 'p_older_than must be an age of 0 or more (e.g. ''30 days''), got %',
+            p_older_than
+            using errcode = '22023';
+    end if;
+    -- A batch is one transaction: bounded, so it stays short.
+    if p_batch < 1 or p_batch > 10000 then
+        raise exception 'p_batch must be between 1 and 10000, got %', p_batch
+            using errcode = '22023';
+    end if;
+end
+$$;
+
+-- 4. State functions: the only way status changes -------------------------------------------
+
+-- 4.1 The claim -----------------------------------------------------------------------------
+
+-- Claim up to p_limit due pending rows, taking turns across tenants: the tenants least
+-- recently served go first, one row each per turn; a tenant's own rows go in priority
+-- order (then run_at, created_at), and priority breaks ties between tenants whose turn it
+-- equally is. A tenant may have at most its cap of rows processing
+-- (agent_tenant_limits.max_processing, else p_tenant_concurrency; 0 = no cap). p_agents:
+-- only rows of these agents (null: any). Rows come back in the order they should run.
+-- Each claimed row's attempts goes up by one; that number fences every later write.
+--
+-- 0. the due sleepers are woken first, at most p_limit + 32 of them, earliest first (a
+--    crowd due at the same instant is woken over a few claims, each waking more than it
+--    serves), each joining the line at the current round;
+-- 1. the walk visits active tenants only; a tenant found with pending rows but none due is
+--    put to sleep until its earliest, and one with none is deactivated, both under the
+--    locking protocol of agent_bridge.tenants_arrive;
+-- 2. the rows: rank 1 of every tenant before rank 2 of any, and so on.
+--
+-- Cost: about p_limit index probes (one per tenant whose turn it is), whatever the
+-- backlog and however many tenants sleep; plus one probe for the sleepers, one write per
+-- tenant woken or put to sleep (each happens once per batch of due rows, not per claim),
+-- and more only while many active tenants sit at their cap. Every statement walks an
+-- index whatever its parameters and statistics (see the SET clauses and the walk).
+create function agent_bridge.claim_rows(
+    p_limit integer,
+    p_lease_seconds double precision,
+    p_tenant_concurrency integer default 0,
+    p_agents text[] default null)
+returns table (id uuid, attempt integer, agent text)
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+-- Re-planning these statements on every call (custom plans) costs more than running
+-- them; every statement is written to walk indexes whatever its parameters.
+set plan_cache_mode = force_generic_plan
+-- ... and the planner is held to that when the statistics are stale (a bulk arrival
+-- before ANALYZE): no scan of a whole table, no bitmap of every tenant's rows.
+set enable_seqscan = off
+set enable_bitmapscan = off
+as $$
+#variable_conflict use_column
+declare
+    v_limit integer := greatest(coalesce(p_limit, 0), 0);
+    v_default_cap integer;
+    v_round bigint;
+    -- the tenants taking part, in turn order, with how many rows each may take
+    v_tenants text[] := '{}';
+    v_served bigint[] := '{}';
+    v_allow integer[] := '{}';
+    -- passed over: nothing pending (deactivate), or only future rows (to sleep)
+    v_idle text[] := '{}';
+    v_later text[] := '{}';
+    v_locked text[];
+    v_chunk_tenants text[];
+    v_chunk_served bigint[];
+    v_after_served bigint;
+    v_after_tenant text;
+    v_tie_served bigint;
+    v_share integer;
+    r record;
+begin
+    if v_limit = 0 then
+        return;
+    end if;
+    perform agent_bridge.check_seconds('p_lease_seconds', p_lease_seconds, false);
+    select l.max_processing into v_default_cap
+      from public.agent_tenant_limits l where l.tenant = '*';
+    v_default_cap := coalesce(v_default_cap, p_tenant_concurrency, 0);
+
+    -- 0. Wake the sleepers that are due. Skips a tenant a writer holds (it is woken by
+    -- the next claim, or by the writer itself); waking is never unsafe.
+    update public.agent_task_tenants tt
+       set active = true, wake_at = null, served = greatest(tt.served, w.stamp)
+      from (select d.tenant, agent_bridge.tenant_join_stamp() as stamp
+              from (select s.tenant from public.agent_task_tenants s
+                     where s.wake_at is not null and s.wake_at <= now() and not s.active
+                     order by s.wake_at
+                     limit v_limit + 32
+                       for no key update skip locked) d) w
+     where tt.tenant = w.tenant;
+
+    -- 1. Whose turn it is: walk the active tenants in (served, tenant) order, a chunk
+    -- at a time, until p_limit of them have a due row and room under their cap.
+    loop
+        select coalesce(array_agg(s.tenant order by s.served, s.tenant), '{}'),
+               coalesce(array_agg(s.served order by s.served, s.tenant), '{}')
+          into v_chunk_tenants, v_chunk_served
+          from (select tt.tenant, tt.served from public.agent_task_tenants tt
+                 where tt.active
+                   and (v_after_tenant is null
+                        or (tt.served, tt.tenant) > (v_after_served, v_after_tenant))
+                 order by tt.served, tt.tenant
+                 limit v_limit - cardinality(v_tenants) + 4) s;
+        exit when cardinality(v_chunk_tenants) = 0;
+        -- Whether each has a due row (of the agents asked for) and room for it: one
+        -- probe of that tenant's index entries each, as LATERAL ... LIMIT 1, which the
+        -- planner can turn neither into a join nor into a hash of every tenant's rows
+        -- (an EXISTS can be both, and was, with statistics from before a bulk arrival).
+        -- The tenant's limits are looked up the same way, never hashed whole.
+        for r in
+            select c.tenant, c.served, room.n as allowance,
+                   coalesce(mine.found, theirs.found, false) as found
+              from unnest(v_chunk_tenants, v_chunk_served) with ordinality
+                   c(tenant, served, ord)
+              left join lateral (
+                 select l.max_processing from public.agent_tenant_limits l
+                  where l.tenant = c.tenant limit 1) l on true
+             cross join lateral (
+                 select case when coalesce(l.max_processing, v_default_cap) > 0
+                        then coalesce(l.max_processing, v_default_cap) - (
+                             select count(*) from (
+                                 select 1 from public.agent_task_requests p
+                                  where p.tenant = c.tenant and p.status = 'processing'
+                                  limit coalesce(l.max_processing, v_default_cap)) x)::integer
+                        else v_limit end as n) room
+              left join lateral (
+                 select true as found from public.agent_task_requests t
+                  where p_agents is null and room.n > 0
+                    and t.tenant = c.tenant and t.status = 'pending' and t.run_at <= now()
+                  limit 1) mine on true
+              left join lateral (
+                 select true as found from unnest(p_agents) g(name)
+                  cross join lateral (
+                      select 1 from public.agent_task_requests t
+                       where t.tenant = c.tenant and t.agent = g.name
+                         and t.status = 'pending' and t.run_at <= now()
+                       limit 1) x
+                  where room.n > 0
+                  limit 1) theirs on true
+             order by c.ord
+        loop
+            v_after_served := r.served;
+            v_after_tenant := r.tenant;
+            if r.found then
+                v_tenants := v_tenants || r.tenant;
+                v_served := v_served || r.served;
+                v_allow := v_allow || r.allowance;
+                exit when cardinality(v_tenants) = v_limit;
+            elsif not exists (select 1 from public.agent_task_requests t
+                               where t.tenant = r.tenant and t.status = 'pending') then
+                v_idle := v_idle || r.tenant;
+            elsif not exists (select 1 from public.agent_task_requests t
+                               where t.tenant = r.tenant and t.status = 'pending'
+                                 and t.run_at <= now()) then
+                v_later := v_later || r.tenant;
+            end if;  -- else at its cap, or due rows only for other agents: keeps its place
+        end loop;
+        exit when cardinality(v_tenants) = v_limit
+               or cardinality(v_chunk_tenants) < v_limit - cardinality(v_tenants) + 4;
+    end loop;
+
+    v_round := nextval('public.agent_task_claim_round');
+    if cardinality(v_idle) + cardinality(v_later) > 0 then
+        if current_setting('transaction_isolation') = 'read committed' then
+            -- Lock first (skipping tenants a writer holds), then look again with a fresh
+            -- snapshot: a row committed before the lock is seen; a writer after it waits
+            -- for this transaction and then wakes the tenant or lowers its wake_at. A
+            -- tenant found with a due row by now stays active. Two statements: a
+            -- statement's snapshot is taken when it starts, so one that locked and looked
+            -- would miss the row of a writer that committed between the two (and so
+            -- released its hold on the tenant): that tenant would sleep past its row.
+            select coalesce(array_agg(s.tenant), '{}') into v_locked
+              from (select s.tenant from public.agent_task_tenants s
+                     where s.tenant = any (v_idle || v_later) and s.active
+                     order by s.tenant
+                       for update skip locked) s;
+            update public.agent_task_tenants tt
+               set active = false, wake_at = n.next_run_at
+              from (select q.tenant, agent_bridge.tenant_next_run_at(q.tenant) as next_run_at
+                      from unnest(v_locked) q(tenant)) n
+             where tt.tenant = n.tenant
+               and (n.next_run_at is null or n.next_run_at > now());
+        elsif cardinality(v_later) > 0 then
+            -- No fresh snapshot to check with: leave them active, at the back of the line.
+            update public.agent_task_tenants tt
+               set served = v_round
+              from (select s.tenant from public.agent_task_tenants s
+                     where s.tenant = any (v_later)
+                       for no key update skip locked) s
+             where tt.tenant = s.tenant;
+        end if;
+    end if;
+
+    if cardinality(v_tenants) = 0 then
+        return;
+    end if;
+
+    -- The rest of the last tenant's tie (same `served`), since priority decides
+    -- among tenants whose turn it equally is.
+    if cardinality(v_tenants) = v_limit then
+        v_tie_served := v_served[v_limit];
+        select v_tenants || coalesce(array_agg(x.tenant order by x.tenant), '{}'),
+               v_served || coalesce(array_agg(x.served order by x.tenant), '{}'),
+               v_allow || coalesce(array_agg(x.allowance order by x.tenant), '{}')
+          into v_tenants, v_served, v_allow
+          from (select tt.tenant, tt.served, room.n as allowance
+                  from public.agent_task_tenants tt
+                  left join lateral (
+                     select l.max_processing from public.agent_tenant_limits l
+                      where l.tenant = tt.tenant limit 1) l on true
+                 cross join lateral (
+                     select case when coalesce(l.max_processing, v_default_cap) > 0
+                            then coalesce(l.max_processing, v_default_cap) - (
+                                 select count(*) from (
+                                     select 1 from public.agent_task_requests p
+                                      where p.tenant = tt.tenant and p.status = 'processing'
+                                      limit coalesce(l.max_processing, v_default_cap)) y)::integer
+                            else v_limit end as n) room
+                 cross join lateral (
+                     select 1 from public.agent_task_requests t
+                      where t.tenant = tt.tenant and t.status = 'pending' and t.run_at <= now()
+                        and (p_agents is null or t.agent = any (p_agents))
+                      limit 1) due
+                 where tt.active and tt.served = v_tie_served and tt.tenant > v_after_tenant) x
+         where x.allowance > 0;
+    end if;
+
+    -- 2. The rows: each tenant's first rows in its own order, ranked; rank 1 of every
+    -- tenant goes before rank 2 of any, and so on. Within a rank: least recently
+    -- served tenant first, then priority, then age. No tenant needs more than
+    -- p_limit minus one row for each other tenant taking part.
+    v_share := greatest(v_limit - least(cardinality(v_tenants), v_limit) + 1, 1);
+    return query
+    with candidates as (
+        select w.id, w.priority, w.run_at, w.created_at, c.tenant, c.served,
+               row_number() over (partition by c.tenant
+                                  order by w.priority desc, w.run_at, w.created_at) as rank
+          from unnest(v_tenants, v_served, v_allow) c(tenant, served, allowance)
+         cross join lateral (
+             select h.id, h.priority, h.run_at, h.created_at from (
+                 -- Locked here, skipping rows another claim holds, so concurrent
+                 -- bridges share even one tenant's backlog. (A locking clause is not
+                 -- allowed on a UNION arm itself, hence the wrapping subqueries.)
+                 (select * from (
+                  select t.id, t.priority, t.run_at, t.created_at
+                    from public.agent_task_requests t
+                   where p_agents is null and t.tenant = c.tenant
+                     and t.status = 'pending' and t.run_at <= now()
+                   order by t.priority desc, t.run_at, t.created_at
+                   limit least(c.allowance, v_share)
+                     for update skip locked) mine)
+                 union all
+                 (select a.id, a.priority, a.run_at, a.created_at
+                    from unnest(p_agents) g(name)
+                   cross join lateral (
+                       select t.id, t.priority, t.run_at, t.created_at
+                         from public.agent_task_requests t
+                        where t.tenant = c.tenant and t.agent = g.name
+                          and t.status = 'pending' and t.run_at <= now()
+                        order by t.priority desc, t.run_at, t.created_at
+                        limit least(c.allowance, v_share)
+                          for update skip locked) a)
+             ) h order by h.priority desc, h.run_at, h.created_at
+             limit least(c.allowance, v_share)) w
+    ),
+    picked as (
+        select k.id,
+               row_number() over (order by k.rank, k.served, k.priority desc, k.run_at,
+                                           k.created_at, k.tenant) as ord
+          from candidates k
+         order by k.rank, k.served, k.priority desc, k.run_at, k.created_at, k.tenant
+         limit v_limit
+    ),
+    locked as (
+        select t.id from public.agent_task_requests t
+         where t.id in (select p.id from picked p) and t.status = 'pending'
+           for update skip locked
+    ),
+    claimed as (
+        update public.agent_task_requests t
+           set status = 'processing',
+               attempts = t.attempts + 1,
+               lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+               worker = null,
+               started_at = null
+          from locked
+         where t.id = locked.id
+        returning t.id, t.attempts, t.agent, t.tenant
+    ),
+    stamped as (
+        update public.agent_task_tenants tt
+           set served = v_round
+          from (select s.tenant from public.agent_task_tenants s
+                 where s.tenant in (select c.tenant from claimed c)
+                   for no key update skip locked) s
+         where tt.tenant = s.tenant
+    )
+    select c.id, c.attempts, c.agent
+      from claimed c join picked p on p.id = c.id
+     order by p.ord;
+end
+$$;
+
+-- The entry point (PostgREST's and the bridge's): the claim above, with a relaxed commit.
+create function public.agent_tasks_claim(
+    p_limit integer,
+    p_lease_seconds double precision,
+    p_tenant_concurrency integer default 0,
+    p_agents text[] default null)
+returns table (id uuid, attempt integer, agent text)
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+begin
+    perform agent_bridge.relax_commit();
+    return query select c.id, c.attempt, c.agent
+                   from agent_bridge.claim_rows(p_limit, p_lease_seconds,
+                                                p_tenant_concurrency, p_agents) c;
+end
+$$;
+
+-- 4.2 The worker's attempt ------------------------------------------------------------------
+
+-- A worker starts (or, after a Celery retry, restarts) its attempt. Refused when the
+-- attempt is stale, or when another live worker already holds this attempt (a duplicate
+-- broker delivery). Returns the payload the worker needs and the row's `agent` (the
+-- worker runs that agent's handler with its limits).
+create function public.agent_task_start(
+    p_id uuid, p_attempt integer, p_worker text, p_lease_seconds double precision)
+returns table (
+    applied boolean, status text, attempts integer, worker text,
+    request_payload jsonb, max_attempts integer, priority integer,
+    user_id uuid, enterprise_id text, created_at timestamptz, agent text)
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+#variable_conflict use_column
+declare
+    r public.agent_task_requests;
+begin
+    if p_id is not null then
+        perform agent_bridge.check_seconds('p_lease_seconds', p_lease_seconds, false);
+    end if;
+    perform agent_bridge.relax_commit();
+    update public.agent_task_requests t
+       set worker = p_worker,
+           started_at = coalesce(t.started_at, now()),
+           lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+     where t.id = p_id
+       and t.status = 'processing'
+       and t.attempts = p_attempt
+       and (t.worker is null or t.worker = p_worker or t.lease_expires_at < now())
+    returning t.* into r;
+    if found then
+        return query select true, r.status::text, r.attempts, r.worker,
+            r.request_payload, r.max_attempts, r.priority,
+            r.user_id, r.enterprise_id, r.created_at, r.agent;
+    else
+        return query select false, t.status::text, t.attempts, t.worker,
+            null::jsonb, t.max_attempts, t.priority, t.user_id, t.enterprise_id, t.created_at,
+            t.agent
+          from public.agent_task_requests t where t.id = p_id;
+    end if;
+end
+$$;
+
+-- The row as a fenced write found it, for refused writes.
+create function public.agent_task_current(p_id uuid)
+returns setof public.agent_task_write
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    select false, t.status::text, t.attempts, t.worker
+      from public.agent_task_requests t where t.id = p_id;
+$$;
+
+-- The holder of an attempt renews its lease while its handler runs.
+create function public.agent_task_heartbeat(
+    p_id uuid, p_attempt integer, p_worker text, p_lease_seconds double precision)
+returns setof public.agent_task_write
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+begin
+    if p_id is not null then
+        perform agent_bridge.check_seconds('p_lease_seconds', p_lease_seconds, false);
+    end if;
+    perform agent_bridge.relax_commit();
+    return query
+    update public.agent_task_requests t
+       set lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker
+    returning true, t.status::text, t.attempts, t.worker;
+    if not found then
+        return query select * from public.agent_task_current(p_id);
+    end if;
+end
+$$;
+
+-- A full partial write (any shape of partial output other than an appended answer): the
+-- final complete replaces it, and the attempt's chunks go.
+create function public.agent_task_progress(
+    p_id uuid, p_attempt integer, p_worker text, p_response jsonb)
+returns setof public.agent_task_write
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+begin
+    return query
+    update public.agent_task_requests t
+       set response_payload = p_response
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker
+    returning true, t.status::text, t.attempts, t.worker;
+    if found then
+        delete from public.agent_task_chunks k where k.task_id = p_id;
+    else
+        return query select * from public.agent_task_current(p_id);
+    end if;
+end
+$$;
+
+-- A piece of the streamed answer: fenced like agent_task_progress (the row processing,
+-- at p_attempt, held by p_worker). The row is locked FOR SHARE, not written: a
+-- concurrent state change waits for this insert and then deletes it with the others,
+-- and an append that waited for a state change sees the new row and is refused.
+-- answer_offset is the length written so far (in characters) for an append, the length
+-- of the common prefix when a handler rewrote earlier text, 0 to start over.
+create function public.agent_task_append(
+    p_id uuid, p_attempt integer, p_worker text, p_seq integer, p_offset integer,
+    p_text text)
+returns setof public.agent_task_write
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+declare
+    r record;
+begin
+    select t.status::text as status, t.attempts, t.worker into r
+      from public.agent_task_requests t
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker
+       for share;
+    if not found then
+        return query select * from public.agent_task_current(p_id);
+        return;
+    end if;
+    if p_seq is null or p_seq < 0 or p_offset is null or p_offset < 0 or p_text is null then
+        raise exception 'p_seq and p_offset must be 0 or more and p_text not null'
+            using errcode = '22023';
+    end if;
+    insert into public.agent_task_chunks (task_id, attempt, seq, answer_offset, text)
+    values (p_id, p_attempt, p_seq, p_offset, p_text);
+    return query select true, r.status, r.attempts, r.worker;
+end
+$$;
+
+create function public.agent_task_complete(
+    p_id uuid, p_attempt integer, p_worker text, p_response jsonb)
+returns setof public.agent_task_write
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+begin
+    return query
+    update public.agent_task_requests t
+       set status = 'completed',
+           response_payload = p_response,
+           error = null,
+           finished_at = now(),
+           lease_expires_at = null
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker
+    returning true, t.status::text, t.attempts, t.worker;
+    if not found then
+        return query select * from public.agent_task_current(p_id);
+    end if;
+end
+$$;
+
+-- Final failure. p_error is {type, message, retryable, ...}; the message is also put
+-- in response_payload.error, where the guide's frontend looks for it.
+create function public.agent_task_fail(
+    p_id uuid, p_attempt integer, p_worker text, p_error jsonb)
+returns setof public.agent_task_write
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+begin
+    return query
+    update public.agent_task_requests t
+       set status = 'failed',
+           error = p_error || jsonb_build_object('at', now(), 'attempt', p_attempt),
+           response_payload = jsonb_build_object('error', p_error ->> 'message'),
+           finished_at = now(),
+           lease_expires_at = null
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker
+    returning true, t.status::text, t.attempts, t.worker;
+    if not found then
+        return query select * from public.agent_task_current(p_id);
+    end if;
+end
+$$;
+
+-- A transient error: the row stays processing, shows the error, and its lease covers
+-- the backoff. The holder lets go (worker = null) so the retried message may start
+-- on any worker.
+create function public.agent_task_schedule_retry(
+    p_id uuid, p_attempt integer, p_worker text, p_error jsonb,
+    p_delay_seconds double precision, p_lease_seconds double precision)
+returns setof public.agent_task_write
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+begin
+    if p_id is not null then
+        perform agent_bridge.check_seconds('p_lease_seconds', p_lease_seconds, false);
+    end if;
+    if p_id is not null then
+        perform agent_bridge.check_seconds('p_delay_seconds', p_delay_seconds, true);
+    end if;
+    return query
+    update public.agent_task_requests t
+       set error = p_error || jsonb_build_object('at', now(), 'attempt', p_attempt),
+           worker = null,
+           lease_expires_at = now() + make_interval(secs => p_delay_seconds + p_lease_seconds)
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker
+    returning true, t.status::text, t.attempts, t.worker;
+    if not found then
+        return query select * from public.agent_task_current(p_id);
+    end if;
+end
+$$;
+
+-- 4.3 Back to the queue ---------------------------------------------------------------------
+
+-- The bridge could not enqueue a claimed row: back to pending at once. Only an attempt no
+-- worker ever started can be released (started_at is null): after a schedule_retry the
+-- worker is null again, but that attempt did run and is not the bridge's to give back.
+-- attempts is not lowered (fencing numbers are never reused), so max_attempts goes up
+-- instead.
+create function public.agent_task_release(p_id uuid, p_attempt integer)
+returns setof public.agent_task_write
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+begin
+    return query
+    update public.agent_task_requests t
+       set status = 'pending',
+           lease_expires_at = null,
+           max_attempts = t.max_attempts + 1
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker is null and t.started_at is null
+    returning true, t.status::text, t.attempts, t.worker;
+    if not found then
+        return query select * from public.agent_task_current(p_id);
+    end if;
+end
+$$;
+
+-- Rows whose lease expired (bridge died after claiming, broker lost the message,
+-- worker vanished) go back to pending, or to failed once attempts >= max_attempts.
+-- An attempt that no worker started (its job waited in, or was lost from, the
+-- broker) does not count against max_attempts, as with release: only runs that
+-- reached a worker can use up a task.
+create function public.agent_tasks_rescue(p_limit integer default 1000)
+returns table (id uuid, attempt integer, status text)
+language sql
+volatile
+security invoker
+set search_path = ''
+as $$
+    with expired as (
+        select t.id,
+               t.started_at is not null and t.attempts >= t.max_attempts as gives_up
+          from public.agent_task_requests t
+         where t.status = 'processing' and t.lease_expires_at < now()
+         order by t.lease_expires_at
+         limit p_limit
+           for update skip locked
+    )
+    update public.agent_task_requests t
+       set status = case when expired.gives_up then 'failed' else 'pending' end,
+           finished_at = case when expired.gives_up then now() end,
+           max_attempts = case when t.started_at is null then t.max_attempts + 1
+                               else t.max_attempts end,
+           worker = null,
+           lease_expires_at = null,
+           error = case when expired.gives_up then
+                       jsonb_build_object(
+                           'type', 'LeaseExpired',
+                           'message', format(
+                               'Gave up after %s of %s attempts: each time the worker '
+                               'running the task stopped before finishing it (crash, '
+                               'kill, or a handler that outlived its lease).',
+                               t.attempts, t.max_attempts),
+                           'retryable', false, 'at', now(), 'attempt', t.attempts)
+                   else t.error end,
+           response_payload = case when expired.gives_up then
+                       jsonb_build_object('error', format(
+                           'Gave up after %s of %s attempts: the worker running the task '
+                           'stopped before finishing it.', t.attempts, t.max_attempts))
+                   else t.response_payload end
+      from expired
+     where t.id = expired.id
+    returning t.id, t.attempts, t.status::text;
+$$;
+
+-- Operator retry: failed rows back to pending with p_more_attempts fresh attempts.
+-- Select by ids, or by failure time and/or error type (null means any). p_limit: pages
+-- (the oldest failures first) under PostgREST's db-max-rows cap (Supabase: 1,000), which
+-- would otherwise cut the reported result short; null: no limit (direct SQL).
+create function public.agent_tasks_requeue(
+    p_ids uuid[] default null,
+    p_failed_since timestamptz default null,
+    p_error_type text default null,
+    p_more_attempts integer default 3,
+    p_limit integer default null)
+returns table (id uuid, attempts integer)
+language sql
+volatile
+security invoker
+set search_path = ''
+as $$
+    with chosen as (
+        select t.id
+          from public.agent_task_requests t
+         where t.status = 'failed'
+           and (p_ids is null or t.id = any (p_ids))
+           and (p_failed_since is null or t.finished_at >= p_failed_since)
+           and (p_error_type is null or t.error ->> 'type' = p_error_type)
+         order by t.finished_at, t.id
+         limit p_limit
+           for update
+    )
+    update public.agent_task_requests t
+       set status = 'pending',
+           max_attempts = t.attempts + greatest(p_more_attempts, 1),
+           response_payload = null,
+           finished_at = null,
+           run_at = now(),
+           worker = null
+      from chosen
+     where t.id = chosen.id
+    returning t.id, t.attempts;
+$$;
+
+-- 4.4 Cancellation --------------------------------------------------------------------------
+--
+--   pending ──cancel──────────────────────────────▶ failed (Cancelled)
+--   processing, no live holder (not started, between
+--     retries, holder's lease gone) ──cancel──────▶ failed (Cancelled)
+--   processing, held ──cancel──▶ cancel_requested_at set + NOTIFY agent_task_cancel
+--       └─ the holder stops its handler ──agent_task_cancelled──▶ failed (Cancelled)
+--   completed / failed: unchanged
+--
+-- A cancelled row keeps the partial answer streamed so far in response_payload, marked
+-- {"partial": true, "cancelled": true, "error": "..."}. A row with a cancel request
+-- never goes back to the queue or completes (agent_task_requests_cancel_guard, section 5).
+
+-- The response_payload of a cancelled row: {"cancelled": true, "error": message}
+-- (the message where the guide's frontend looks for errors), plus the partial answer
+-- streamed so far, if any (the given one, else what the row holds) marked
+-- "partial": true.
+create function public.agent_task_cancelled_payload(p_partial jsonb, p_message text)
+returns jsonb
+language sql
+immutable
+security invoker
+set search_path = ''
+as $$
+    select case when jsonb_typeof(p_partial) = 'object' and p_partial ? 'answer'
+                then p_partial || jsonb_build_object('partial', true)
+                else '{}'::jsonb end
+           || jsonb_build_object('cancelled', true, 'error', p_message);
+$$;
+
+-- Cancel row p_id (the core; service_role only); with p_attempt, only while the row is at
+-- that attempt (an operator revoking one Celery job must not cancel a later attempt).
+-- p_holder_gone: the caller knows the holder is dead (Celery terminated its process), so
+-- the row ends now instead of waiting for it. Returns the row's status afterwards; null
+-- if there is no such row.
+create function public.agent_task_request_cancel(
+    p_id uuid, p_attempt integer default null, p_holder_gone boolean default false)
+returns text
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+declare
+    r public.agent_task_requests;
+    message text;
+begin
+    select * into r from public.agent_task_requests t where t.id = p_id for update;
+    if not found then
+        return null;
+    end if;
+    if (p_attempt is not null and r.attempts <> p_attempt)
+       or r.status not in ('pending', 'processing') then
+        return r.status;
+    end if;
+    if r.status = 'processing' and r.worker is not null and r.lease_expires_at >= now()
+       and not coalesce(p_holder_gone, false) then
+        -- A live worker holds it: record the request and tell that worker.
+        if r.cancel_requested_at is null then
+            update public.agent_task_requests t set cancel_requested_at = now()
+             where t.id = p_id;
+            perform pg_notify('agent_task_cancel', p_id::text || ':' || r.attempts);
+        end if;
+        return 'processing';
+    end if;
+    message := case
+        when r.status = 'pending' then 'Cancelled on request before it started.'
+        when r.worker is null and r.started_at is not null
+            then 'Cancelled on request while waiting to retry.'
+        when r.worker is null then 'Cancelled on request before it started.'
+        else 'Cancelled on request while it was running.' end;
+    update public.agent_task_requests t
+       set status = 'failed',
+           cancel_requested_at = coalesce(t.cancel_requested_at, now()),
+           error = jsonb_build_object('type', 'Cancelled', 'message', message,
+                                      'retryable', false, 'at', now(),
+                                      'attempt', t.attempts),
+           response_payload = public.agent_task_cancelled_payload(
+               agent_bridge.streamed_payload(t.id, t.attempts, t.response_payload), message),
+           worker = null,
+           finished_at = now(),
+           lease_expires_at = null
+     where t.id = p_id;
+    if r.worker is not null then
+        -- (a holder that survived what its caller thought killed it stops too)
+        perform pg_notify('agent_task_cancel', p_id::text || ':' || r.attempts);
+    end if;
+    return 'failed';
+end
+$$;
+
+-- supabase.rpc('cancel_agent_task', { task_id }) -> the row's status after the call:
+-- 'failed' (it ended now), 'processing' (its worker is stopping it; it ends
+-- 'failed' shortly), 'completed' or 'failed' (already finished: unchanged), or null:
+-- no such row, or a row the caller may not cancel. A signed-in user may cancel
+-- exactly the rows they own (user_id = auth.uid()); roles that bypass RLS
+-- (service_role, the table owner) any row. Security definer, because users have
+-- no UPDATE on the table: the ownership check below is what RLS would be.
+create function public.cancel_agent_task(task_id uuid)
+returns text
+language plpgsql
+volatile
+security definer
+set search_path = ''
+as $$
+declare
+    -- The caller: the role PostgREST switched to, else the login role. (Inside a
+    -- security definer function current_user is the owner; the `role` setting is not.)
+    caller name := coalesce(nullif(current_setting('role'), 'none'), session_user);
+    sees_all boolean;
+    owner_id uuid;
+begin
+    select r.rolsuper or r.rolbypassrls
+           or pg_catalog.pg_has_role(caller, c.relowner, 'MEMBER')
+      into sees_all
+      from pg_catalog.pg_roles r, pg_catalog.pg_class c
+     where r.rolname = caller and c.oid = 'public.agent_task_requests'::pg_catalog.regclass;
+    if not coalesce(sees_all, false) then
+        select t.user_id into owner_id from public.agent_task_requests t where t.id = task_id;
+        if owner_id is null or owner_id is distinct from (select auth.uid()) then
+            return null;  -- exactly as for an id that does not exist
+        end if;
+    end if;
+    return public.agent_task_request_cancel(task_id);
+end
+$$;
+
+-- The holder ends a cancelled attempt: fenced like every write; p_response is the partial
+-- answer it had (null: keep the row's partial answer, the streamed one included).
+create function public.agent_task_cancelled(
+    p_id uuid, p_attempt integer, p_worker text, p_response jsonb)
+returns setof public.agent_task_write
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+declare
+    message text := 'Cancelled on request while it was running.';
+begin
+    return query
+    update public.agent_task_requests t
+       set status = 'failed',
+           cancel_requested_at = coalesce(t.cancel_requested_at, now()),
+           error = jsonb_build_object('type', 'Cancelled', 'message', message,
+                                      'retryable', false, 'at', now(), 'attempt', p_attempt),
+           response_payload = public.agent_task_cancelled_payload(
+               coalesce(p_response,
+                        agent_bridge.streamed_payload(t.id, t.attempts, t.response_payload)),
+               message),
+           worker = null,
+           finished_at = now(),
+           lease_expires_at = null
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker
+    returning true, t.status::text, t.attempts, t.worker;
+    if not found then
+        return query select * from public.agent_task_current(p_id);
+    end if;
+end
+$$;
+
+-- Which of the attempts a worker process holds have been asked to stop: one call
+-- per process per CANCEL_POLL_INTERVAL in Supabase mode (direct mode LISTENs on
+-- agent_task_cancel and calls this only after (re)connecting).
+create function public.agent_tasks_cancel_requested(p_ids uuid[], p_attempts integer[])
+returns table (id uuid, attempt integer)
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    select t.id, t.attempts
+      from unnest(p_ids, p_attempts) as h(id, attempt)
+      join public.agent_task_requests t on t.id = h.id and t.attempts = h.attempt
+     where t.cancel_requested_at is not null;
+$$;
+
+-- 4.5 Agents and tenants --------------------------------------------------------------------
+
+-- The bridge's AGENTS, replacing what was registered before: p_agents is
+-- {"<name>": {"queue": "...", "max_attempts": n | null}, ...} (null: change nothing).
+-- Returns what is now registered. Rows of an agent that is dropped stay as they are
+-- (pending rows wait until it is configured again); new inserts for it are refused.
+create function public.agent_bridge_register_agents(p_agents jsonb)
+returns table (name text, queue text, max_attempts integer)
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+#variable_conflict use_column
+begin
+    if p_agents is not null then
+        if jsonb_typeof(p_agents) <> 'object' then
+            raise exception 'p_agents must be a JSON object of agents, got %',
+                jsonb_typeof(p_agents) using errcode = '22023';
+        end if;
+        delete from public.agent_bridge_agents a where not (p_agents ? a.name);
+        insert into public.agent_bridge_agents as a (name, queue, max_attempts)
+        select e.key, e.value ->> 'queue', (e.value ->> 'max_attempts')::integer
+          from jsonb_each(p_agents) e
+        on conflict on constraint agent_bridge_agents_pkey do update
+           set queue = excluded.queue,
+               max_attempts = excluded.max_attempts,
+               registered_at = now();
+    end if;
+    return query select a.name, a.queue, a.max_attempts
+                   from public.agent_bridge_agents a order by a.name;
+end
+$$;
+
+-- The old entry point of agent_bridge.tenants_arrive, kept for callers that know only the
+-- tenants: their rows count as due now (an active tenant with nothing due is put to sleep
+-- by the next claim).
+create function public.agent_task_tenants_activate(p_tenants text[])
+returns void
+language plpgsql
+volatile
+security definer
+set search_path = ''
+as $$
+begin
+    perform agent_bridge.tenants_arrive(p_tenants, null);
+end
+$$;
+
+-- 4.6 Retention -----------------------------------------------------------------------------
+--
+-- Finished rows (`completed` or `failed`) whose finished_at is older than an age are
+-- deleted in small batches, with their agent_task_chunks, and the per-user day counters
+-- of days before yesterday. Run by the bridge (AGENT_RETENTION_DAYS), `agent-bridge
+-- prune`, or a pg_cron job calling public.agent_tasks_prune. Pending and processing rows
+-- are never deleted. Locking: a prune locks only finished rows (FOR UPDATE SKIP LOCKED)
+-- and never agent_task_tenants, so a claim and a prune never wait for each other; a batch
+-- is one short transaction of at most p_batch rows (10,000 at most).
+
+-- One batch: at most p_batch finished rows whose finished_at is older than p_older_than,
+-- the oldest first, with their chunks. Returns how many rows it deleted; fewer than
+-- p_batch means none are left (but rows other transactions held at the time).
+create function agent_bridge.prune_finished(
+    p_older_than interval, p_batch integer default 500)
+returns integer
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+declare
+    v_ids uuid[];
+    v_deleted integer;
+begin
+    perform agent_bridge.check_prune(p_older_than, p_batch);
+    if p_older_than is null or p_batch is null then
+        return 0;
+    end if;
+    -- Locked here, skipping rows another transaction holds; a row requeued meanwhile
+    -- (no longer finished) is re-checked under the lock and left alone.
+    select coalesce(array_agg(d.id), '{}') into v_ids
+      from (select t.id from public.agent_task_requests t
+             where t.status in ('completed', 'failed')
+               and t.finished_at < now() - p_older_than
+             order by t.finished_at
+             limit p_batch
+               for update skip locked) d;
+    if cardinality(v_ids) = 0 then
+        return 0;
+    end if;
+    -- Chunks live only while their attempt runs, so a finished row normally has none;
+    -- any left by a hand edit go with their row (the delete trigger of
+    -- 20261130001000_stream.sql covers processing rows only).
+    delete from public.agent_task_chunks k where k.task_id = any (v_ids);
+    delete from public.agent_task_requests t where t.id = any (v_ids);
+    get diagnostics v_deleted = row_count;
+    return v_deleted;
+end
+$$;
+
+-- How many finished rows prune_finished would delete now (all batches together).
+create function agent_bridge.count_prunable(p_older_than interval)
+returns bigint
+language plpgsql
+stable
+security invoker
+set search_path = ''
+as $$
+begin
+    perform agent_bridge.check_prune(p_older_than, 1);
+    -- (null: no row is older than an unknown age)
+    return (select count(*) from public.agent_task_requests t
+             where t.status in ('completed', 'failed')
+               and t.finished_at < now() - p_older_than);
+end
+$$;
+
+-- At most p_batch rows of agent_bridge.user_day_usage for days before yesterday (UTC);
+-- 0 where that table is not installed. p_dry_run: how many there are, deleting none.
+-- Definer: the counters are the database's own bookkeeping; a prune must not depend on
+-- the caller's grants on them (nor fail where that table is private).
+create function agent_bridge.prune_day_usage(
+    p_batch integer default 500, p_dry_run boolean default false)
+returns integer
+language plpgsql
+volatile
+security definer
+set search_path = ''
+as $$
+declare
+    v_before date := (now() at time zone 'utc')::date - 1;
+    v_deleted integer;
+begin
+    perform agent_bridge.check_prune(interval '0', p_batch);
+    if to_regclass('agent_bridge.user_day_usage') is null then
+        return 0;
+    end if;
+    if coalesce(p_dry_run, false) then
+        return (select count(*) from agent_bridge.user_day_usage u where u.day < v_before);
+    end if;
+    if p_batch is null then
+        return 0;
+    end if;
+    -- Only old days: today's counters (which inserts update, under lock) are not read.
+    delete from agent_bridge.user_day_usage u
+     where u.ctid = any (array(select x.ctid from agent_bridge.user_day_usage x
+                                where x.day < v_before
+                                limit p_batch
+                                  for update skip locked));
+    get diagnostics v_deleted = row_count;
+    return v_deleted;
+end
+$$;
+
+-- One batch of each (at most p_batch finished rows with their chunks, and at most p_batch
+-- old day counters), in the caller's transaction; call it again while either count
+-- equals p_batch. p_dry_run: how many there are in all, deleting nothing. A null
+-- p_older_than does nothing.
+create function public.agent_tasks_prune(
+    p_older_than interval, p_batch integer default 500, p_dry_run boolean default false)
+returns table (tasks bigint, day_usage bigint)
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+begin
+    perform agent_bridge.check_prune(p_older_than, p_batch);
+    if p_older_than is null then
+        return query select 0::bigint, 0::bigint;
+    elsif coalesce(p_dry_run, false) then
+        return query select agent_bridge.count_prunable(p_older_than),
+                            agent_bridge.prune_day_usage(p_batch, true)::bigint;
+    else
+        return query select agent_bridge.prune_finished(p_older_than, p_batch)::bigint,
+                            agent_bridge.prune_day_usage(p_batch, false)::bigint;
+    end if;
+end
+$$;
+
+-- 4.7 Counts --------------------------------------------------------------------------------
+
+-- Counts for `agent-bridge status` and the bridge's heartbeat.
+create function public.agent_tasks_stats()
+returns table (
+    pending bigint, due bigint, processing bigint, completed bigint, failed bigint,
+    expired_leases bigint, oldest_due_seconds double precision)
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    select count(*) filter (where t.status = 'pending'),
+           count(*) filter (where t.status = 'pending' and t.run_at <= now()),
+           count(*) filter (where t.status = 'processing'),
+           count(*) filter (where t.status = 'completed'),
+           count(*) filter (where t.status = 'failed'),
+           count(*) filter (where t.status = 'processing' and t.lease_expires_at < now()),
+           extract(epoch from now() - min(t.run_at) filter (
+               where t.status = 'pending' and t.run_at <= now()))::double precision
+      from public.agent_task_requests t;
+$$;
+
+-- Counts per agent for `agent-bridge status` and the bridge's per-agent metrics.
+create function public.agent_tasks_agent_stats()
+returns table (
+    agent text, pending bigint, due bigint, processing bigint, completed bigint,
+    failed bigint, oldest_due_seconds double precision)
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    select t.agent,
+           count(*) filter (where t.status = 'pending'),
+           count(*) filter (where t.status = 'pending' and t.run_at <= now()),
+           count(*) filter (where t.status = 'processing'),
+           count(*) filter (where t.status = 'completed'),
+           count(*) filter (where t.status = 'failed'),
+           extract(epoch from now() - min(t.run_at) filter (
+               where t.status = 'pending' and t.run_at <= now()
+                 and isfinite(t.run_at)))::double precision
+      from public.agent_task_requests t
+     group by t.agent
+     order by t.agent;
+$$;
+
+-- 5. Triggers -------------------------------------------------------------------------------
+--
+-- Triggers of the same kind fire in name order, which some of these rely on (said where).
+-- BEFORE INSERT: admit, check_agent, check_request, check_request_shape.
+-- BEFORE UPDATE: cancel_guard, check_agent, check_request, check_request_shape,
+-- stream_end, touch. AFTER: notify, stream_delete, tenants_inserted, tenants_updated.
+
+-- Admission: what a signed-in user may insert. Users are the roles row-level security
+-- applies to (authenticated); the service role and the database owner bypass RLS and are
+-- not limited. In order: the enterprise (from the JWT), the agent allow-list (it needs no
+-- lock), the priority band, the run_at horizon, the quota of active rows and the day
+-- budgets (under one per-user lock). Runs as the inserting user: it sees only the user's
+-- own rows and limits, as RLS allows.
+create function public.agent_task_requests_admit()
+returns trigger
+language plpgsql
+security invoker
+set search_path = ''
+as $$
+declare
+    v_uid uuid;
+    v_enterprise text;
+    v_tenant text;
+    v_max_active integer;
+    v_min_priority integer;
+    v_max_priority integer;
+    v_horizon interval;
+    v_max_rows integer;
+    v_max_bytes bigint;
+    v_agents text[];
+    v_active integer;
+    v_bytes bigint;
+    v_rows_used integer;
+    v_bytes_used bigint;
+    v_reset text;
+begin
+    if (select r.rolbypassrls or r.rolsuper from pg_catalog.pg_roles r
+         where r.rolname = current_user) then
+        return new;
+    end if;
+    v_uid := auth.uid();
+    v_enterprise := nullif((auth.jwt() -> 'app_metadata' ->> 'enterprise_id'), '');
+
+    -- The enterprise is the one in the user's JWT (app_metadata, which users cannot edit).
+    if new.enterprise_id is null or new.enterprise_id = '' then
+        new.enterprise_id := v_enterprise;
+    elsif new.enterprise_id is distinct from v_enterprise then
+        raise exception 'enterprise_id "%" is not your enterprise', new.enterprise_id
+            using errcode = '42501',
+                  hint = case when v_enterprise is null
+                      then 'Your account has no app_metadata.enterprise_id; leave enterprise_id out.'
+                      else 'Leave enterprise_id out: it is filled in from your account.' end;
+    end if;
+
+    v_tenant := coalesce(v_enterprise, v_uid::text, 'shared');
+    select coalesce(max(l.max_active) filter (where l.tenant = v_tenant),
+                    max(l.max_active) filter (where l.tenant = '*'), 20),
+           coalesce(max(l.min_priority) filter (where l.tenant = v_tenant),
+                    max(l.min_priority) filter (where l.tenant = '*'), 0),
+           coalesce(max(l.max_priority) filter (where l.tenant = v_tenant),
+                    max(l.max_priority) filter (where l.tenant = '*'), 0),
+           coalesce(max(l.run_at_horizon) filter (where l.tenant = v_tenant),
+                    max(l.run_at_horizon) filter (where l.tenant = '*'), interval '7 days'),
+           coalesce(max(l.max_rows_per_day) filter (where l.tenant = v_tenant),
+                    max(l.max_rows_per_day) filter (where l.tenant = '*'), 2000),
+           coalesce(max(l.max_request_bytes_per_day) filter (where l.tenant = v_tenant),
+                    max(l.max_request_bytes_per_day) filter (where l.tenant = '*'), 52428800),
+           coalesce(max(l.allowed_agents) filter (where l.tenant = v_tenant),
+                    max(l.allowed_agents) filter (where l.tenant = '*'))
+      into v_max_active, v_min_priority, v_max_priority, v_horizon, v_max_rows, v_max_bytes,
+           v_agents
+      from public.agent_tenant_limits l
+     where l.tenant in (v_tenant, '*');
+
+    -- 42501 (403 through PostgREST), as for another enterprise: the agent exists (an unknown
+    -- one is 22023, from agent_task_requests_check_agent) but this account may not use it.
+    if v_agents is not null and new.agent is not null and new.agent <> all (v_agents) then
+        raise exception 'agent "%" is not allowed for your account: %', new.agent,
+            case when cardinality(v_agents) = 0 then 'no agents are allowed'
+                 else 'allowed agents are ' || (select string_agg(a, ', ' order by a)
+                                                  from unnest(v_agents) a) end
+            using errcode = '42501',
+                  hint = 'Ask the operator to add it to allowed_agents in agent_tenant_limits.';
+    end if;
+
+    if new.priority is null or new.priority < v_min_priority or new.priority > v_max_priority then
+        raise exception 'priority % is not allowed: your tasks may use priority % to %',
+            coalesce(new.priority::text, 'null'), v_min_priority, v_max_priority
+            using errcode = '22023',
+                  hint = 'Leave priority out; the operator sets the band in agent_tenant_limits.';
+    end if;
+
+    if new.run_at is null or not isfinite(new.run_at) then
+        raise exception 'run_at must be a finite time, got %', coalesce(new.run_at::text, 'null')
+            using errcode = '22023';
+    end if;
+    if new.run_at < now() then
+        new.run_at := now();  -- a past time means now: it never jumps ahead of earlier rows
+    elsif new.run_at > now() + v_horizon then
+        raise exception 'run_at % is too far ahead: tasks may be scheduled at most % ahead',
+            new.run_at, v_horizon
+            using errcode = '22023';
+    end if;
+
+    -- The quota. One user's inserts take turns here, so two at once cannot both
+    -- take the last place; rows inserted earlier by the same statement count too.
+    -- (The lock is held to the end of the transaction: the budgets below are under it.)
+    perform pg_catalog.pg_advisory_xact_lock(
+        pg_catalog.hashtextextended('agent_task_requests quota ' || coalesce(v_uid::text, ''), 0));
+    select count(*) into v_active
+      from (select 1 from public.agent_task_requests t
+             where t.user_id = v_uid and t.status in ('pending', 'processing')
+             limit v_max_active) x;
+    if v_active >= v_max_active then
+        raise exception 'too many active tasks: the limit is % pending or processing tasks per user',
+            v_max_active
+            using errcode = 'P0001',
+                  detail = format('You have %s tasks that are pending or processing.', v_active),
+                  hint = 'Wait for a task to finish, or ask the operator to raise max_active.';
+    end if;
+
+    -- The day budgets. Counted before the payload is checked, so a payload later stored as
+    -- failed (too large, too deep) counts as well; a refusal here rolls the count back.
+    -- The size as stored (agent_bridge.payload_bytes), as the size limit measures it.
+    if v_uid is not null then
+        v_bytes := coalesce(agent_bridge.payload_bytes(new.request_payload), 0);
+        select u.rows, u.request_bytes into v_rows_used, v_bytes_used
+          from agent_bridge.count_user_request(v_bytes) u;
+        v_reset := to_char((now() at time zone 'UTC')::date + 1, 'YYYY-MM-DD') || ' 00:00 UTC';
+        if v_rows_used > v_max_rows then
+            raise exception 'daily row limit reached: % tasks per day; resets at %',
+                v_max_rows, v_reset
+                using errcode = 'P0001',
+                      detail = format('You have inserted %s tasks today (UTC).', v_rows_used - 1),
+                      hint = 'Wait for the reset, or ask the operator to raise max_rows_per_day.';
+        end if;
+        if v_bytes_used > v_max_bytes then
+            raise exception 'daily request size limit reached: % bytes of request_payload per day; resets at %',
+                v_max_bytes, v_reset
+                using errcode = 'P0001',
+                      detail = format('You have sent %s bytes today (UTC); this request is %s bytes.',
+                                      v_bytes_used - v_bytes, v_bytes),
+                      hint = 'Send less (a reference instead of the data), wait for the reset, '
+                             'or ask the operator to raise max_request_bytes_per_day.';
+        end if;
+    end if;
+    return new;
+end
+$$;
+
+create trigger agent_task_requests_admit
+    before insert on public.agent_task_requests
+    for each row execute function public.agent_task_requests_admit();
+
+-- A row with a cancel request never goes back to the queue or completes: whatever state
+-- function moves it out of `processing` (complete, fail, release, rescue, schedule_retry
+-- letting go of it), it ends `failed` with error.type Cancelled and its partial answer
+-- (the streamed one folded in). So a handler that ignores cancellation has its result
+-- discarded, a retry scheduled after the request is fenced out, and a holder that died
+-- after the request is not run again by rescue. A requeue clears the request. Runs before
+-- agent_task_requests_stream_end and _touch; rows never asked to stop (nearly all) do not
+-- even call it.
+create function public.agent_task_requests_cancel_guard()
+returns trigger
+language plpgsql
+set search_path = ''
+as $$
+declare
+    message text := 'Cancelled on request while it was running.';
+begin
+    if old.status = 'failed' and new.status = 'pending' then
+        new.cancel_requested_at := null;
+    elsif old.status = 'processing'
+          and (new.status <> 'processing' or new.worker is null)
+          and (new.status <> 'failed' or new.error ->> 'type' is distinct from 'Cancelled') then
+        new.status := 'failed';
+        new.worker := null;
+        new.error := jsonb_build_object('type', 'Cancelled', 'message', message,
+                                        'retryable', false, 'at', now(),
+                                        'attempt', old.attempts);
+        new.response_payload := public.agent_task_cancelled_payload(
+            agent_bridge.streamed_payload(old.id, old.attempts, old.response_payload), message);
+        new.finished_at := now();
+        new.lease_expires_at := null;
+    end if;
+    return new;
+end
+$$;
+
+create trigger agent_task_requests_cancel_guard
+    before update of status, worker on public.agent_task_requests
+    for each row when (old.cancel_requested_at is not null)
+    execute function public.agent_task_requests_cancel_guard();
+
+-- Refuse a row for an agent nobody configured, at insert (and if a service changes
+-- `agent` later), with the list of known ones, as a 400 through PostgREST (22023), so a
+-- typo never waits in silence; a registered agent's max_attempts is given to its new
+-- rows. Security definer: users may not read agent_bridge_agents themselves; the
+-- function only reads it, with an empty search_path.
+create function public.agent_task_requests_check_agent()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+    configured integer;
+    known text;
+begin
+    if new.agent is null or new.agent = 'default' then
+        return new;  -- null: the not-null constraint answers
+    end if;
+    select a.max_attempts into configured
+      from public.agent_bridge_agents a where a.name = new.agent;
+    if not found then
+        select string_agg(n, ', ' order by n) into known
+          from (select 'default' as n
+                union all select a.name from public.agent_bridge_agents a) names;
+        raise exception 'unknown agent "%"; known agents: %', new.agent, known
+            using errcode = '22023',
+                  hint = 'Agents are the names in AGENTS, registered by agent-bridge run '
+                         'when it starts.';
+    end if;
+    if tg_op = 'INSERT' and configured is not null then
+        new.max_attempts := configured;
+    end if;
+    return new;
+end
+$$;
+
+create trigger agent_task_requests_check_agent
+    before insert or update of agent on public.agent_task_requests
+    for each row execute function public.agent_task_requests_check_agent();
+
+-- The payload is a JSON object within the size limit (the size as stored,
+-- agent_bridge.payload_bytes). On INSERT a payload too large is not refused with an error
+-- (an error rolls back, so nothing could be counted against the day budget): the row is
+-- stored `failed` with error.type InvalidRequest, its payload replaced by {}, so the user
+-- sees a readable error on the task, the budget counts it, and nobody claims it. On UPDATE
+-- (the service changing a payload) it raises. A payload that is not a JSON object is
+-- refused with an error: nothing could be stored for it. Change the limit with
+--   alter database postgres set agent_bridge.max_request_bytes = '2097152';
+create function public.agent_task_requests_check_request()
+returns trigger
+language plpgsql
+set search_path = ''
+as $$
+declare
+    max_bytes bigint := coalesce(
+        nullif(current_setting('agent_bridge.max_request_bytes', true), '')::bigint,
+        1048576);
+    size_bytes bigint;
+    v_message text;
+    v_hint text := 'Raise agent_bridge.max_request_bytes or send a reference instead of the data.';
+begin
+    if new.request_payload is null or jsonb_typeof(new.request_payload) <> 'object' then
+        raise exception 'request_payload must be a JSON object such as {"prompt": "..."}, got %',
+            coalesce(jsonb_typeof(new.request_payload), 'null')
+            using errcode = '22023';
+    end if;
+    size_bytes := agent_bridge.payload_bytes(new.request_payload);
+    if size_bytes > max_bytes then
+        v_message := format('request_payload is %s bytes; the limit is %s bytes', size_bytes,
+                          max_bytes);
+        if tg_op = 'INSERT' then
+            new.status := 'failed';
+            new.request_payload := '{}'::jsonb;
+            new.error := jsonb_build_object('type', 'InvalidRequest', 'message', v_message,
+                                            'hint', v_hint, 'retryable', false, 'at', now());
+            new.response_payload := jsonb_build_object('error', v_message);
+            new.finished_at := now();
+            new.lease_expires_at := null;
+            new.worker := null;
+            return new;
+        end if;
+        -- 22001 (value too long), not 54000: PostgREST answers 54xxx with a 500,
+        -- but an oversized request is the caller's mistake (400).
+        raise exception '%', v_message using errcode = '22001', hint = v_hint;
+    end if;
+    return new;
+end
+$$;
+
+create trigger agent_task_requests_check_request
+    before insert or update of request_payload on public.agent_task_requests
+    for each row execute function public.agent_task_requests_check_request();
+
+-- Runs after agent_task_requests_check_request (name order), so the payload is an object
+-- within the size limit (or already {} on a failed row). run_at must be a finite time.
+-- The depth is found by one jsonpath walk in C: `.**{N}` visits every value at most N
+-- levels below the root and no deeper (so its recursion is bounded whatever the payload's
+-- depth), and an exists-query stops at the first match. Depth counts objects and arrays
+-- alike, the root object being level 1, so a container at level N + 1 (jsonpath level N)
+-- is too deep. The path is lax so the search stops at the first match (strict mode
+-- collects every match to look for errors); `.type()` does not unwrap arrays in lax mode,
+-- where a filter would test an array's elements instead of the array. A payload too deep
+-- fails the row on INSERT, as one too large does. Change the limit with
+--   alter database postgres set agent_bridge.max_request_depth = '128';
+create function public.agent_task_requests_check_shape()
+returns trigger
+language plpgsql
+set search_path = ''
+as $$
+declare
+    max_depth integer := greatest(coalesce(
+        nullif(current_setting('agent_bridge.max_request_depth', true), '')::integer, 64), 0);
+    v_message text;
+    v_hint text := 'Flatten the payload, or raise agent_bridge.max_request_depth.';
+begin
+    if tg_op = 'INSERT' or new.run_at is distinct from old.run_at then
+        if new.run_at is not null and not isfinite(new.run_at) then
+            raise exception 'run_at must be a finite time, got %', new.run_at
+                using errcode = '22023',
+                      hint = 'Leave run_at out to run the task now, or give a date and time.';
+        end if;
+    end if;
+    if (tg_op = 'INSERT' or new.request_payload is distinct from old.request_payload)
+       and jsonb_path_exists(new.request_payload, format(
+               'lax $.**{%s}.type() ? (@ == "object" || @ == "array")', max_depth)::jsonpath)
+    then
+        v_message := format('request_payload is nested more than %s levels deep; the limit is %s levels',
+                          max_depth, max_depth);
+        if tg_op = 'INSERT' then
+            new.status := 'failed';
+            new.request_payload := '{}'::jsonb;
+            new.error := jsonb_build_object('type', 'InvalidRequest', 'message', v_message,
+                                            'hint', v_hint, 'retryable', false, 'at', now());
+            new.response_payload := jsonb_build_object('error', v_message);
+            new.finished_at := now();
+            new.lease_expires_at := null;
+            new.worker := null;
+            return new;
+        end if;
+        -- 22023, not 54001: PostgREST answers 54xxx with a 500, and this is the
+        -- caller's mistake (400).
+        raise exception '%', v_message using errcode = '22023', hint = v_hint;
+    end if;
+    return new;
+end
+$$;
+
+create trigger agent_task_requests_check_request_shape
+    before insert or update of request_payload, run_at on public.agent_task_requests
+    for each row execute function public.agent_task_requests_check_shape();
+
+-- A row that becomes pending wakes a LISTENing bridge at once. The payload is the
+-- row id only; listeners claim through agent_tasks_claim as usual.
+create function public.agent_task_requests_notify()
+returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+    if new.status = 'pending' then
+        perform pg_notify('agent_task_requests', new.id::text);
+    end if;
+    return null;
+end
+$$;
+
+create trigger agent_task_requests_notify
+    after insert or update of status on public.agent_task_requests
+    for each row execute function public.agent_task_requests_notify();
+
+-- The end of an attempt: when the row leaves `processing` or its holder changes, its
+-- chunks go. A state function that writes its own response_payload (complete, fail, a
+-- cancel) keeps it; otherwise (back to pending, a retry, a takeover) the streamed answer
+-- is folded in, as the row held it before chunks. Runs after
+-- agent_task_requests_cancel_guard (name order), which folds the chunks itself.
+-- A deleted processing row's chunks go too.
+create function public.agent_task_requests_stream_end()
+returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+    if tg_op = 'DELETE' then
+        delete from public.agent_task_chunks k where k.task_id = old.id;
+        return old;
+    end if;
+    if new.response_payload is not distinct from old.response_payload then
+        new.response_payload := agent_bridge.streamed_payload(old.id, old.attempts,
+                                                              old.response_payload);
+    end if;
+    delete from public.agent_task_chunks k where k.task_id = old.id;
+    return new;
+end
+$$;
+
+create trigger agent_task_requests_stream_end
+    before update of status, worker, attempts on public.agent_task_requests
+    for each row
+    when (old.status = 'processing' and old.worker is not null
+          and (new.status is distinct from old.status or new.worker is distinct from old.worker
+               or new.attempts is distinct from old.attempts))
+    execute function public.agent_task_requests_stream_end();
+
+create trigger agent_task_requests_stream_delete
+    after delete on public.agent_task_requests
+    for each row
+    when (old.status = 'processing')
+    execute function public.agent_task_requests_stream_end();
+
+-- The tenants of rows that just became pending join the claim's rotation (or sleep until
+-- their rows are due): agent_bridge.tenants_arrive, once per statement for inserts.
+create function public.agent_task_requests_tenants_inserted()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+    v_tenants text[];
+    v_first timestamptz[];
+begin
+    -- (one pass over the rows, so the two arrays line up)
+    select array_agg(x.tenant), array_agg(x.first_run_at) into v_tenants, v_first
+      from (select n.tenant, min(n.run_at) as first_run_at from new_rows n
+             where n.status = 'pending' group by n.tenant) x;
+    perform agent_bridge.tenants_arrive(v_tenants, v_first);
+    return null;
+end
+$$;
+
+create trigger agent_task_requests_tenants_inserted
+    after insert on public.agent_task_requests
+    referencing new table as new_rows
+    for each statement execute function public.agent_task_requests_tenants_inserted();
+
+-- Rows back to pending (release, rescue, requeue), moved to another tenant, or moved
+-- earlier (a pending row's run_at lowered, e.g. by the operator): the tenant may have to
+-- wake sooner than it sleeps.
+create function public.agent_task_requests_tenants_updated()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+    perform agent_bridge.tenants_arrive(array[new.tenant], array[new.run_at]);
+    return null;
+end
+$$;
+
+create trigger agent_task_requests_tenants_updated
+    after update of status, enterprise_id, user_id, run_at on public.agent_task_requests
+    for each row
+    when (new.status = 'pending'
+          and (old.status is distinct from 'pending' or old.tenant is distinct from new.tenant
+               or new.run_at < old.run_at))
+    execute function public.agent_task_requests_tenants_updated();
+
+-- updated_at, and finished_at and the lease kept in step with a status that a writer from
+-- before agent-bridge (the guide's own worker, setting status alone) changed: without this
+-- its updates would break the constraints while old and new workers overlap during an
+-- upgrade. The state functions set both themselves, so for them this changes nothing.
+create function public.agent_task_requests_touch()
+returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+    new.updated_at := now();
+    if new.status is distinct from old.status then
+        new.finished_at := case when new.status in ('completed', 'failed')
+                                then coalesce(new.finished_at, now()) end;
+        new.lease_expires_at := case when new.status = 'processing'
+                                     then coalesce(new.lease_expires_at,
+                                                   now() + interval '5 minutes') end;
+    end if;
+    return new;
+end
+$$;
+
+create trigger agent_task_requests_touch
+    before update on public.agent_task_requests
+    for each row execute function public.agent_task_requests_touch();
+
+-- 6. Row-level security ---------------------------------------------------------------------
+--
+-- RLS is on for every table. The service role bypasses it; signed-in users
+-- (authenticated) get only what a policy below allows, and anon nothing.
+
+alter table public.agent_task_requests enable row level security;
+alter table public.agent_task_chunks enable row level security;
+alter table public.agent_bridge_agents enable row level security;
+alter table public.agent_tenant_limits enable row level security;
+alter table public.agent_task_tenants enable row level security;
+alter table agent_bridge.user_day_usage enable row level security;
+
+-- Users insert their own pending rows, and the failed rows the payload checks make of
+-- them: a user cannot write `error` (no column grant) and no other trigger sets it on
+-- insert, so the second branch admits only a row those checks failed (admit counted it
+-- already).
+create policy agent_task_requests_insert_own on public.agent_task_requests
+    for insert to authenticated
+    with check (
+        user_id = (select auth.uid())
+        and ((status = 'pending' and response_payload is null)
+             or (status = 'failed' and error ->> 'type' = 'InvalidRequest'
+                 and request_payload = '{}'::jsonb and attempts = 0))
+    );
+
+-- The admit trigger's enterprise rule as a policy, so no path around the trigger can
+-- create a row for a foreign enterprise. (Restrictive: it narrows the policy above.)
+create policy agent_task_requests_insert_enterprise on public.agent_task_requests
+    as restrictive
+    for insert to authenticated
+    with check (enterprise_id is not distinct from
+                nullif((select auth.jwt()) -> 'app_metadata' ->> 'enterprise_id', ''));
+
+create policy agent_task_requests_select_own on public.agent_task_requests
+    for select to authenticated
+    using (user_id = (select auth.uid()));
+
+-- Users read the chunks of the rows they may read (the row's own policy decides: the
+-- subquery runs with the caller's rights); nobody but the service writes them.
+create policy agent_task_chunks_select_visible on public.agent_task_chunks
+    for select to authenticated
+    using (exists (select 1 from public.agent_task_requests t where t.id = task_id));
+
+-- A signed-in user may read the limits that apply to them (their tenant's and the
+-- default), so a frontend can show them; nothing else.
+create policy agent_tenant_limits_select_own on public.agent_tenant_limits
+    for select to authenticated
+    using (tenant = '*' or tenant = coalesce(
+        nullif((select auth.jwt()) -> 'app_metadata' ->> 'enterprise_id', ''),
+        (select auth.uid())::text));
+
+-- 7. Grants ---------------------------------------------------------------------------------
+--
+-- Supabase grants anon and authenticated everything on new tables and functions by
+-- default privileges, hence the revokes. service_role gets what the bridge and workers
+-- use. Signed-in users get column grants: `agent_task_requests.worker`, the replica keys
+-- and `agent_tenant_limits.note` are private, so a user cannot `select *` (PostgREST
+-- `select=*` answers 403) and Realtime drops those columns from every event. A column a
+-- later migration adds is private until that migration grants it.
+
+revoke all on schema agent_bridge from public;
+grant usage on schema agent_bridge to service_role;
+-- The admit trigger runs as the inserting user, who needs the schema to reach
+-- count_user_request and payload_bytes.
+grant usage on schema agent_bridge to authenticated;
+
+revoke all on table public.agent_task_requests from public, anon, authenticated;
+grant select, insert, update, delete on table public.agent_task_requests to service_role;
+grant select (id, status, request_payload, response_payload, created_at, updated_at,
+              attempts, max_attempts, priority, run_at, lease_expires_at, started_at,
+              finished_at, error, user_id, enterprise_id, agent, tenant, cancel_requested_at)
+    on table public.agent_task_requests to authenticated;
+-- Users choose these on insert; not the id (a duplicate would tell them another user's id
+-- exists).
+grant insert (status, request_payload, priority, run_at, user_id, enterprise_id, agent)
+    on table public.agent_task_requests to authenticated;
+
+revoke all on table public.agent_task_chunks from public, anon, authenticated;
+grant select, insert, delete on table public.agent_task_chunks to service_role;
+grant select (task_id, attempt, seq, answer_offset, text, created_at)
+    on table public.agent_task_chunks to authenticated;
+
+revoke all on table public.agent_bridge_agents from public, anon, authenticated;
+grant select, insert, update, delete on table public.agent_bridge_agents to service_role;
+
+revoke all on table public.agent_tenant_limits from public, anon, authenticated;
+grant select, insert, update, delete on table public.agent_tenant_limits to service_role;
+grant select (tenant, max_active, min_priority, max_priority, run_at_horizon, max_processing,
+              max_rows_per_day, max_request_bytes_per_day, allowed_agents)
+    on table public.agent_tenant_limits to authenticated;
+
+revoke all on table public.agent_task_tenants from public, anon, authenticated;
+grant select, insert, update on table public.agent_task_tenants to service_role;
+revoke all on sequence public.agent_task_claim_round, public.agent_task_tenant_arrival
+    from public, anon, authenticated;
+grant usage, select on sequence public.agent_task_claim_round, public.agent_task_tenant_arrival
+    to service_role;
+
+revoke all on table agent_bridge.user_day_usage from public, anon, authenticated;
+grant select, insert, update, delete on table agent_bridge.user_day_usage to service_role;
+
+-- Functions: the service role's, except where said below (and the schema version, in
+-- section 8). The trigger functions admit, check_request, notify, tenants_inserted,
+-- tenants_updated and touch keep PostgreSQL's default execute for PUBLIC: calling one
+-- outside a trigger is an error.
+do $$
+declare
+    fn text;
+begin
+    foreach fn in array array[
+        'agent_bridge.check_seconds(text, double precision, boolean)',
+        'agent_bridge.relax_commit()',
+        'agent_bridge.streamed_answer(uuid, integer)',
+        'agent_bridge.streamed_payload(uuid, integer, jsonb)',
+        'agent_bridge.tenant_join_stamp()',
+        'agent_bridge.tenant_next_run_at(text)',
+        'agent_bridge.tenants_arrive(text[], timestamptz[])',
+        'agent_bridge.check_prune(interval, integer)',
+        'agent_bridge.claim_rows(integer, double precision, integer, text[])',
+        'agent_bridge.prune_finished(interval, integer)',
+        'agent_bridge.count_prunable(interval)',
+        'agent_bridge.prune_day_usage(integer, boolean)',
+        'public.agent_tasks_claim(integer, double precision, integer, text[])',
+        'public.agent_task_start(uuid, integer, text, double precision)',
+        'public.agent_task_current(uuid)',
+        'public.agent_task_heartbeat(uuid, integer, text, double precision)',
+        'public.agent_task_progress(uuid, integer, text, jsonb)',
+        'public.agent_task_append(uuid, integer, text, integer, integer, text)',
+        'public.agent_task_complete(uuid, integer, text, jsonb)',
+        'public.agent_task_fail(uuid, integer, text, jsonb)',
+        'public.agent_task_schedule_retry(uuid, integer, text, jsonb, double precision, double precision)',
+        'public.agent_task_release(uuid, integer)',
+        'public.agent_tasks_rescue(integer)',
+        'public.agent_tasks_requeue(uuid[], timestamptz, text, integer, integer)',
+        'public.agent_task_cancelled_payload(jsonb, text)',
+        'public.agent_task_request_cancel(uuid, integer, boolean)',
+        'public.agent_task_cancelled(uuid, integer, text, jsonb)',
+        'public.agent_tasks_cancel_requested(uuid[], integer[])',
+        'public.agent_bridge_register_agents(jsonb)',
+        'public.agent_task_tenants_activate(text[])',
+        'public.agent_tasks_prune(interval, integer, boolean)',
+        'public.agent_tasks_stats()',
+        'public.agent_tasks_agent_stats()'
+    ] loop
+        execute format('revoke execute on function %s from public, anon, authenticated', fn);
+        execute format('grant execute on function %s to service_role', fn);
+    end loop;
+end
+$$;
+
+-- The admit trigger runs as the inserting user: these two are theirs too
+-- (count_user_request refuses a call from outside a trigger).
+revoke execute on function agent_bridge.count_user_request(bigint) from public, anon;
+grant execute on function agent_bridge.count_user_request(bigint) to authenticated, service_role;
+revoke execute on function agent_bridge.payload_bytes(jsonb) from public, anon;
+grant execute on function agent_bridge.payload_bytes(jsonb) to authenticated, service_role;
+
+-- Users cancel their own rows (the function checks ownership).
+revoke execute on function public.cancel_agent_task(uuid) from public, anon;
+grant execute on function public.cancel_agent_task(uuid) to authenticated, service_role;
+
+-- Trigger functions nobody needs to call directly.
+revoke execute on function public.agent_task_requests_cancel_guard() from public, anon, authenticated;
+revoke execute on function public.agent_task_requests_check_agent() from public, anon, authenticated;
+revoke execute on function public.agent_task_requests_check_shape() from public, anon, authenticated;
+revoke execute on function public.agent_task_requests_stream_end() from public, anon, authenticated;
+
+-- 8. Publication and schema version ---------------------------------------------------------
+
+-- Realtime: the guide's frontend subscribes to postgres_changes on the table, and follows
+-- the chunks of its task.
+alter publication supabase_realtime add table public.agent_task_requests;
+alter publication supabase_realtime add table public.agent_task_chunks;
+
+-- What `agent-bridge check` compares with the version the running code expects
+-- (bridge.migrate.SCHEMA_VERSION). 4: hostile users at scale (sleeping tenants, day
+-- budgets and the agent allow-list, private columns, retention).
+create function public.agent_bridge_schema_version()
+returns integer
+language sql
+immutable
+security invoker
+set search_path = ''
+as $$ select 4 $$;
+
+revoke execute on function public.agent_bridge_schema_version() from public, anon, authenticated;
+grant execute on function public.agent_bridge_schema_version() to service_role;
+
+-- PostgREST caches the functions and columns it can use; tell it to reload them.
+notify pgrst, 'reload schema';
