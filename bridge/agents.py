@@ -27,12 +27,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from bridge.config import ConfigError
-
-if TYPE_CHECKING:
-    from bridge.config import Settings
+from bridge.errors import ConfigError
 
 DEFAULT = "default"
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # the same check as agent_bridge_agents
@@ -87,9 +84,28 @@ def queue_name(base: str, agent: str) -> str:
     return base if agent == DEFAULT else f"{base}.{agent}"
 
 
+class AgentSettings(Protocol):
+    """What `configure` reads of the settings (bridge.config.Settings has it all): a
+    protocol, so this module does not import bridge.config, which imports it."""
+
+    @property
+    def agent_handler(self) -> str: ...
+    @property
+    def agents(self) -> str: ...
+    @property
+    def agents_file(self) -> str: ...
+    @property
+    def celery_queue(self) -> str: ...
+    @property
+    def time_limit(self) -> float: ...
+    @property
+    def max_retries(self) -> int: ...
+
+
 @cache
-def configure(settings: Settings) -> Agents:
-    """The agents of these settings; ConfigError says what is wrong and where."""
+def configure(settings: AgentSettings) -> Agents:
+    """The agents of these settings; ConfigError says what is wrong and where. Whether
+    each agent's time limit fits the visibility timeout is Settings.validate's check."""
     handlers = {DEFAULT: settings.agent_handler, **parse_agents(settings.agents)}
     tables = read_file(settings.agents_file) if settings.agents_file else {}
     for name in tables:
@@ -101,7 +117,7 @@ def configure(settings: Settings) -> Agents:
     for name, handler in handlers.items():
         table = tables.get(name, {})
         where = f"AGENTS_FILE [{name}]"
-        agent = Agent(
+        agents[name] = Agent(
             name=name, handler=handler, queue=queue_name(settings.celery_queue, name),
             time_limit=_number(table, "time_limit", settings.time_limit, where, low=0,
                                strict=True),
@@ -110,8 +126,6 @@ def configure(settings: Settings) -> Agents:
             max_attempts=(None if "max_attempts" not in table else int(
                 _number(table, "max_attempts", 0, where, low=1, integer=True))),
             openai=_openai(table.get("openai", {}), where))
-        settings.check_visibility_timeout(agent)
-        agents[name] = agent
     return Agents(agents)
 
 

@@ -1,7 +1,9 @@
 """Settings: one frozen object built from the environment and `.env`.
 
-Every field names its environment variable and says what it does; the README's
-configuration table and `.env.example` are checked against this list by a test.
+Every field names its environment variable and says what it does; the configuration
+reference (docs/reference/configuration.md) and `.env.example` are checked against this
+list by a test. `setting`, `env_values` and `variables_of` are the mechanism, shared with
+the OpenAI-compatible handler's settings (tasks/handlers/openai_chat/settings.py).
 """
 
 from __future__ import annotations
@@ -9,21 +11,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Literal
 
 from dotenv import find_dotenv, load_dotenv
 
-from bridge.errors import AgentBridgeError
-
-if TYPE_CHECKING:
-    from bridge.agents import Agent
-
-
-class ConfigError(AgentBridgeError, ValueError):
-    """The configuration is invalid; the message says which variable and why."""
-
+from bridge.agents import Agent, configure
+from bridge.errors import ConfigError as ConfigError  # defined there; imported from here too
 
 # --------------------------------------------------------------------------- one parser
 # Every boolean and number read from the environment goes through these (Settings
@@ -92,127 +87,169 @@ def check_database_url(url: str) -> None:
                           "expected postgresql://user:password@host:5432/dbname") from None
 
 
-def _var(env: str, default: Any, help: str) -> Any:
-    return field(default=default, metadata={"env": env, "help": help})
+# --------------------------------------------------------------------------- one mechanism
+# A settings object is a frozen dataclass whose fields are declared with `setting`: each
+# names its variable, default, help and parser once. `env_values` reads them and
+# `variables_of` lists them (the docs test checks the docs against that list). Settings
+# below and the OpenAI-compatible handler's settings are both built this way.
+
+Parser = Callable[[str, str, type[ConfigError]], Any]
+"""(variable, value as set, error class) -> the value; a bad value raises the error class."""
+
+
+def setting(env: str, default: Any, help: str, *, parse: Parser | None = None,
+            verbatim: bool = False) -> Any:
+    """A settings field: its environment variable `env`, its `default` (`MISSING`: the
+    variable is required), what it does, and its parser (by default `parse_value`, by the
+    default's type). `verbatim`: the value exactly as set, even empty (a text where empty
+    means none)."""
+    return field(default=default, metadata={"env": env, "help": help, "parse": parse,
+                                            "verbatim": verbatim})
+
+
+def env_values(cls: type, environ: Mapping[str, str],
+               error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """{field: parsed value} for each `setting` field of dataclass `cls` whose variable is
+    set in `environ`. An unset or blank variable is left out, so its default applies
+    (a `verbatim` one counts as set whenever it is present)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        env, raw = f.metadata["env"], environ.get(f.metadata["env"])
+        if raw is None:
+            continue
+        if f.metadata["verbatim"]:
+            values[f.name] = raw
+        elif raw.strip():
+            parse = f.metadata["parse"]
+            values[f.name] = (parse(env, raw.strip(), error) if parse is not None
+                              else parse_value(env, raw.strip(), type(f.default), error))
+    return values
+
+
+def variables_of(cls: type) -> list[tuple[str, Any, str]]:
+    """(variable, default, help) for each `setting` field of dataclass `cls`, in declaration
+    order; a required one's default reads "(required)"."""
+    return [(f.metadata["env"], "(required)" if f.default is MISSING else f.default,
+             f.metadata["help"]) for f in dataclasses.fields(cls)]
 
 
 @dataclass(frozen=True)
 class Settings:
     # Where the tasks live ---------------------------------------------------------
-    database_url: str = _var(
+    database_url: str = setting(
         "DATABASE_URL", "",
         "Direct Postgres connection (psycopg). Use Supabase's direct or session-pooler "
         "URL (port 5432): the transaction pooler (6543) breaks LISTEN/NOTIFY.")
-    supabase_url: str = _var("SUPABASE_URL", "", "Supabase project URL (Supabase mode).")
-    supabase_service_key: str = _var(
+    supabase_url: str = setting("SUPABASE_URL", "", "Supabase project URL (Supabase mode).")
+    supabase_service_key: str = setting(
         "SUPABASE_SERVICE_KEY", "",
         "Supabase secret key (sb_secret_...) or legacy service_role key (Supabase mode). "
         "Never logged.")
-    transport: str = _var(
+    transport: str = setting(
         "BRIDGE_TRANSPORT", "auto",
         "`postgres`, `supabase`, or `auto` (postgres when DATABASE_URL is set).")
-    supabase_timeout: float = _var(
+    supabase_timeout: float = setting(
         "SUPABASE_TIMEOUT", 10.0, "Seconds before a Supabase RPC call gives up.")
-    supabase_realtime: bool = _var(
+    supabase_realtime: bool = setting(
         "SUPABASE_REALTIME", True,
         "Supabase mode: the bridge wakes on Realtime when a row becomes pending "
         "(POLL_INTERVAL stays the fallback). Needs the table in `supabase_realtime`.")
-    supabase_max_rows: int = _var(
+    supabase_max_rows: int = setting(
         "SUPABASE_MAX_ROWS", 1000,
         "Supabase mode: the project's Data API max rows (db-max-rows; Supabase's default "
         "1000). Every call that returns rows asks for fewer: claims, rescue and requeue "
         "go in pages under it.")
     # Broker ---------------------------------------------------------------------
-    redis_url: str = _var("REDIS_URL", "redis://localhost:6379/0", "Redis for Celery.")
-    celery_broker_url: str = _var(
+    redis_url: str = setting("REDIS_URL", "redis://localhost:6379/0", "Redis for Celery.")
+    celery_broker_url: str = setting(
         "CELERY_BROKER_URL", "", "Broker URL; overrides REDIS_URL when set.")
-    celery_queue: str = _var("CELERY_QUEUE", "agent_tasks", "Celery queue the jobs go to.")
-    visibility_timeout: float = _var(
+    celery_queue: str = setting("CELERY_QUEUE", "agent_tasks", "Celery queue the jobs go to.")
+    visibility_timeout: float = setting(
         "CELERY_VISIBILITY_TIMEOUT", 3600.0,
         "Seconds before Redis redelivers an unacknowledged job (kombu's visibility_timeout).")
-    task_events: bool = _var(
+    task_events: bool = setting(
         "CELERY_TASK_EVENTS", False,
         "Send Celery task events (sent, received, started, succeeded...) from the bridge and "
         "workers. Off by default: they cost about a fifth of the throughput. Flower turns "
         "the workers' events on by itself when it starts; set this to see queued (sent) "
         "jobs in Flower too. docker-compose.yml sets it.")
     # Bridge ---------------------------------------------------------------------
-    poll_interval: float = _var(
+    poll_interval: float = setting(
         "POLL_INTERVAL", 2.0,
         "Seconds between polls (Supabase mode); the fallback poll in Postgres mode.")
-    batch_size: int = _var(
+    batch_size: int = setting(
         "BRIDGE_BATCH_SIZE", 50,
         "Most rows claimed in one round trip; in Supabase mode at most SUPABASE_MAX_ROWS.")
-    max_queued: int = _var(
+    max_queued: int = setting(
         "BRIDGE_MAX_QUEUED", 50,
         "Backpressure: claim nothing while this many jobs already wait in the broker queue. "
         "Keep it below what the workers start within one lease.")
-    queue_seconds: float = _var(
+    queue_seconds: float = setting(
         "BRIDGE_QUEUE_SECONDS", 0.5,
         "Backpressure by time: keep about this many seconds of work in each broker queue, "
         "measured from how fast the workers take jobs (BRIDGE_MAX_QUEUED caps it); 0 = a "
         "fixed BRIDGE_MAX_QUEUED.")
-    tenant_concurrency: int = _var(
+    tenant_concurrency: int = setting(
         "TENANT_CONCURRENCY", 0,
         "Most rows of one tenant (enterprise_id, else user) claimed at once (queued or "
         "running), so one tenant cannot hold every worker; 0 = no cap. Per-tenant values in "
         "agent_tenant_limits.max_processing win.")
-    lease_seconds: float = _var(
+    lease_seconds: float = setting(
         "LEASE_SECONDS", 30.0,
         "Lease on a claimed row; workers renew it every third of this while a handler runs.")
-    rescue_interval: float = _var(
+    rescue_interval: float = setting(
         "RESCUE_INTERVAL", 5.0, "Seconds between sweeps that return expired leases to pending.")
-    heartbeat_interval: float = _var(
+    heartbeat_interval: float = setting(
         "HEARTBEAT_INTERVAL", 30.0, "Seconds between the bridge's heartbeat lines.")
-    metrics_port: int = _var(
+    metrics_port: int = setting(
         "METRICS_PORT", 0, "Serve Prometheus metrics on this port (0 = off).")
-    retention_days: float = _var(
+    retention_days: float = setting(
         "AGENT_RETENTION_DAYS", 30.0,
         "Days a finished (completed or failed) task is kept after it finished: the bridge "
         "deletes older ones, with their streamed chunks, every few minutes in small batches "
         "that never hold up a claim. 0 keeps everything. `agent-bridge prune` does it by hand.")
     # Workers --------------------------------------------------------------------
-    agent_handler: str = _var(
+    agent_handler: str = setting(
         "AGENT_HANDLER", "tasks.handlers.simulated:process_task",
         "`package.module:callable` that runs one task (sync or async).")
-    agents: str = _var(
+    agents: str = setting(
         "AGENTS", "",
         "More agents besides `default` (whose handler is AGENT_HANDLER): "
         "`name=package.module:callable`, comma-separated. Agent X's jobs go to queue "
         "`<CELERY_QUEUE>.X`.")
-    agents_file: str = _var(
+    agents_file: str = setting(
         "AGENTS_FILE", "",
         "TOML file of per-agent settings (time limit, retries, max attempts, OpenAI model, "
         "system prompt, temperature); see Several agents.")
-    agent_simulated_seconds: float = _var(
+    agent_simulated_seconds: float = setting(
         "AGENT_SIMULATED_SECONDS", 3.0, "How long the default simulated handler works.")
-    time_limit: float = _var(
+    time_limit: float = setting(
         "AGENT_TIME_LIMIT", 600.0, "Seconds a handler may run before the task fails.")
-    max_retries: int = _var(
+    max_retries: int = setting(
         "AGENT_MAX_RETRIES", 5, "Celery retries after a RetryableError before the task fails.")
-    retry_backoff: float = _var(
+    retry_backoff: float = setting(
         "AGENT_RETRY_BACKOFF", 2.0,
         "First retry delay in seconds; doubles each retry, with jitter.")
-    retry_backoff_max: float = _var(
+    retry_backoff_max: float = setting(
         "AGENT_RETRY_BACKOFF_MAX", 300.0,
         "Longest backoff in seconds; with jitter and any Retry-After, a retry waits at most "
         "1.5 times this.")
-    max_response_bytes: int = _var(
+    max_response_bytes: int = setting(
         "AGENT_MAX_RESPONSE_BYTES", 1048576,
         "Largest handler result (bytes of JSON) written to a row; a larger one fails the task "
         "with its size, and a larger partial-progress write is skipped.")
-    progress_interval: float = _var(
+    progress_interval: float = setting(
         "AGENT_PROGRESS_INTERVAL", 0.25,
         "Least seconds between two partial-answer writes of one task (the first is written at "
         "once): at most 1/this database writes and Realtime messages per second per streaming "
         "task. 0: every report is written.")
-    cancel_poll_interval: float = _var(
+    cancel_poll_interval: float = setting(
         "CANCEL_POLL_INTERVAL", 1.0,
         "Supabase mode: seconds between a worker process's checks for cancelled tasks (one "
         "query for all the tasks it runs, only while it runs some). Direct mode LISTENs.")
     # Logs -----------------------------------------------------------------------
-    log_level: str = _var("LOG_LEVEL", "INFO", "DEBUG shows prompts; INFO never does.")
-    log_format: str = _var(
+    log_level: str = setting("LOG_LEVEL", "INFO", "DEBUG shows prompts; INFO never does.")
+    log_format: str = setting(
         "LOG_FORMAT", "text", "`text` (friendly lines with key=value fields) or `json`.")
 
     @classmethod
@@ -223,13 +260,7 @@ class Settings:
                 # The .env of the directory the command runs in (or above it).
                 load_dotenv(find_dotenv(usecwd=True), override=False)
             environ = os.environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(f.metadata["env"])
-            if raw is None or raw.strip() == "":
-                continue
-            values[f.name] = parse_value(f.metadata["env"], raw.strip(), type(f.default))
-        settings = cls(**values)
+        settings = cls(**env_values(cls, environ))
         settings.validate()
         return settings
 
@@ -311,9 +342,8 @@ class Settings:
                               "that many rows, and claimed rows past it would wait for their "
                               "lease; lower BRIDGE_BATCH_SIZE")
         self.check_visibility_timeout()
-        from bridge.agents import configure  # AGENTS and AGENTS_FILE, checked here
-
-        configure(self)
+        for agent in configure(self):  # AGENTS and AGENTS_FILE, checked here
+            self.check_visibility_timeout(agent)
 
     def require_store(self) -> None:
         """Fail with a one-line fix when no task store is configured."""
@@ -340,5 +370,4 @@ def _env(name: str) -> str:
 
 def variables() -> list[tuple[str, Any, str]]:
     """(variable, default, help) for every setting, in declaration order."""
-    return [(f.metadata["env"], f.default, f.metadata["help"])
-            for f in dataclasses.fields(Settings)]
+    return variables_of(Settings)

@@ -1,5 +1,6 @@
-"""`AgentBridgeError`, the base of every error agent-bridge raises, and the task store's
-errors (transport errors are turned into these).
+"""`AgentBridgeError`, the base of every error agent-bridge raises, `ConfigError` (here so
+bridge/agents.py and bridge/config.py both use it without importing each other), and the
+task store's errors (transport errors are turned into these).
 
 This module imports nothing of the project, so both packages (`bridge` and `tasks`) can
 build on it without an import cycle and without the bridge loading worker code.
@@ -13,6 +14,10 @@ class AgentBridgeError(Exception):
     them all (the CLI does, to end with one line instead of a traceback). Classes that
     are also a built-in kind (ValueError, ImportError, LookupError, RuntimeError) keep
     that base too, so `except ValueError` still works."""
+
+
+class ConfigError(AgentBridgeError, ValueError):
+    """The configuration is invalid; the message says which variable and why."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -12,10 +12,13 @@ task is cancelled it raises `Cancelled`, and `cancelled()` returns True.
 from __future__ import annotations
 
 from bridge.errors import AgentBridgeError
-from tasks import revoke  # noqa: F401 - registers the Celery revoke hooks
 from tasks.agent import current_agent
 from tasks.app import app
-from tasks.cancellation import Cancelled, cancelled
+from tasks.cancellation import (
+    Cancelled,
+    cancelled,
+    revoke,  # noqa: F401 - registers the Celery revoke hooks
+)
 from tasks.errors import InvalidPayload, RetryableError
 from tasks.operator import requeue_failed
 from tasks.progress import report_progress, report_progress_async

@@ -1,6 +1,9 @@
-"""The one Celery app, configured from the environment.
+"""The worker's Celery app (`celery -A tasks worker`), from the environment.
 
-Postgres is the record: no result backend. Jobs are JSON `(task_id, attempt)`.
+Built by the factory the bridge uses too (bridge/celery_app.py); the settings are read
+when the worker imports this, and a bad configuration stops it with one line. The
+tasks are registered on `app` by tasks/runner.py and tasks/operator.py, which
+`tasks/__init__.py` imports.
 """
 
 from __future__ import annotations
@@ -8,70 +11,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from celery import Celery
 from celery.signals import setup_logging
-from kombu import Exchange, Queue
 
 from bridge import logs
-from bridge.agents import configure
+from bridge.celery_app import RUN_AGENT, celery_config, create_celery_app
 from bridge.config import ConfigError, Settings
 
-RUN_AGENT = "tasks.run_agent"
-
-
-def celery_config(settings: Settings) -> dict[str, Any]:
-    agents = configure(settings)
-    longest = max(a.time_limit for a in agents)
-    return {
-        "broker_url": settings.broker_url,
-        "result_backend": None,
-        "task_ignore_result": True,
-        "task_serializer": "json",
-        "accept_content": ["json"],
-        "event_serializer": "json",
-        "task_default_queue": settings.celery_queue,
-        # One queue per agent (`default`: CELERY_QUEUE, agent X: CELERY_QUEUE.X). A worker
-        # without -Q serves them all; `-Q agent_tasks.research` serves that agent only.
-        "task_queues": [Queue(a.queue, Exchange(a.queue), routing_key=a.queue)
-                        for a in agents],
-        # A job is acknowledged only when it ends, and a job whose worker process
-        # died (SIGKILL, OOM) goes back to the queue instead of being acked and lost.
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        # A failed row's job raises TaskFailed (so Flower shows it failed); Celery's
-        # default task_acks_on_failure_or_timeout (True; in 5.7+ task_acks_on_failure)
-        # still acknowledges it: the row is failed, the message must not come back.
-        # Each process holds one job beyond the one it runs: others stay in Redis
-        # where another worker (or the bridge's backpressure) can see them.
-        "worker_prefetch_multiplier": 1,
-        # Keep a running agent going when Redis blinks; the row's fencing makes a
-        # redelivered copy harmless.
-        "worker_cancel_long_running_tasks_on_connection_loss": False,
-        "broker_connection_retry_on_startup": True,
-        "broker_connection_max_retries": None,
-        "broker_channel_error_retry": True,
-        "task_publish_retry": True,
-        "task_publish_retry_policy": {
-            "max_retries": 3, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2},
-        "broker_transport_options": {
-            "visibility_timeout": settings.visibility_timeout,
-            "socket_timeout": 5,
-            "socket_connect_timeout": 5,
-            "socket_keepalive": True,
-            "health_check_interval": 10,
-        },
-        # Task events cost throughput, so they are off unless CELERY_TASK_EVENTS asks
-        # for them. Flower still sees every job a worker runs: it turns the workers'
-        # events on remotely (its enable_events control command) when it starts.
-        "worker_send_task_events": settings.task_events,
-        "task_send_sent_event": settings.task_events,
-        # The handler's own timeout (AGENT_TIME_LIMIT) ends a task first; these are
-        # the backstop for a handler that ignores it (enforced in prefork only).
-        # One pair for every agent, so the longest time limit of any agent.
-        "task_soft_time_limit": longest + 15,
-        "task_time_limit": longest + 45,
-        "worker_hijack_root_logger": False,
-    }
+__all__ = ["RUN_AGENT", "app", "celery_config", "load_settings", "settings"]
 
 
 def load_settings() -> Settings:
@@ -84,8 +30,7 @@ def load_settings() -> Settings:
 
 
 settings = load_settings()
-app = Celery("agent_bridge")
-app.conf.update(celery_config(settings))
+app = create_celery_app(settings)
 
 
 @setup_logging.connect

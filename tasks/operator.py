@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 
+from bridge.celery_app import REQUEUE_FAILED
 from tasks.app import app
 from tasks.runner import runtime
 
 log = logging.getLogger("agent_bridge.worker")
-
-REQUEUE_FAILED = "tasks.requeue_failed"
 
 
 @app.task(name=REQUEUE_FAILED)

@@ -27,6 +27,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_ready
 
 from bridge.agents import DEFAULT, Agent
+from bridge.celery_app import RUN_AGENT
 from bridge.errors import (
     AgentBridgeError,
     StoreError,
@@ -39,9 +40,9 @@ from bridge.store import StartedTask, TaskStore, WriteResult, open_store
 from tasks import agent as agent_context
 from tasks import cancellation, progress
 from tasks.agent import UnknownAgent, agent_for, agents, handler_of
-from tasks.app import RUN_AGENT, app, settings
-from tasks.cancel_watcher import CancelWatcher
+from tasks.app import app, settings
 from tasks.cancellation import Cancelled
+from tasks.cancellation.watcher import CancelWatcher
 from tasks.errors import (
     InvalidPayload,
     RetryableError,

@@ -8,15 +8,14 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from celery import Celery
 
+from bridge.celery_app import RUN_AGENT, create_celery_app
 from bridge.config import Settings
 from bridge.engine import Bridge
 from bridge.localstack import LocalRedis
 from bridge.publisher import BrokerUnavailable, Publisher
 from bridge.store import TaskStore
 from bridge.store.postgres import PostgresTransport
-from tasks.app import RUN_AGENT, celery_config
 from tests.db import insert_task
 from tests.stack import Stack
 
@@ -27,8 +26,7 @@ def test_claims_are_released_when_the_broker_refuses_the_jobs(
     the queue looks empty, the bridge claims, publishing fails, and the claims go
     straight back to pending without using up an attempt."""
     settings = Settings.from_env({"DATABASE_URL": clean_db, "REDIS_URL": own_redis.url})
-    app = Celery("test-bridge")
-    app.conf.update(celery_config(settings))
+    app = create_celery_app(settings, "test-bridge")
     store = TaskStore(PostgresTransport(clean_db))
     bridge = Bridge(settings, store, Publisher(app, settings.celery_queue, RUN_AGENT))
     tasks = [insert_task(clean_db) for _ in range(3)]

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV_EXAMPLE = ROOT / ".env.example"
 CONFIG_DOCS = ROOT / "docs" / "reference" / "configuration.md"
 COMPOSE = ROOT / "docker-compose.yml"
+OPENAI_HEADING = "\n## The OpenAI handler's variables\n"
 
 VARIABLES: list[tuple[str, Any, str]] = [*bridge_variables(), *openai_variables()]
 NAMES = [name for name, _, _ in VARIABLES]
@@ -68,9 +69,10 @@ def test_env_example_shows_the_default(name: str, default: Any) -> None:
         f".env.example shows {name}={values}, but the default is {default!r}")
 
 
-def documented_variables() -> list[str]:
-    """The first cell of every table row of the configuration reference: `| `NAME` | ...`."""
-    text = CONFIG_DOCS.read_text(encoding="utf-8")
+def documented_variables(text: str | None = None) -> list[str]:
+    """The first cell of every table row of the configuration reference (or of `text`):
+    `| `NAME` | ...`."""
+    text = CONFIG_DOCS.read_text(encoding="utf-8") if text is None else text
     return re.findall(r"^\|\s*`([A-Z][A-Z0-9_]*)`\s*\|", text, re.MULTILINE)
 
 
@@ -98,6 +100,17 @@ def test_configuration_reference_lists_only_settings() -> None:
     assert not sorted(set(rows) - set(NAMES)), (
         f"docs/reference/configuration.md documents unknown {sorted(set(rows) - set(NAMES))}")
     assert len(rows) == len(set(rows)), "a variable has two rows"
+
+
+def test_each_table_lists_its_own_settings() -> None:
+    """Both settings objects are declared the same way (bridge.config.setting): the first
+    table is bridge/config.py's, the OpenAI section's table the handler's, each in full and
+    in declaration order."""
+    text = CONFIG_DOCS.read_text(encoding="utf-8")
+    main, heading, openai = text.partition(OPENAI_HEADING)
+    assert heading, f"docs/reference/configuration.md has no {OPENAI_HEADING!r} section"
+    assert documented_variables(main) == [name for name, _, _ in bridge_variables()]
+    assert documented_variables(openai) == [name for name, _, _ in openai_variables()]
 
 
 def test_compose_interpolates_only_variables_env_example_explains() -> None:

@@ -36,15 +36,15 @@ MIGRATIONS = REPO / "supabase" / "migrations"
 # Every exception class the project defines, by module: the walk below must find at least
 # these (so it cannot pass by finding nothing), and each must be an AgentBridgeError.
 KNOWN = {
-    "bridge.errors": {"AgentBridgeError", "StoreError", "StoreUnavailable",
+    "bridge.errors": {"AgentBridgeError", "ConfigError", "StoreError", "StoreUnavailable",
                       "StoreMisconfigured", "StoreRejected"},
     "bridge.publisher": {"BrokerUnavailable"},
-    "bridge.config": {"ConfigError"},
     "bridge.localstack": {"LocalStackError"},
     "bridge.store.supabase": {"GatewayAnswer"},
     "tasks.errors": {"RetryableError", "InvalidPayload", "TaskFailed"},
     "tasks.handlers": {"HandlerNotFound"},
-    "tasks.handlers.openai_chat": {"SettingsError", "ProviderError"},
+    "tasks.handlers.openai_chat.settings": {"SettingsError"},
+    "tasks.handlers.openai_chat.errors": {"ProviderError"},
     "tasks.cancellation": {"Cancelled"},
     "tasks.invoke": {"HandlerTimeout"},
     "tasks.runner": {"WriteRefused"},

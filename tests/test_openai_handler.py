@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -21,6 +22,7 @@ import pytest
 from tasks.errors import InvalidPayload, RetryableError
 from tasks.handlers import openai_chat
 from tasks.handlers.openai_chat import ProviderError, Settings, SettingsError
+from tasks.handlers.openai_chat import client as openai_client
 from tasks.progress import bind, report_progress, unbind
 from tests.fakes.openai_server import FakeOpenAI, split_text
 
@@ -248,7 +250,7 @@ def test_tasks_share_one_client_and_its_kept_alive_connections(
             for _ in range(rounds):
                 assert openai_chat.handler(task())["answer"].startswith("answer ")
                 with lock:
-                    clients.add(id(openai_chat._client))
+                    clients.add(id(openai_client._client))
         except BaseException as exc:
             errors.append(exc)
 
@@ -271,20 +273,20 @@ def test_a_forked_process_makes_its_own_client(fake: FakeOpenAI, env: pytest.Mon
     for text in ("parent before", "child", "parent after"):
         fake.respond(text)
     assert openai_chat.handler(task())["answer"] == "parent before"
-    parent_client = openai_chat._client
+    parent_client = openai_client._client
     assert parent_client is not None
     pid = os.fork()
     if pid == 0:  # the child: report through the exit code only
         status = 1
         try:
-            if openai_chat._client is None and \
+            if openai_client._client is None and \
                     openai_chat.handler(task())["answer"] == "child":
                 status = 0
         finally:
             os._exit(status)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert openai_chat._client is parent_client
+    assert openai_client._client is parent_client
     assert openai_chat.handler(task())["answer"] == "parent after"
     assert fake.connections == 2  # the parent's (kept alive) and the child's
 
@@ -565,7 +567,7 @@ def test_defaults_match_variables() -> None:
                              "OPENAI_TIMEOUT", "OPENAI_PROGRESS_INTERVAL"}
     assert all(help_text for _, _, help_text in openai_chat.variables())
     bare = Settings.from_env({"OPENAI_API_KEY": "k"})
-    explicit = Settings.from_env({**{n: d for n, d in defaults.items()
+    explicit = Settings.from_env({**{n: str(d) for n, d in defaults.items()
                                      if n != "OPENAI_API_KEY"}, "OPENAI_API_KEY": "k"})
     assert bare == explicit
     assert bare.base_url == "https://api.openai.com/v1"
@@ -584,3 +586,25 @@ def test_defaults_match_variables() -> None:
 def test_scrub(text: str, expected: str) -> None:
     assert openai_chat.scrub(text, KEY) == expected
     assert openai_chat.scrub("ollama model not found", "ollama") == "ollama model not found"
+
+
+def test_blank_variables_take_the_default_but_the_system_prompt_is_taken_as_set() -> None:
+    """The defaults live in the declarations only (bridge.config.setting): a blank variable
+    takes its default, except OPENAI_SYSTEM_PROMPT, whose empty value means no system
+    message; a blank key is no key."""
+    blank = {name: "  " for name, _, _ in openai_chat.variables()}
+    with pytest.raises(SettingsError, match=r"^OPENAI_API_KEY is not set"):
+        Settings.from_env(blank)
+    assert Settings.from_env({**blank, "OPENAI_API_KEY": " k "}) == Settings(
+        api_key="k", system_prompt="  ")
+    assert Settings.from_env({"OPENAI_API_KEY": "k", "OPENAI_SYSTEM_PROMPT": ""}
+                             ).system_prompt == ""
+
+
+def test_agents_file_options_are_settings_of_this_handler() -> None:
+    """`[<agent>.openai]` in AGENTS_FILE (bridge.agents, which cannot import the SDK) names
+    fields of Settings, of their types, or for_agent would fail in the worker."""
+    from bridge.agents import OPENAI_KEYS
+
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(Settings)}
+    assert {key: kinds.get(key) for key in OPENAI_KEYS} == OPENAI_KEYS

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                     START_REDIS if name == "Redis" else
                     f"check {'CELERY_BROKER_URL' if settings.celery_broker_url else 'REDIS_URL'}")
 
-    workers = probe_workers(broker)
+    workers = probe_workers(settings, broker)
     if workers.online:
         report.line(True, f"{len(workers.online)} worker(s) online: {', '.join(workers.online)}")
     elif workers.error:

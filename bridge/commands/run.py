@@ -10,6 +10,7 @@ from datetime import timedelta
 from types import FrameType
 
 from bridge import logs
+from bridge.celery_app import RUN_AGENT, create_celery_app
 from bridge.config import Settings
 from bridge.engine import Bridge
 from bridge.metrics import Metrics
@@ -39,8 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     logs.configure(settings.log_level, settings.log_format)
-    from tasks.app import RUN_AGENT, app  # the bridge only publishes; no handler is loaded
-
+    app = create_celery_app(settings)  # publishes by task name: no worker code loads here
     store = open_store(settings, listen=True)
     metrics = Metrics()
     if settings.metrics_port:

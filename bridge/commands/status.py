@@ -12,11 +12,14 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import Any
 
+from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
 
 from bridge.agents import configure, queue_name
+from bridge.celery_app import RUN_AGENT, create_celery_app
 from bridge.commands.submit import error_of
 from bridge.config import Settings
 from bridge.errors import StoreError, StoreUnavailable, first_line
@@ -54,10 +57,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 # Probes, shared with `agent-bridge check` -----------------------------------------
+@cache
+def celery_app(settings: Settings) -> Celery:
+    """One app (one broker connection pool) for the probes of one command."""
+    return create_celery_app(settings)
+
+
 def probe_broker(settings: Settings) -> Broker:
     """Connect to the broker and read the queue depth."""
-    from tasks.app import RUN_AGENT, app
-
+    app = celery_app(settings)
     broker = Broker(maybe_sanitize_url(settings.broker_url), settings.celery_queue)
     try:
         broker.queue_depth = Publisher(app, settings.celery_queue, RUN_AGENT).queue_depth()
@@ -67,15 +75,13 @@ def probe_broker(settings: Settings) -> Broker:
     return broker
 
 
-def probe_workers(broker: Broker) -> Workers:
+def probe_workers(settings: Settings, broker: Broker) -> Workers:
     """Ask the workers which queues they consume (only when the broker answered: asking
     through a dead one hangs). Answering is being online."""
     if not broker.reachable:
         return Workers(error="not asked: the broker is unreachable")
-    from tasks.app import app
-
     try:
-        replies = app.control.inspect(timeout=PING_TIMEOUT).active_queues() or {}
+        replies = celery_app(settings).control.inspect(timeout=PING_TIMEOUT).active_queues() or {}
     except BROKER_ERRORS as exc:
         return Workers(error=f"the broker failed while asking: {first_line(exc)}")
     queues = {name: sorted(str(q.get("name")) for q in reply or [])
@@ -86,12 +92,11 @@ def probe_workers(broker: Broker) -> Workers:
 def agent_rows(settings: Settings, store_agents: list[AgentStats] | None, workers: Workers,
                broker: Broker) -> list[dict[str, Any]]:
     """One entry per agent: the configured ones, and any other that has rows."""
-    from tasks.app import RUN_AGENT, app
-
     agents = configure(settings)
     counts = {a.agent: a for a in store_agents or []}
     names = [*agents.names, *sorted(set(counts) - set(agents.names))]
-    publisher = Publisher(app, settings.celery_queue, RUN_AGENT) if broker.reachable else None
+    publisher = (Publisher(celery_app(settings), settings.celery_queue, RUN_AGENT)
+                 if broker.reachable else None)
     rows = []
     for name in names:
         queue = queue_name(settings.celery_queue, name)
@@ -161,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         report.update(counts=None, due=None, oldest_due_seconds=None, expired_leases=None)
     broker = probe_broker(settings)
-    workers = probe_workers(broker)
+    workers = probe_workers(settings, broker)
     report["broker"] = asdict(broker)
     report["workers"] = asdict(workers)
     report["agents"] = agent_rows(settings, per_agent, workers, broker)

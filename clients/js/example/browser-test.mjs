@@ -1,5 +1,6 @@
 // The example page in headless Chromium (Debian's, via playwright-core; nothing downloads a
-// browser): type a prompt, watch the answer grow, press Stop, save a screenshot.
+// browser): type a prompt, watch the answer grow, press Stop; send again, reload the page
+// mid-stream, see it re-attach to the task and show its end; save a screenshot.
 // Run by tests/test_frontend.py with the stand-ins' addresses in the environment.
 import { createHmac, randomUUID } from 'node:crypto'
 import { readFile } from 'node:fs/promises'
@@ -63,9 +64,24 @@ try {
   const kept = await answer.textContent()
   if (!kept.startsWith(early)) throw new Error(`the partial answer was not kept: ${kept}`)
   if (kept.includes('(done)')) throw new Error('the task finished instead of stopping')
+  // Send again, reload mid-stream: the page re-attaches by the id in its address and shows
+  // the running task, then its final answer.
+  await page.getByRole('button', { name: 'Send' }).click()
+  await page.getByTestId('status').filter({ hasText: 'streaming' }).waitFor()
+  const running = new URL(page.url()).searchParams.get('task')
+  if (!running) throw new Error('the task id is not in the address')
+  await page.reload()
+  await page.getByTestId('status').filter({ hasText: 'streaming' }).waitFor()
+  const resumed = await answer.textContent()
+  if (resumed.includes('(done)')) throw new Error('the task finished before the reloaded page followed it')
+  await page.getByTestId('status').filter({ hasText: 'completed' }).waitFor({ timeout: 60_000 })
+  const final = await answer.textContent()
+  if (!final.startsWith(resumed) || !final.endsWith(' (done)')) throw new Error(`not the final answer: ${final}`)
+  if (new URL(page.url()).searchParams.get('task') !== running) throw new Error('the reloaded page followed another task')
   await page.screenshot({ path: env('SCREENSHOT') })
   if (errors.length) throw new Error(`page errors: ${errors.join('; ')}`)
-  console.log(`ok: answer grew from ${JSON.stringify(early)} and stopped at ${JSON.stringify(kept)}`)
+  console.log(`ok: answer grew from ${JSON.stringify(early)} and stopped at ${JSON.stringify(kept)}; ` +
+    `reloaded at ${JSON.stringify(resumed)}, ended ${JSON.stringify(final.slice(-40))}`)
 } finally {
   await context.close()
   server.close()

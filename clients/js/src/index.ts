@@ -47,6 +47,9 @@ export type {
   AgentTaskStatus,
   Json, OnUpdate, SubmitInput, SubmitOptions, WatchOptions,
 } from './types.js'
+export { AgentTaskStore } from './store.js'
+export type { AgentTaskState, AgentTaskStoreOptions, AgentTaskStoreStatus } from './store.js'
+export type { AgentTaskChunkRow, AgentTaskInsert, AgentTaskRow, Database } from './database.js'
 /** The columns a signed-in user may read, for apps that read the tables themselves
  * (`select('*')` is refused: some columns are the operator's). */
 export { CHUNK_COLUMNS, TASK_COLUMNS } from './types.js'

@@ -1,15 +1,17 @@
 /**
  * The guide's React hook: `useAgentTask({ enterpriseId, onComplete, onError })` returns
- * `{ submitTask, isSubmitting, isProcessing, currentTask, error }` plus `cancelTask`.
+ * `{ submitTask, isSubmitting, isProcessing, currentTask, error }` plus `status`, `taskId`,
+ * `cancelTask`, `attachTask`; `useAgentTask({ taskId })` re-attaches to a running task.
  * Imported from `agent-bridge-client/react`, so apps without React never load it.
  */
 import type { SupabaseClient } from '@supabase/supabase-js'
-import { createContext, createElement, useCallback, useContext, useEffect, useMemo, useRef,
-  useState, type ReactNode } from 'react'
+import { createContext, createElement, useCallback, useContext, useEffect, useMemo,
+  useSyncExternalStore, type ReactNode } from 'react'
 
 import { AgentBridgeError } from './errors.js'
 import { createAgentTasks, type AgentTasks } from './index.js'
-import type { AgentTask, AgentTaskStatus, OnUpdate, SubmitInput, SubmitOptions } from './types.js'
+import { AgentTaskStore, type AgentTaskState, type AgentTaskStoreOptions } from './store.js'
+import type { AgentTask, AgentTaskStatus, SubmitInput } from './types.js'
 
 type ClientOrTasks = SupabaseClient | AgentTasks
 
@@ -25,104 +27,59 @@ export function AgentTasksProvider(props: { client: ClientOrTasks; children?: Re
   return createElement(AgentTasksContext.Provider, { value: tasks }, props.children)
 }
 
-export interface UseAgentTaskOptions extends SubmitOptions {
+export interface UseAgentTaskOptions extends AgentTaskStoreOptions {
   /** The Supabase client, when there is no AgentTasksProvider above. */
   client?: ClientOrTasks
-  onComplete?: (task: AgentTask) => void
-  /** Failures, refusals and timeouts; a cancelled task arrives as TaskCancelledError. */
-  onError?: (error: Error) => void
-  onUpdate?: OnUpdate
+  /**
+   * Follow this existing task (e.g. an id kept in the URL across a page reload) with the same
+   * guarantees as after a submit. A new id follows that task instead; an unset one changes
+   * nothing (so an app may pass back the `taskId` the hook returns).
+   */
+  taskId?: string | null
 }
 
-export interface UseAgentTaskResult {
+export interface UseAgentTaskResult extends AgentTaskState {
   /** Submit and follow; resolves with the completed row, or null (see `error`). Never rejects. */
   submitTask: (input: SubmitInput) => Promise<AgentTask | null>
+  /** Follow an existing task by id, as the `taskId` option does. Never rejects. */
+  attachTask: (taskId: string) => Promise<AgentTask | null>
   /** Stop the current task (the Stop button); resolves with its status after the call. */
   cancelTask: () => Promise<AgentTaskStatus | null>
   /** Forget the current task and stop following it. */
   reset: () => void
-  /** The insert is in flight. */
-  isSubmitting: boolean
-  /** The task is inserted and not finished yet. */
-  isProcessing: boolean
-  /** The latest state of the current task (partial answers included). */
-  currentTask: AgentTask | null
-  error: Error | null
 }
 
+/**
+ * `{ status, submitTask, attachTask, cancelTask, reset, isSubmitting, isProcessing, currentTask,
+ * taskId, error }`; `isSubmitting` and `isProcessing` are derived from `status`.
+ */
 export function useAgentTask(options: UseAgentTaskOptions = {}): UseAgentTaskResult {
   const fromContext = useContext(AgentTasksContext)
-  const { client } = options
+  const { client, taskId } = options
   const tasks = useMemo(() => (client ? toTasks(client) : fromContext), [client, fromContext])
   if (tasks === null) {
     throw new AgentBridgeError('useAgentTask needs a Supabase client: pass { client } or wrap the app in <AgentTasksProvider client={supabase}>')
   }
-  const latest = useRef(options)
-  latest.current = options
-  const current = useRef<AbortController | null>(null)
-  const [isSubmitting, setSubmitting] = useState(false)
-  const [isProcessing, setProcessing] = useState(false)
-  const [currentTask, setCurrentTask] = useState<AgentTask | null>(null)
-  const [error, setError] = useState<Error | null>(null)
+  // A reloaded page renders `attaching` from the first render (only the first taskId matters
+  // here); the effect below attaches.
+  const store = useMemo(() => new AgentTaskStore(tasks, {}, taskId), [tasks])
+  // The latest callbacks and options, read when a call starts or an update arrives.
+  store.options = options
+  const state = useSyncExternalStore(store.subscribe, store.getSnapshot, store.getSnapshot)
 
-  // The channel goes with the component.
-  useEffect(() => () => current.current?.abort(), [])
+  // The channel goes with the component (a remount attaches again, below).
+  useEffect(() => () => store.stop(), [store])
+  useEffect(() => {
+    if (taskId) void store.attach(taskId)
+  }, [store, taskId])
 
-  const submitTask = useCallback(async (input: SubmitInput): Promise<AgentTask | null> => {
-    current.current?.abort()
-    const controller = new AbortController()
-    current.current = controller
-    const mine = (): boolean => current.current === controller
-    const { onComplete, onError, onUpdate, client: _client, ...submitOptions } = latest.current
-    setSubmitting(true)
-    setProcessing(false)
-    setError(null)
-    setCurrentTask(null)
-    let inserted = false
-    try {
-      const task = await tasks.insertAgentTask(input, { ...submitOptions, signal: controller.signal })
-      inserted = true
-      if (!mine()) return null
-      setSubmitting(false)
-      setProcessing(true)
-      const done = await tasks.watchAgentTask(task, (row) => {
-        if (!mine()) return
-        setCurrentTask(row)
-        onUpdate?.(row)
-      }, { ...submitOptions, signal: controller.signal })
-      if (mine()) onComplete?.(done)
-      return done
-    } catch (err) {
-      if (!mine() || controller.signal.aborted) return null
-      const failure = err instanceof Error ? err : new AgentBridgeError(String(err))
-      setError(failure)
-      onError?.(failure)
-      return null
-    } finally {
-      if (mine()) {
-        setSubmitting(false)
-        setProcessing(false)
-        if (!inserted) current.current = null
-      }
-    }
-  }, [tasks])
-
-  const cancelTask = useCallback(async (): Promise<AgentTaskStatus | null> => {
-    const id = currentTask?.id
-    return id ? tasks.cancelAgentTask(id) : null
-  }, [tasks, currentTask?.id])
-
-  const reset = useCallback((): void => {
-    current.current?.abort()
-    current.current = null
-    setSubmitting(false)
-    setProcessing(false)
-    setCurrentTask(null)
-    setError(null)
-  }, [])
-
-  return { submitTask, cancelTask, reset, isSubmitting, isProcessing, currentTask, error }
+  const submitTask = useCallback((input: SubmitInput) => store.submit(input), [store])
+  const attachTask = useCallback((id: string) => store.attach(id), [store])
+  const cancelTask = useCallback(() => store.cancel(), [store])
+  const reset = useCallback(() => store.reset(), [store])
+  return { ...state, submitTask, attachTask, cancelTask, reset }
 }
 
 export type { AgentTask, AgentTaskStatus, SubmitInput } from './types.js'
+export type { AgentTaskState, AgentTaskStoreOptions, AgentTaskStoreStatus } from './store.js'
 export { TaskCancelledError, TaskFailedError } from './errors.js'

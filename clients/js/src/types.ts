@@ -87,10 +87,11 @@ export const TABLE = 'agent_task_requests'
 
 /** The columns of `agent_task_requests` the client reads. Users may select these, not every
  * column (the worker's host and process are the operator's), so `select('*')` is refused
- * (42501): every read names its columns. */
-export const TASK_COLUMNS = 'id,status,request_payload,response_payload,created_at,updated_at,' +
-  'attempts,max_attempts,priority,run_at,lease_expires_at,started_at,finished_at,error,user_id,' +
-  'enterprise_id,agent'
+ * (42501): every read names its columns. A literal type, so a `Database`-typed client infers
+ * the row it selects. */
+export const TASK_COLUMNS = `id,status,request_payload,response_payload,created_at,updated_at,\
+attempts,max_attempts,priority,run_at,lease_expires_at,started_at,finished_at,error,user_id,\
+enterprise_id,agent` as const
 
 /** One piece of a streamed answer (`agent_task_chunks`): while attempt `attempt` runs, its
  * answer is `answer.slice(0, answer_offset) + text` (offsets in characters, i.e. Unicode
@@ -108,4 +109,4 @@ export interface AgentTaskChunk {
 export const CHUNKS_TABLE = 'agent_task_chunks'
 
 /** The columns of `agent_task_chunks` the client reads (users may not select them all). */
-export const CHUNK_COLUMNS = 'task_id,attempt,seq,answer_offset,text,created_at'
+export const CHUNK_COLUMNS = 'task_id,attempt,seq,answer_offset,text,created_at' as const

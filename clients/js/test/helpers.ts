@@ -38,9 +38,9 @@ export interface User {
 
 const clients: SupabaseClient[] = []
 
-/** A Supabase client signed in as a new user (the app's usual client, with the anon key). */
-export function newUser(): User {
-  const id = randomUUID()
+/** A Supabase client signed in as a new user (the app's usual client, with the anon key);
+ * with `id`, another client of that user (a reloaded page). */
+export function newUser(id: string = randomUUID()): User {
   const token = userToken(id)
   const supabase = createClient(SUPABASE_URL, ANON_KEY, {
     accessToken: () => Promise.resolve(token),

@@ -1,12 +1,13 @@
 /**
- * The example page: type a prompt, watch the answer grow, press Stop.
+ * The example page: type a prompt, watch the answer grow, press Stop. The task's id is kept
+ * in the address (`?task=`), so a reload re-attaches to it and shows it to its end.
  *
  * A real app signs its users in with supabase.auth; this page takes the project URL, the
  * anon key and a user's access token from its query string (`?url=&key=&token=`), so the
  * test can run it against the local stand-ins. `context` (JSON) is sent with each prompt.
  */
 import { createClient } from '@supabase/supabase-js'
-import { useState } from 'react'
+import { useEffect, useState } from 'react'
 import { createRoot } from 'react-dom/client'
 
 import { AgentTasksProvider, TaskCancelledError, useAgentTask } from 'agent-bridge-client/react'
@@ -20,10 +21,19 @@ const context = JSON.parse(params.get('context') ?? '{}') as Record<string, stri
 
 function Chat(): React.JSX.Element {
   const [prompt, setPrompt] = useState('')
-  const { submitTask, cancelTask, isSubmitting, isProcessing, currentTask, error } = useAgentTask({
+  const [reloaded] = useState(() => params.get('task'))
+  const { submitTask, cancelTask, status, taskId, isSubmitting, isProcessing, currentTask, error } = useAgentTask({
+    taskId: reloaded,
     onComplete: (task) => console.log('Task completed:', task.response_payload?.answer),
     onError: (err) => console.error('Task failed:', err.message),
   })
+  // Keep the id in the address, so a reload follows the same task.
+  useEffect(() => {
+    const url = new URL(window.location.href)
+    if (taskId) url.searchParams.set('task', taskId)
+    else url.searchParams.delete('task')
+    window.history.replaceState(null, '', url)
+  }, [taskId])
   const answer = currentTask?.response_payload?.answer
   const stopped = error instanceof TaskCancelledError
   return (
@@ -37,9 +47,7 @@ function Chat(): React.JSX.Element {
         <button onClick={() => void cancelTask()} disabled={!isProcessing}>Stop</button>
       </div>
       <p className="status" data-testid="status">
-        {stopped ? 'stopped' : currentTask
-          ? `${currentTask.status}${isProcessing && currentTask.response_payload?.partial ? ' · streaming' : ''}`
-          : 'idle'}
+        {stopped ? 'stopped' : `${status}${isProcessing && currentTask?.response_payload?.partial ? ' · streaming' : ''}`}
       </p>
       <div className="answer" data-testid="answer">{answer ?? ''}</div>
       {error && !stopped && <p className="error" data-testid="error">{error.message}</p>}

@@ -8,7 +8,7 @@ One thread per worker process, started with its first task:
 - Supabase mode (no LISTEN over the API): one `agent_tasks_cancel_requested` call
   for all held attempts every CANCEL_POLL_INTERVAL, and none while nothing is held.
 
-A match fires the attempt's CancelScope (see tasks.cancellation).
+A match fires the attempt's CancelScope (see tasks/cancellation/__init__.py).
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ from typing import Any
 from celery.signals import task_revoked, worker_ready
 from celery.worker import state as worker_state
 
+from bridge.celery_app import RUN_AGENT
 from bridge.errors import StoreError
 from bridge.store import open_store
-from tasks.app import RUN_AGENT, settings
+from tasks.app import settings
 
 log = logging.getLogger("agent_bridge.worker")
 

@@ -1,7 +1,9 @@
-"""How a running handler learns that its task was cancelled, and stops.
+"""Cancellation, in one package: how a running handler learns that its task was
+cancelled, and stops (here); how a worker learns a row was asked to stop (`watcher`);
+how a Celery revoke becomes a cancel (`revoke`).
 
 Each attempt a worker runs has a `CancelScope`; the worker's cancel watcher
-(`tasks.cancel_watcher`) fires it when the row is asked to stop
+(`tasks.cancellation.watcher`) fires it when the row is asked to stop
 (`cancel_agent_task`, `agent-bridge cancel`, a Celery revoke). Then:
 
 - an async handler is cancelled: `asyncio.CancelledError` is raised at its current

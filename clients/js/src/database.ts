@@ -1,0 +1,90 @@
+/**
+ * The part of agent-bridge's schema a signed-in user touches, in supabase-js' `Database`
+ * shape, so `createClient<Database>(url, key)` checks column names, statuses and payloads:
+ *
+ *   const supabase = createClient<Database>(url, anonKey)
+ *   const { data } = await supabase.from('agent_task_requests').select(TASK_COLUMNS).eq('id', id)
+ *
+ * Only what users may do is here: `Row` is the columns they may select (TASK_COLUMNS,
+ * CHUNK_COLUMNS; the operator's, such as `worker`, are not), `Insert` the columns they may
+ * insert (a `pending` row), `Update` nothing (status changes are the database's functions),
+ * and the one function they may call. Merge it into your own generated types if you have them
+ * (`Database['public']['Tables']['agent_task_requests']`).
+ */
+import type {
+  AgentTaskErrorInfo, AgentTaskRequest, AgentTaskResponse, AgentTaskStatus,
+} from './types.js'
+
+/** A user cannot write here: the state machine is the database's. */
+type NoColumns = { [_ in never]: never }
+
+/** One row of `agent_task_requests` as a user may select it: every column of TASK_COLUMNS. */
+export type AgentTaskRow = {
+  id: string
+  status: AgentTaskStatus
+  request_payload: AgentTaskRequest
+  response_payload: AgentTaskResponse | null
+  created_at: string
+  updated_at: string
+  attempts: number
+  max_attempts: number
+  priority: number
+  run_at: string
+  lease_expires_at: string | null
+  started_at: string | null
+  finished_at: string | null
+  error: AgentTaskErrorInfo | null
+  user_id: string | null
+  enterprise_id: string | null
+  agent: string
+}
+
+/** What a user may insert (their column grants): a `pending` request; the rest is defaulted. */
+export type AgentTaskInsert = {
+  request_payload: AgentTaskRequest
+  status?: 'pending'
+  priority?: number
+  run_at?: string
+  user_id?: string | null
+  enterprise_id?: string | null
+  agent?: string
+}
+
+/** One row of `agent_task_chunks` as a user may select it (CHUNK_COLUMNS). */
+export type AgentTaskChunkRow = {
+  task_id: string
+  attempt: number
+  seq: number
+  answer_offset: number
+  text: string
+  created_at: string
+}
+
+export type Database = {
+  public: {
+    Tables: {
+      agent_task_requests: {
+        Row: AgentTaskRow
+        Insert: AgentTaskInsert
+        Update: NoColumns
+        Relationships: []
+      }
+      agent_task_chunks: {
+        Row: AgentTaskChunkRow
+        Insert: NoColumns
+        Update: NoColumns
+        Relationships: []
+      }
+    }
+    Views: { [_ in never]: never }
+    Functions: {
+      /** Ask a task to stop; returns its status after the call (null: no such row of yours). */
+      cancel_agent_task: {
+        Args: { task_id: string }
+        Returns: AgentTaskStatus | null
+      }
+    }
+    Enums: { [_ in never]: never }
+    CompositeTypes: { [_ in never]: never }
+  }
+}

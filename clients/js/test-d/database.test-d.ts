@@ -1,0 +1,84 @@
+/**
+ * Type tests, checked by `npm run typecheck` (tsc --noEmit), never run: each
+ * `@ts-expect-error` must meet an error, so a type that lets a wrong column or status through
+ * fails the check.
+ */
+import { createClient } from '@supabase/supabase-js'
+
+import {
+  CHUNK_COLUMNS, createAgentTasks, TASK_COLUMNS, type AgentTask, type AgentTaskChunk,
+  type AgentTaskStatus, type AgentTaskStoreStatus, type Database,
+} from 'agent-bridge-client'
+import { AgentTasksProvider, useAgentTask, type UseAgentTaskResult } from 'agent-bridge-client/react'
+
+type Equal<A, B> = (<T>() => T extends A ? 1 : 2) extends (<T>() => T extends B ? 1 : 2) ? true : false
+const expectType = <T extends true>(): T | undefined => undefined
+
+export async function database(): Promise<void> {
+  const supabase = createClient<Database>('http://127.0.0.1:54321', 'anon-key')
+
+  // The client's column list selects exactly a task row.
+  const { data: task } = await supabase.from('agent_task_requests').select(TASK_COLUMNS).eq('id', 'x').single()
+  if (task) {
+    const row: AgentTask = task
+    const status: AgentTaskStatus = task.status
+    const answer: string | undefined = task.response_payload?.answer
+    void row
+    void status
+    void answer
+  }
+  const { data: chunks } = await supabase.from('agent_task_chunks').select(CHUNK_COLUMNS).eq('task_id', 'x')
+  const pieces: AgentTaskChunk[] = chunks ?? []
+  void pieces
+
+  // A named subset is typed too.
+  const { data: _some } = await supabase.from('agent_task_requests').select('id,status').limit(1)
+  expectType<Equal<typeof _some, { id: string; status: AgentTaskStatus }[] | null>>()
+
+  // A column users may not select (the operator's `worker`) is not a column here.
+  const { data: worker } = await supabase.from('agent_task_requests').select('worker').single()
+  if (worker) {
+    // @ts-expect-error -- the result is a SelectQueryError, not a row with `worker`
+    const host: string = worker.worker // eslint-disable-line @typescript-eslint/no-unsafe-assignment
+    void host
+  }
+
+  // @ts-expect-error -- not a status
+  await supabase.from('agent_task_requests').select('id').eq('status', 'done')
+  await supabase.from('agent_task_requests').select('id').eq('status', 'processing')
+
+  // Users insert a pending request with their granted columns only.
+  await supabase.from('agent_task_requests').insert({ request_payload: { prompt: 'hi' }, agent: 'default' })
+  // @ts-expect-error -- users insert pending rows only
+  await supabase.from('agent_task_requests').insert({ request_payload: { prompt: 'hi' }, status: 'completed' })
+  // @ts-expect-error -- not a column users may write
+  await supabase.from('agent_task_requests').insert({ request_payload: { prompt: 'hi' }, worker: 'me' })
+  // @ts-expect-error -- the request is required
+  await supabase.from('agent_task_requests').insert({ agent: 'default' })
+  // @ts-expect-error -- status changes are the database's functions, not an UPDATE
+  await supabase.from('agent_task_requests').update({ status: 'failed' }).eq('id', 'x')
+  // @ts-expect-error -- no such table
+  await supabase.from('agent_tasks').select('id')
+
+  // The one function users call.
+  const { data: _after } = await supabase.rpc('cancel_agent_task', { task_id: 'x' })
+  expectType<Equal<typeof _after, AgentTaskStatus | null>>()
+  // @ts-expect-error -- its argument is task_id
+  await supabase.rpc('cancel_agent_task', { id: 'x' })
+
+  // The typed client works wherever a client goes.
+  const tasks = createAgentTasks(supabase)
+  void tasks
+  void AgentTasksProvider({ client: supabase })
+}
+
+export function hook(): void {
+  const result: UseAgentTaskResult = useAgentTask({ taskId: 'x' })
+  expectType<Equal<typeof result.status, AgentTaskStoreStatus>>()
+  expectType<Equal<AgentTaskStoreStatus,
+    'idle' | 'submitting' | 'attaching' | 'pending' | 'processing' | 'completed' | 'failed'>>()
+  // @ts-expect-error -- not a status
+  const wrong: AgentTaskStoreStatus = 'running'
+  void wrong
+  if (result.status === 'completed') void result.currentTask
+}
