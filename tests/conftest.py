@@ -150,3 +150,22 @@ def standins(clean_db: str) -> Iterator[StandIns]:
         s.stop()
 
 
+
+
+# The layers (`pytest -m "not acceptance"` is the quick loop): a test is an acceptance test
+# when it runs real processes of ours (a bridge, a worker, `dev`, the CLI, a browser, the
+# Supabase CLI, an installed wheel) or the stand-in servers; the rest talk to the test
+# database (and Redis) in process, or to nothing at all.
+ACCEPTANCE_FIXTURES = {"stack", "standins", "own_redis"}
+ACCEPTANCE_MODULES = {
+    "test_agent_pipeline", "test_bridge", "test_bridge_realtime", "test_cli", "test_dev",
+    "test_failures", "test_fairness", "test_flower", "test_frontend", "test_migrations_export",
+    "test_pipeline", "test_supabase_cli", "test_wheel",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.path.stem in ACCEPTANCE_MODULES or fixtures & ACCEPTANCE_FIXTURES:
+            item.add_marker(pytest.mark.acceptance)
