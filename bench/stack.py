@@ -3,7 +3,8 @@
 `Servers` starts an embedded PostgreSQL (with pg_stat_statements preloaded) and a
 `redis-server` in a temporary directory; each benchmark gets a fresh, migrated
 database on it. `Proc` is one child process in its own process group (so a
-`kill -9` takes a prefork worker's children with it), logging to a file.
+`kill -9` takes a prefork worker's children with it), logging to a file: the process
+handling is bridge/processes.py, shared with tests/ and `agent-bridge dev`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import psutil
 import psycopg
 import redis
 
+from bridge import processes
 from bridge.localstack import LocalPostgres, LocalRedis, with_database
 from bridge.migrate import migrate
 
@@ -51,36 +50,12 @@ def done_trigger_sql(table: str, statuses: Sequence[str]) -> str:
     return DONE_TRIGGER.format(table=table, statuses=", ".join(f"'{s}'" for s in statuses))
 
 
-class Proc:
-    """A child process in its own session/process group, output to `log_path`."""
+class Proc(processes.Proc):
+    """A benchmark's child process (bridge/processes.py), run from the repository root."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.name = name
-        self.args = args
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.popen = subprocess.Popen(args, env=env, cwd=REPO, stdout=self._log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
-        self.pid = self.popen.pid
-
-    @property
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def wait_for_output(self, text: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output:
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited ({self.popen.returncode}); "
-                                   f"log {self.log_path}:\n{self.output[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: no {text!r} within {timeout}s; "
-                                   f"log {self.log_path}:\n{self.output[-3000:]}")
-            time.sleep(0.05)
+    def __init__(self, name: str, args: list[str], env: dict[str, str],
+                 log_path: Path | None = None, *, cwd: Path | None = REPO) -> None:
+        super().__init__(name, args, env, log_path, cwd=cwd)
 
     def processes(self) -> list[psutil.Process]:
         """The process and all its descendants (a prefork worker's pool children)."""
@@ -89,30 +64,6 @@ class Proc:
             return [root, *root.children(recursive=True)]
         except psutil.Error:
             return []
-
-    def kill9(self) -> None:
-        """SIGKILL the whole process group."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
-            self.popen.wait()
-        self._reap_group()
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-        self._reap_group()
-        self._log.close()
-
-    def _reap_group(self) -> None:
-        """Leftovers of the group (a pool child outliving its parent) get SIGKILL."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
 
 
 class Servers:
@@ -205,23 +156,17 @@ def servers(root: Path | None = None) -> Iterator[Servers]:
         s.stop()
 
 
-class ProcGroup:
-    """Processes of one benchmark; `stop_all` in a finally block stops every one."""
+class ProcGroup(processes.ProcGroup[Proc]):
+    """Processes of one benchmark, logging to `<workdir>/<name><n>.log`; `stop_all` in a
+    finally block stops every one."""
 
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        super().__init__(env, Proc, log_dir=workdir, cwd=REPO)
         self.workdir = workdir
-        self.env = env
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, args: list[str], **env: str) -> Proc:
-        n = sum(p.name.startswith(name) for p in self.procs)
-        proc = Proc(f"{name}{n}", args, {**self.env, **env}, self.workdir / f"{name}{n}.log")
-        self.procs.append(proc)
-        return proc
 
     def celery_worker(self, app: str, *, pool: str, concurrency: int, wait: bool = True,
                       name: str = "worker", **env: str) -> Proc:
-        n = sum(p.name.startswith(name) for p in self.procs)
+        n = self.count(name)
         proc = self.start(name, [
             str(BIN / "celery"), "-A", app, "worker", "-P", pool, "-c", str(concurrency),
             "-n", f"{name}{n}-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
@@ -235,14 +180,6 @@ class ProcGroup:
         if wait:
             proc.wait_for_output("ONLINE", 60)
         return proc
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            with contextlib.suppress(Exception):
-                proc.stop()
-
-    def count_in_logs(self, text: str) -> int:
-        return sum(p.output.count(text) for p in self.procs)
 
 
 def base_env(*, db_url: str = "", redis_url: str, state_dir: Path | None = None,

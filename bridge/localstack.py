@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from bridge.errors import AgentBridgeError
+from bridge.processes import Proc
 
 
 class LocalStackError(AgentBridgeError, RuntimeError):
@@ -109,7 +110,7 @@ class LocalRedis:
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir.resolve()
         self.port = port or free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Proc | None = None
 
     @property
     def url(self) -> str:
@@ -117,34 +118,29 @@ class LocalRedis:
 
     def start(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.data_dir),
-             "--logfile", str(self.data_dir / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+        # Its log is its stdout (`--logfile ""`), written to redis.log by the Proc.
+        self.process = Proc(
+            "redis", [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                      "--save", "", "--appendonly", "no", "--dir", str(self.data_dir),
+                      "--logfile", ""],
+            dict(os.environ), self.data_dir / "redis.log")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if not self.process.alive():
                 raise LocalStackError(f"redis-server exited; see {self.data_dir / 'redis.log'}")
             with contextlib.suppress(OSError), socket.create_connection(
                     ("127.0.0.1", self.port), timeout=0.2):
                 return self.url
             time.sleep(0.05)
+        self.stop()
         raise LocalStackError("redis-server did not start within 10 s")
 
     def kill(self) -> None:
         """SIGKILL: everything queued in it is gone."""
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            self.process.kill9()
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            self.process.stop(5)
 

@@ -12,7 +12,7 @@ import logging
 
 from bridge.celery_app import REQUEUE_FAILED
 from tasks.app import app
-from tasks.runner import runtime
+from tasks.runtime import process_runtime
 
 log = logging.getLogger("agent_bridge.worker")
 
@@ -20,7 +20,7 @@ log = logging.getLogger("agent_bridge.worker")
 @app.task(name=REQUEUE_FAILED)
 def requeue_failed(task_id: str, more_attempts: int = 3) -> list[str]:
     """Requeue one failed row; returns the ids requeued (empty if it was not failed)."""
-    store, _ = runtime.get()
+    store = process_runtime.get().store
     requeued = store.requeue(ids=[task_id], more_attempts=more_attempts)
     log.info("🔁 Requeued %d failed task(s) on operator request", len(requeued),
              extra={"action": "requeued", "task_id": task_id})

@@ -1,14 +1,13 @@
 """Real processes for pipeline tests: `celery -A tasks worker` and `agent-bridge run`.
 
-Each process logs to a file in the test's tmp dir; `Stack.wait_for` polls the
-database until a condition holds, and shows every log when it does not.
+Each process logs to a file in the test's tmp dir; `Stack.wait_for` polls the database
+until a condition holds, and shows every log when it does not. Process handling (process
+groups, stop, kill -9, readiness) is bridge/processes.py, shared with bench/ and `dev`.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +16,8 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+
+from bridge import processes
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -36,74 +37,34 @@ FAST = {
 }
 
 
-class Proc:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.popen = subprocess.Popen(args, env=env, cwd=REPO, stdout=self._log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
+class Proc(processes.Proc):
+    """A test's child process, run from the repository root (see bridge/processes.py)."""
 
-    @property
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def wait_for_output(self, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output:
-            if not self.alive():
-                raise AssertionError(f"{self.name} exited ({self.popen.returncode}):\n"
-                                     f"{self.output}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: no {text!r} in {timeout}s:\n{self.output}")
-            time.sleep(0.05)
-
-    def kill9(self) -> None:
-        """SIGKILL the whole process group: a worker's pool children die with it."""
-        if self.alive():
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
-
-    def stop(self, timeout: float = 15) -> int:
-        if self.alive():
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-        self._log.close()
-        return int(self.popen.returncode)
+    def __init__(self, name: str, args: list[str], env: dict[str, str],
+                 log_path: Path | None = None, *, cwd: Path | None = REPO) -> None:
+        super().__init__(name, args, env, log_path, cwd=cwd)
 
 
-class Stack:
-    """The processes of one test, all on the test's database and Redis."""
+class Stack(processes.ProcGroup[Proc]):
+    """The processes of one test, all on the test's database and Redis; each logs to
+    `<tmp>/<name><n>.log`."""
 
     def __init__(self, db_url: str, redis_url: str, tmp: Path, **env: str) -> None:
         self.db_url = db_url
         self.tmp = tmp
         self.state_dir = tmp / "handler-state"
         self.state_dir.mkdir(exist_ok=True)
-        self.env = {**os.environ, **FAST, "DATABASE_URL": db_url, "REDIS_URL": redis_url,
-                    "BRIDGE_TRANSPORT": "postgres", "TEST_STATE_DIR": str(self.state_dir),
-                    "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env}
-        self.env.pop("CELERY_BROKER_URL", None)
-        self.procs: list[Proc] = []
-
-    def _start(self, name: str, args: list[str], **env: str) -> Proc:
-        n = sum(p.name.startswith(name) for p in self.procs)
-        proc = Proc(f"{name}{n}", args, {**self.env, **env}, self.tmp / f"{name}{n}.log")
-        self.procs.append(proc)
-        return proc
+        full = {**os.environ, **FAST, "DATABASE_URL": db_url, "REDIS_URL": redis_url,
+                "BRIDGE_TRANSPORT": "postgres", "TEST_STATE_DIR": str(self.state_dir),
+                "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **env}
+        full.pop("CELERY_BROKER_URL", None)
+        super().__init__(full, Proc, log_dir=tmp, cwd=REPO)
 
     def worker(self, *, pool: str = "prefork", concurrency: int = 2, wait: bool = True,
                queues: str | None = None, **env: str) -> Proc:
         """A worker; `queues` is Celery's -Q (default: every agent's queue)."""
-        n = sum(p.name.startswith("worker") for p in self.procs)
-        proc = self._start("worker", [
+        n = self.count("worker")
+        proc = self.start("worker", [
             str(BIN / "celery"), "-A", "tasks", "worker", "-P", pool, "-c", str(concurrency),
             "-n", f"w{n}-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
             "--loglevel", "INFO", *(["-Q", queues] if queues else [])], **env)
@@ -112,17 +73,10 @@ class Stack:
         return proc
 
     def bridge(self, *, wait: bool = True, **env: str) -> Proc:
-        proc = self._start("bridge", [str(BIN / "agent-bridge"), "run"], **env)
+        proc = self.start("bridge", [str(BIN / "agent-bridge"), "run"], **env)
         if wait:
             proc.wait_for_output("ONLINE", 30)
         return proc
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            proc.stop()
-
-    def logs(self) -> str:
-        return "\n".join(f"===== {p.name} =====\n{p.output}" for p in self.procs)
 
     # Database views ----------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
@@ -159,6 +113,3 @@ class Stack:
         """One line per time the handler started on this task (any process)."""
         path = self.state_dir / f"{task_id}.runs"
         return path.read_text().splitlines() if path.exists() else []
-
-    def count_in_logs(self, text: str) -> int:
-        return sum(p.output.count(text) for p in self.procs)

@@ -40,6 +40,8 @@ KNOWN = {
                       "StoreMisconfigured", "StoreRejected"},
     "bridge.publisher": {"BrokerUnavailable"},
     "bridge.localstack": {"LocalStackError"},
+    "bridge.processes": {"ProcessError"},
+    "bridge.migrate": {"ExportConflict"},
     "bridge.store.supabase": {"GatewayAnswer"},
     "tasks.errors": {"RetryableError", "InvalidPayload", "TaskFailed"},
     "tasks.handlers": {"HandlerNotFound"},
@@ -47,7 +49,7 @@ KNOWN = {
     "tasks.handlers.openai_chat.errors": {"ProviderError"},
     "tasks.cancellation": {"Cancelled"},
     "tasks.invoke": {"HandlerTimeout"},
-    "tasks.runner": {"WriteRefused"},
+    "tasks.outcome": {"WriteRefused"},
     "tasks.agent": {"UnknownAgent"},
 }
 
@@ -55,7 +57,8 @@ KNOWN = {
 SECOND_BASES = {
     "ConfigError": ValueError, "SettingsError": ValueError, "InvalidPayload": ValueError,
     "HandlerNotFound": ImportError, "UnknownAgent": LookupError,
-    "LocalStackError": RuntimeError,
+    "LocalStackError": RuntimeError, "ProcessError": RuntimeError,
+    "ExportConflict": FileExistsError,
 }
 
 

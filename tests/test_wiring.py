@@ -147,7 +147,7 @@ def test_no_import_cycle_between_tasks_modules() -> None:
     """The worker's side too: `tasks/__init__.py` wires the modules together, and none of
     them imports a module that imports it back."""
     graph = import_graph("tasks")
-    assert "tasks.cancellation.watcher" in graph["tasks.runner"]
+    assert "tasks.cancellation.watcher" in graph["tasks.runtime"]
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
 
 

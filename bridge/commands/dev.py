@@ -16,15 +16,15 @@ import os
 import secrets
 import shlex
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from bridge.config import Settings
 from bridge.localstack import LocalPostgres, LocalRedis, free_port
 from bridge.migrate import migrate
+from bridge.processes import Proc, ProcGroup
 from bridge.store import open_store, request_payload
 
 DEMO_PROMPTS = [
@@ -47,33 +47,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="0 = no Flower; taken: the port of the last run, else a free one")
     p.add_argument("--concurrency", type=int, default=2, help="worker processes/threads")
     p.set_defaults(func=run)
-
-
-class Child:
-    """A child process whose output is printed with a name in front."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.name = name
-        self.popen = subprocess.Popen(
-            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
-        assert self.popen.stdout is not None
-        threading.Thread(target=self._pump, args=(self.popen.stdout,), daemon=True).start()
-
-    def _pump(self, stream: IO[bytes]) -> None:
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip()
-            if line:
-                print(f"[{self.name:6}] {line}", flush=True)
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
 
 
 FLOWER_USER = "dev"
@@ -123,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         {"redis_port": redis_port, "flower_port": flower_port or state.get("flower_port"),
          "flower_password": flower_password}))
     (data_dir / "dev.json").chmod(0o600)
-    children: list[Child] = []
+    children: ProcGroup[Proc] | None = None
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -139,16 +112,18 @@ def run(args: argparse.Namespace) -> int:
         env_file = write_env(data_dir, shared)
         env = {**os.environ, **shared, "PYTHONUNBUFFERED": "1"}
         py = sys.executable
-        children.append(Child("bridge", [py, "-m", "bridge.cli", "run"], env))
+        # No log_dir: each child's output is printed behind its name, `[worker] ...`.
+        children = ProcGroup(env, Proc)
+        children.start("bridge", [py, "-m", "bridge.cli", "run"])
         pool = "threads" if os.name == "nt" else "prefork"  # prefork does not run on Windows
-        children.append(Child("worker", [
+        children.start("worker", [
             py, "-m", "celery", "-A", "tasks", "worker", "-P", pool,
-            "-c", str(args.concurrency), "--loglevel", "INFO", "-n", "dev@%h"], env))
+            "-c", str(args.concurrency), "--loglevel", "INFO", "-n", "dev@%h"])
         if flower_port:
-            children.append(Child("flower", [
+            children.start("flower", [
                 py, "-m", "celery", "-A", "tasks", "flower", f"--port={flower_port}",
                 "--address=127.0.0.1", "--max_tasks=10000",
-                f"--basic-auth={FLOWER_USER}:{flower_password}"], env))
+                f"--basic-auth={FLOWER_USER}:{flower_password}"])
         _print_where(shared, env_file, flower_port)
         if args.demo:
             threading.Thread(target=_demo, args=(db_url, stop), daemon=True).start()
@@ -157,16 +132,16 @@ def run(args: argparse.Namespace) -> int:
             if died:
                 print(f"❌ {died}; stopping everything", flush=True)
                 return 1
-            for child in children:
-                if child.popen.poll() is not None:
-                    print(f"❌ {child.name} exited with code {child.popen.returncode}; "
-                          "stopping everything", flush=True)
-                    return 1
+            child = children.exited()
+            if child is not None:
+                print(f"❌ {child.name} exited with code {child.returncode}; "
+                      "stopping everything", flush=True)
+                return 1
         return 0
     finally:
         print("🛑 Stopping ...", flush=True)
-        for child in reversed(children):
-            child.stop()
+        if children is not None:
+            children.stop_all()
         redis.stop()
         postgres.stop()
         print("👋 Everything stopped.", flush=True)
@@ -181,7 +156,7 @@ def _port_free(port: int) -> bool:
 
 def _dead_service(postgres: LocalPostgres, redis: LocalRedis) -> str | None:
     """Which of dev's own servers died under it, said for a person; None if both run."""
-    if redis.process is not None and redis.process.poll() is not None:
+    if redis.process is not None and not redis.process.alive():
         return (f"Redis (port {redis.port}) died with code {redis.process.returncode}; see "
                 f"{redis.data_dir / 'redis.log'}")
     if postgres.pid() is None:
