@@ -12,32 +12,13 @@
  * (`Database['public']['Tables']['agent_task_requests']`).
  */
 import type {
-  AgentTaskErrorInfo, AgentTaskRequest, AgentTaskResponse, AgentTaskStatus,
+  AgentTaskRequest, AgentTaskRow, AgentTaskStatus,
 } from './types.js'
+
+export type { AgentTaskRow } from './types.js'
 
 /** A user cannot write here: the state machine is the database's. */
 type NoColumns = { [_ in never]: never }
-
-/** One row of `agent_task_requests` as a user may select it: every column of TASK_COLUMNS. */
-export type AgentTaskRow = {
-  id: string
-  status: AgentTaskStatus
-  request_payload: AgentTaskRequest
-  response_payload: AgentTaskResponse | null
-  created_at: string
-  updated_at: string
-  attempts: number
-  max_attempts: number
-  priority: number
-  run_at: string
-  lease_expires_at: string | null
-  started_at: string | null
-  finished_at: string | null
-  error: AgentTaskErrorInfo | null
-  user_id: string | null
-  enterprise_id: string | null
-  agent: string
-}
 
 /** What a user may insert (their column grants): a `pending` request; the rest is defaulted. */
 export type AgentTaskInsert = {

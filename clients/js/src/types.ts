@@ -31,26 +31,33 @@ export interface AgentTaskErrorInfo {
   [key: string]: Json | undefined
 }
 
-/** One row of `agent_task_requests`, as a signed-in user may read it (TASK_COLUMNS). */
-export interface AgentTask {
+/** One row of `agent_task_requests` as a user may select it: every column of TASK_COLUMNS. */
+export type AgentTaskRow = {
   id: string
   status: AgentTaskStatus
   request_payload: AgentTaskRequest
   response_payload: AgentTaskResponse | null
   created_at: string
   updated_at: string
-  attempts?: number
-  max_attempts?: number
-  priority?: number
-  run_at?: string
-  lease_expires_at?: string | null
-  started_at?: string | null
-  finished_at?: string | null
-  error?: AgentTaskErrorInfo | null
-  user_id?: string | null
-  enterprise_id?: string | null
-  agent?: string
+  attempts: number
+  max_attempts: number
+  priority: number
+  run_at: string
+  lease_expires_at: string | null
+  started_at: string | null
+  finished_at: string | null
+  error: AgentTaskErrorInfo | null
+  user_id: string | null
+  enterprise_id: string | null
+  agent: string
 }
+
+/** A row of `agent_task_requests` as the client holds it: the guide's columns always, the
+ * rest when the read or event that brought it carried them. */
+export type AgentTask = Pick<AgentTaskRow, 'id' | 'status' | 'request_payload' |
+  'response_payload' | 'created_at' | 'updated_at'> &
+  Partial<Omit<AgentTaskRow, 'id' | 'status' | 'request_payload' | 'response_payload' |
+    'created_at' | 'updated_at'>>
 
 /** Called with the row each time it changes (in order, never an older state). */
 export type OnUpdate = (task: AgentTask) => void
