@@ -80,6 +80,9 @@ def test_start_and_renewals_write_no_index(clean_db: str) -> None:
             conn.commit()
         assert hot_updates(conn) - before == 2 * len(claimed)
         conn.execute("select pg_sleep(0.01)")
+        # A transaction of its own: now() is the transaction's start, and in the sleep's
+        # transaction it would be as early as the last renewal's commit, before its 1 ms.
+        conn.commit()
         rescued = conn.execute("select id, status from public.agent_tasks_rescue(10)").fetchall()
         conn.commit()
     assert sorted(str(i) for i, _ in rescued) == sorted(str(i) for i, _ in claimed)
