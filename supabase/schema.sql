@@ -2,7 +2,7 @@
 --
 -- The migrations in supabase/migrations/ are how the database got here, and they are what
 -- `agent-bridge migrate` and `supabase db push` apply; this file is the same schema written
--- once, for reading top to bottom. tests/test_schema_file.py builds a database from each
+-- once, for reading top to bottom. tests/sql/test_schema_file.py builds a database from each
 -- (both on top of bridge/sql/supabase_compat.sql: the roles, auth.uid(), auth.jwt() and the
 -- supabase_realtime publication Supabase provides) and checks that `pg_dump --schema-only`
 -- of the two is identical. A migration that changes the schema updates this file in the

@@ -7,6 +7,8 @@ tests that must stop or restart a server are skipped against those.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from tests.db import PgServer
 from tests.fakes.gateway import StandIns
 from tests.fakes.postgrest import SERVICE_KEY, PostgrestStub
 from tests.stack import Stack
+from tests.supabase_cli import SUPABASE_CLI
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +37,11 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
         return
     local = LocalPostgres(Path(tmp_path_factory.mktemp("postgres")) / "data")
     url = local.start()
+    # A throwaway server: no fsync (a crash of PostgreSQL itself, which tests cause, loses
+    # nothing without it; only the machine's would). Commits stay synchronous.
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("alter system set fsync = off")
+        conn.execute("select pg_reload_conf()")
     try:
         yield PgServer(url, local)
     finally:
@@ -150,22 +158,56 @@ def standins(clean_db: str) -> Iterator[StandIns]:
         s.stop()
 
 
+@pytest.fixture(scope="session")
+def supabase_cli(request: pytest.FixtureRequest) -> Path:
+    """The CLI, installed once into the pytest cache (its npm package pulls the binary
+    as an optional dependency, @supabase/cli-<platform>)."""
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip("npm is not installed: the Supabase CLI is installed from npm")
+    folder = Path(request.config.cache.mkdir(f"supabase-cli-{SUPABASE_CLI}"))
+    binary = folder / "node_modules" / ".bin" / "supabase"
+    if not binary.exists():
+        try:
+            installed = subprocess.run(
+                [npm, "install", "--exact", f"supabase@{SUPABASE_CLI}", "--prefix", str(folder),
+                 "--no-audit", "--no-fund"], capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"npm install supabase@{SUPABASE_CLI} took over 5 minutes (offline?)")
+        if installed.returncode != 0 or not binary.exists():
+            said = (installed.stderr.strip().splitlines() or ["no output"])[-1]
+            pytest.skip(f"npm could not install supabase@{SUPABASE_CLI}: {said}")
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
+                             timeout=60)
+    if version.returncode != 0:
+        pytest.skip(f"the Supabase CLI does not run here: {version.stderr.strip()[-200:]}")
+    assert version.stdout.strip() == SUPABASE_CLI
+    return binary
 
 
-# The layers (`pytest -m "not acceptance"` is the quick loop): a test is an acceptance test
-# when it runs real processes of ours (a bridge, a worker, `dev`, the CLI, a browser, the
-# Supabase CLI, an installed wheel) or the stand-in servers; the rest talk to the test
-# database (and Redis) in process, or to nothing at all.
-ACCEPTANCE_FIXTURES = {"stack", "standins", "own_redis"}
-ACCEPTANCE_MODULES = {
-    "test_agent_pipeline", "test_bridge", "test_bridge_realtime", "test_cli", "test_dev",
-    "test_failures", "test_fairness", "test_flower", "test_frontend", "test_migrations_export",
-    "test_pipeline", "test_supabase_cli", "test_wheel",
-}
+# The layers, one folder each (docs/explanation/testing.md):
+#   tests/unit/        no services: settings, parsers, agents, error classification, backpressure,
+#                      the OpenAI handler's messages; runs in seconds.
+#   tests/sql/         the state functions, policies and limits on the real database (and Redis),
+#                      in process, through both transports where a transport is involved.
+#   tests/acceptance/  real processes of ours (bridge, worker, `dev`, the CLI, a browser, the
+#                      Supabase CLI, an installed wheel) or the stand-in servers.
+# `pytest -m "not acceptance"` is the quick loop. A test that needs more than its layer allows
+# is refused at collection, so the layers stay true.
+SERVICE_FIXTURES = {"pg_server", "redis_url", "own_redis"}
+PROCESS_FIXTURES = {"stack", "standins", "own_redis", "supabase_cli"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        layer = item.path.parent.name
         fixtures = set(getattr(item, "fixturenames", ()))
-        if item.path.stem in ACCEPTANCE_MODULES or fixtures & ACCEPTANCE_FIXTURES:
+        if layer == "acceptance":
             item.add_marker(pytest.mark.acceptance)
+        elif layer == "unit" and fixtures & SERVICE_FIXTURES:
+            raise pytest.UsageError(f"{item.nodeid} is a unit test but uses a server: "
+                                    f"{sorted(fixtures & SERVICE_FIXTURES)}; move it to tests/sql/")
+        elif layer == "sql" and fixtures & PROCESS_FIXTURES:
+            raise pytest.UsageError(f"{item.nodeid} runs processes: "
+                                    f"{sorted(fixtures & PROCESS_FIXTURES)}; "
+                                    "move it to tests/acceptance/")

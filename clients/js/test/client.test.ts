@@ -1,7 +1,7 @@
 /**
  * The client with the real supabase-js, against the PostgREST and Realtime stand-ins, a real
  * bridge and a real worker running tests/frontend_handler.py:stream. Started by
- * tests/test_frontend.py, which passes the addresses in the environment.
+ * tests/acceptance/test_frontend.py, which passes the addresses in the environment.
  */
 import assert from 'node:assert/strict'
 import { after, afterEach, test } from 'node:test'

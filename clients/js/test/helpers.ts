@@ -8,7 +8,7 @@ import { createClient, type SupabaseClient } from '@supabase/supabase-js'
 
 function env(name: string): string {
   const value = process.env[name]
-  if (!value) throw new Error(`${name} is not set: run these tests through pytest tests/test_frontend.py`)
+  if (!value) throw new Error(`${name} is not set: run these tests through pytest tests/acceptance/test_frontend.py`)
   return value
 }
 
