@@ -24,7 +24,7 @@ from bridge.names import TABLE
 from bridge.publisher import BrokerUnavailable, Publisher
 from bridge.store import Claim, TaskStore
 
-log = logging.getLogger("agent_bridge.bridge")
+log = logging.getLogger(__name__)
 
 BACKPRESSURE_PAUSE = 0.05  # seconds between queue checks while an agent's queue is full
 

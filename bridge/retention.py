@@ -18,7 +18,7 @@ from datetime import timedelta
 from bridge.errors import StoreError, first_line
 from bridge.store import Pruned, TaskStore
 
-log = logging.getLogger("agent_bridge.retention")
+log = logging.getLogger(__name__)
 
 BATCH = 500  # rows per transaction: short enough that nothing waits long for one
 INTERVAL = 300.0  # seconds between passes: retention is measured in days

@@ -39,7 +39,7 @@ from bridge.errors import AgentBridgeError
 from tasks import cancellation
 from tasks.handlers import Handler
 
-log = logging.getLogger("agent_bridge.worker")
+log = logging.getLogger(__name__)
 
 # How long past its time limit a caller waits for an async handler to end (the limit
 # is enforced on the loop; this covers a handler that ignores its cancellation or a

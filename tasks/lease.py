@@ -19,7 +19,7 @@ from bridge.errors import StoreError
 from bridge.store import TaskStore
 from tasks.cancellation import CancelScope
 
-log = logging.getLogger("agent_bridge.worker")
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)

@@ -14,7 +14,7 @@ from bridge.celery_app import REQUEUE_FAILED
 from tasks.app import app
 from tasks.runtime import process_runtime
 
-log = logging.getLogger("agent_bridge.worker")
+log = logging.getLogger(__name__)
 
 
 @app.task(name=REQUEUE_FAILED)

@@ -33,7 +33,7 @@ from tasks.lease import Holding
 from tasks.payload import json_size
 from tasks.runtime import WorkerRuntime
 
-log = logging.getLogger("agent_bridge.worker")
+log = logging.getLogger(__name__)
 
 
 class WriteRefused(AgentBridgeError):

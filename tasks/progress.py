@@ -26,7 +26,7 @@ from tasks.cancellation import raise_if_cancelled
 from tasks.lease import Holding
 from tasks.payload import json_size
 
-log = logging.getLogger("agent_bridge.worker")
+log = logging.getLogger(__name__)
 
 Reporter = Callable[[Mapping[str, Any], bool], bool]
 

@@ -46,7 +46,7 @@ from tasks.startup import served_agents
 __all__ = ["Execution", "WorkerRuntime", "WriteRefused", "error_body", "retry_delay",
            "run_agent", "runtime", "served_agents", "worker_identity"]
 
-log = logging.getLogger("agent_bridge.worker")
+log = logging.getLogger(__name__)
 
 
 def worker_identity() -> str:

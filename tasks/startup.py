@@ -17,7 +17,7 @@ from tasks.agent import agents, handler_of
 from tasks.app import app
 from tasks.handlers import HandlerNotFound
 
-log = logging.getLogger("agent_bridge.worker")
+log = logging.getLogger(__name__)
 
 
 @worker_init.connect

@@ -23,7 +23,7 @@ from realtime import RealtimePostgresChangesListenEvent as Event
 
 from bridge.names import TABLE
 
-log = logging.getLogger("bridge.realtime")
+log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 15
 MAX_BACKOFF = 30.0

@@ -29,7 +29,7 @@ from bridge.errors import StoreError
 from bridge.store import open_store
 from tasks.app import settings
 
-log = logging.getLogger("agent_bridge.worker")
+log = logging.getLogger(__name__)
 
 SCAN_INTERVAL = 0.2  # seconds; an in-memory look at the running jobs
 

@@ -23,7 +23,7 @@ from bridge.errors import StoreError
 from bridge.store import CANCEL_CHANNEL, TaskStore, open_store
 from tasks.lease import Holding, LeaseKeeper
 
-log = logging.getLogger("agent_bridge.worker")
+log = logging.getLogger(__name__)
 
 # A NOTIFY can arrive between a worker's start() and its holding being registered;
 # notified attempts not held (yet) are remembered this long.
