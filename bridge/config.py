@@ -143,8 +143,8 @@ class Settings:
     supabase_url: str = setting("SUPABASE_URL", "", "Supabase project URL (Supabase mode).")
     supabase_service_key: str = setting(
         "SUPABASE_SERVICE_KEY", "",
-        "Supabase secret key (sb_secret_...) or legacy service_role key (Supabase mode). "
-        "Never logged.")
+        "Supabase secret key (`sb_secret_...`) or legacy service_role key (Supabase "
+        "mode). Never logged.")
     transport: str = setting(
         "BRIDGE_TRANSPORT", "auto",
         "`postgres`, `supabase`, or `auto` (postgres when DATABASE_URL is set).")
@@ -156,9 +156,9 @@ class Settings:
         "(POLL_INTERVAL stays the fallback). Needs the table in `supabase_realtime`.")
     supabase_max_rows: int = setting(
         "SUPABASE_MAX_ROWS", 1000,
-        "Supabase mode: the project's Data API max rows (db-max-rows; Supabase's default "
-        "1000). Every call that returns rows asks for fewer: claims, rescue and requeue "
-        "go in pages under it.")
+        "Supabase mode: the project's Data API *Max rows* (PostgREST's `db-max-rows`, "
+        "Supabase's default 1,000). Every call that returns rows stays under it: claims "
+        "(`BRIDGE_BATCH_SIZE`), rescue and requeue go in pages.")
     # Broker ---------------------------------------------------------------------
     redis_url: str = setting("REDIS_URL", "redis://localhost:6379/0", "Redis for Celery.")
     celery_broker_url: str = setting(
@@ -179,7 +179,9 @@ class Settings:
         "Seconds between polls (Supabase mode); the fallback poll in Postgres mode.")
     batch_size: int = setting(
         "BRIDGE_BATCH_SIZE", 50,
-        "Most rows claimed in one round trip; in Supabase mode at most SUPABASE_MAX_ROWS.")
+        "Most rows claimed in one round trip; in Supabase mode at most "
+        "`SUPABASE_MAX_ROWS` (a larger value is refused at start: PostgREST's `LIMIT` "
+        "would leave claimed rows unreturned until their lease ran out).")
     max_queued: int = setting(
         "BRIDGE_MAX_QUEUED", 50,
         "Backpressure: claim nothing while this many jobs already wait in the broker queue. "
@@ -205,22 +207,26 @@ class Settings:
         "METRICS_PORT", 0, "Serve Prometheus metrics on this port (0 = off).")
     retention_days: float = setting(
         "AGENT_RETENTION_DAYS", 30.0,
-        "Days a finished (completed or failed) task is kept after it finished: the bridge "
-        "deletes older ones, with their streamed chunks, every few minutes in small batches "
-        "that never hold up a claim. 0 keeps everything. `agent-bridge prune` does it by hand.")
+        "Days a finished (completed or failed) task is kept after it finished: the "
+        "bridge deletes older ones, with their streamed chunks, every few minutes in "
+        "small batches that never hold up a claim. 0 keeps everything. `agent-bridge "
+        "prune` does it by hand. See [Retention](../how-to/retention.md).")
     # Workers --------------------------------------------------------------------
     agent_handler: str = setting(
         "AGENT_HANDLER", "tasks.handlers.simulated:process_task",
-        "`package.module:callable` that runs one task (sync or async).")
+        "`package.module:callable` that runs one task (sync or async); the `default` "
+        "agent's handler.")
     agents: str = setting(
         "AGENTS", "",
-        "More agents besides `default` (whose handler is AGENT_HANDLER): "
-        "`name=package.module:callable`, comma-separated. Agent X's jobs go to queue "
-        "`<CELERY_QUEUE>.X`.")
+        "More agents besides `default`: `name=package.module:callable`, "
+        "comma-separated. Agent X's jobs go to queue `<CELERY_QUEUE>.X`. Same value for "
+        "the bridge and every worker. See [Several "
+        "agents](../how-to/several-agents.md).")
     agents_file: str = setting(
         "AGENTS_FILE", "",
-        "TOML file of per-agent settings (time limit, retries, max attempts, OpenAI model, "
-        "system prompt, temperature); see Several agents.")
+        "TOML file of per-agent settings (time limit, retries, max attempts; the OpenAI "
+        "handler's model, system prompt, temperature). See [Several "
+        "agents](../how-to/several-agents.md).")
     agent_simulated_seconds: float = setting(
         "AGENT_SIMULATED_SECONDS", 3.0, "How long the default simulated handler works.")
     time_limit: float = setting(

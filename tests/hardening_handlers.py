@@ -1,4 +1,4 @@
-"""Handlers for tests/{acceptance,sql,unit}/test_hardening.py and the barrier test of tests/acceptance/test_pipeline.py,
+"""Handlers for tests/*/test_hardening.py and the barrier test of tests/acceptance/test_pipeline.py,
 scripted by the request's context (each run is recorded like tests.handlers.scripted).
 
 context keys:

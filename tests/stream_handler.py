@@ -1,4 +1,4 @@
-"""A handler that streams tokens the way a chat model does, for tests/{acceptance,sql}/test_stream.py.
+"""A handler that streams tokens the way a chat model does, for tests/*/test_stream.py.
 
 context keys: `tokens` (how many, default 20), `delay` (seconds before each, default 0.01),
 `settle` (seconds to wait after the last token before reporting it once more, so the

@@ -1,4 +1,4 @@
-"""The handler tests/{acceptance,sql}/test_user_visibility.py runs in a real worker: it fails the way real
+"""The handler tests/acceptance/test_user_visibility.py runs in a real worker: it fails the way real
 provider calls fail, with internal addresses and OS errors in the exception's text.
 
 context `kind`: `socket` (a TCP connect to a closed port: ConnectionRefusedError),

@@ -37,7 +37,7 @@ TASKS, CHUNKS = "agent_task_requests", "agent_task_chunks"
 
 
 def start(db_url: str, task_id: str, worker: str = "w1") -> None:
-    """The row as a worker holds it (attempt 1), as tests/{acceptance,sql}/test_stream.py sets it up."""
+    """The row as a worker holds it (attempt 1), as tests/sql/test_stream.py sets it up."""
     sql(db_url, "update public.agent_task_requests set status = 'processing', attempts = 1, "
                 "worker = %s, lease_expires_at = now() + interval '1 minute' where id = %s",
         [worker, task_id])

@@ -27,7 +27,7 @@ ANON_KEY = "test-anon-key"
 
 
 
-# What a signed-in user may call (its own checks decide on which rows; tests/{acceptance,sql,unit}/test_cancel.py).
+# What a signed-in user may call (its own checks decide on which rows; tests/*/test_cancel.py).
 USER_FUNCTIONS = ("cancel_agent_task",)
 
 

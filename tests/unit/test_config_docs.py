@@ -1,10 +1,11 @@
 """The configuration docs match the code: every setting is in `.env.example` (with its
-default) and has a row in the configuration reference (docs/reference/configuration.md), which
-lists nothing else, and docker-compose.yml uses only variables `.env.example` explains and sets
-only variables something reads."""
+default), the configuration reference's tables (docs/reference/configuration.md) are generated
+from the settings objects, and docker-compose.yml uses only variables `.env.example` explains
+and sets only variables something reads."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,13 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV_EXAMPLE = ROOT / ".env.example"
 CONFIG_DOCS = ROOT / "docs" / "reference" / "configuration.md"
 COMPOSE = ROOT / "docker-compose.yml"
-OPENAI_HEADING = "\n## The OpenAI handler's variables\n"
+
+# docs/config_reference.py is a script and a MkDocs hook, not a package module.
+_spec = importlib.util.spec_from_file_location("config_reference",
+                                               ROOT / "docs" / "config_reference.py")
+assert _spec is not None and _spec.loader is not None
+config_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(config_reference)
 
 VARIABLES: list[tuple[str, Any, str]] = [*bridge_variables(), *openai_variables()]
 NAMES = [name for name, _, _ in VARIABLES]
@@ -69,48 +76,20 @@ def test_env_example_shows_the_default(name: str, default: Any) -> None:
         f".env.example shows {name}={values}, but the default is {default!r}")
 
 
-def documented_variables(text: str | None = None) -> list[str]:
-    """The first cell of every table row of the configuration reference (or of `text`):
-    `| `NAME` | ...`."""
-    text = CONFIG_DOCS.read_text(encoding="utf-8") if text is None else text
-    return re.findall(r"^\|\s*`([A-Z][A-Z0-9_]*)`\s*\|", text, re.MULTILINE)
+def test_configuration_reference_is_generated_from_the_settings() -> None:
+    """The page's tables are the settings objects' (name, default, help), in declaration
+    order, nothing else: `python docs/config_reference.py` rewrites them."""
+    page = CONFIG_DOCS.read_text(encoding="utf-8")
+    assert page.count("<!-- settings: ") == len(config_reference.SOURCES)
+    assert page == config_reference.render(page), (
+        "docs/reference/configuration.md differs from the settings: "
+        "run python docs/config_reference.py")
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_configuration_reference_has_every_variable(name: str) -> None:
-    assert name in documented_variables(), (
-        f"docs/reference/configuration.md has no table row for {name}")
-
-
-@pytest.mark.parametrize(("name", "default"), [(n, d) for n, d, _ in VARIABLES])
-def test_configuration_reference_shows_the_default(name: str, default: Any) -> None:
-    text = CONFIG_DOCS.read_text(encoding="utf-8")
-    row = re.search(rf"^\|\s*`{name}`\s*\|([^|]*)\|", text, re.MULTILINE)
-    assert row, f"docs/reference/configuration.md has no table row for {name}"
-    shown = row.group(1).strip().strip("`")
-    if default == "":
-        assert shown == "", f"{name} has no default, but the docs show {shown!r}"
-    else:
-        assert shows_default(shown, default), (
-            f"docs/reference/configuration.md shows {name} = {shown!r}, the default is {default!r}")
-
-
-def test_configuration_reference_lists_only_settings() -> None:
-    rows = documented_variables()
-    assert not sorted(set(rows) - set(NAMES)), (
-        f"docs/reference/configuration.md documents unknown {sorted(set(rows) - set(NAMES))}")
-    assert len(rows) == len(set(rows)), "a variable has two rows"
-
-
-def test_each_table_lists_its_own_settings() -> None:
-    """Both settings objects are declared the same way (bridge.config.setting): the first
-    table is bridge/config.py's, the OpenAI section's table the handler's, each in full and
-    in declaration order."""
-    text = CONFIG_DOCS.read_text(encoding="utf-8")
-    main, heading, openai = text.partition(OPENAI_HEADING)
-    assert heading, f"docs/reference/configuration.md has no {OPENAI_HEADING!r} section"
-    assert documented_variables(main) == [name for name, _, _ in bridge_variables()]
-    assert documented_variables(openai) == [name for name, _, _ in openai_variables()]
+def test_every_setting_has_help_and_a_documented_name() -> None:
+    for name, _, help in VARIABLES:
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and help.strip(), name
+    assert len(NAMES) == len(set(NAMES)), "two settings read one variable"
 
 
 def test_compose_interpolates_only_variables_env_example_explains() -> None:

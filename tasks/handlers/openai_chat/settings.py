@@ -27,24 +27,27 @@ class SettingsError(ConfigError):
 class Settings:
     api_key: str = setting(
         "OPENAI_API_KEY", MISSING,
-        "API key, sent as a Bearer token; local servers accept any non-empty value")
+        "API key, sent as a Bearer token; local servers accept any non-empty value. "
+        "Never logged or stored.")
     base_url: str = setting(
         "OPENAI_BASE_URL", DEFAULT_BASE_URL,
         "API root of any OpenAI-compatible server, e.g. http://localhost:11434/v1 for Ollama")
-    model: str = setting("OPENAI_MODEL", "gpt-4o-mini", "Model name passed to the API")
+    model: str = setting("OPENAI_MODEL", "gpt-4o-mini", "model name passed to the API")
     temperature: float = setting(
-        "OPENAI_TEMPERATURE", 0.7, "Sampling temperature", parse=partial(parse_float, low=0.0))
+        "OPENAI_TEMPERATURE", 0.7, "sampling temperature", parse=partial(parse_float, low=0.0))
     # Verbatim: set empty, it sends no system message (blank does not mean "the default").
     system_prompt: str = setting(
         "OPENAI_SYSTEM_PROMPT", "You are a helpful AI assistant.",
-        "First system message; set it empty to send none", verbatim=True)
+        "first system message; set it empty to send none", verbatim=True)
     stream: bool = setting(
-        "OPENAI_STREAM", True, "Stream the answer and write partial text to the row as it arrives")
+        "OPENAI_STREAM", True,
+        "stream the answer and write partial text into the row as it arrives")
     timeout: float = setting(
-        "OPENAI_TIMEOUT", 120.0, "Seconds to wait for the API (per request / between chunks)",
+        "OPENAI_TIMEOUT", 120.0,
+        "seconds to wait for the API (per request, and between streamed chunks)",
         parse=partial(parse_float, low=0.0, strict=True))
     progress_interval: float = setting(
-        "OPENAI_PROGRESS_INTERVAL", 0.25, "Least seconds between two partial-answer writes",
+        "OPENAI_PROGRESS_INTERVAL", 0.25, "least seconds between two partial-answer writes",
         parse=partial(parse_float, low=0.0))
 
     def __repr__(self) -> str:
