@@ -1,6 +1,6 @@
 """Logging for the entry points (CLI, Celery worker); nothing else configures it.
 
-Text mode prints the guide's friendly lines followed by the structured fields
+Text mode prints the integration guide's friendly lines followed by the structured fields
 (`action`, `task_id`, `attempt`, ...) as key=value; JSON mode prints one object
 per line. Pass fields with `extra={...}`. Keys and payload contents are never
 logged at INFO. A text line is one line: control characters in its message and fields

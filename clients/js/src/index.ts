@@ -13,7 +13,7 @@ import type { AgentTask, AgentTasksDefaults, AgentTaskStatus, OnUpdate, SubmitIn
 import { watchAgentTask } from './watch.js'
 
 export interface AgentTasks {
-  /** The guide's service: insert `{ prompt, context }`, resolve with the completed row. */
+  /** The integration guide's service: insert `{ prompt, context }`, resolve with the completed row. */
   submitAgentTask: (input: SubmitInput, onUpdate?: OnUpdate, options?: SubmitOptions) => Promise<AgentTask>
   /** Insert only; follow it later with watchAgentTask. */
   insertAgentTask: (input: SubmitInput, options?: SubmitOptions) => Promise<AgentTask>

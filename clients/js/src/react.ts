@@ -1,5 +1,5 @@
 /**
- * The guide's React hook: `useAgentTask({ enterpriseId, onComplete, onError })` returns
+ * The integration guide's React hook: `useAgentTask({ enterpriseId, onComplete, onError })` returns
  * `{ submitTask, isSubmitting, isProcessing, currentTask, error }` plus `status`, `taskId`,
  * `cancelTask`, `attachTask`; `useAgentTask({ taskId })` re-attaches to a running task.
  * Imported from `agent-bridge-client/react`, so apps without React never load it.

@@ -1,4 +1,4 @@
-/** Submit a task the guide's way (insert a `pending` row), then follow it to its end. */
+/** Submit a task the integration guide's way (insert a `pending` row), then follow it to its end. */
 import type { PostgrestError, SupabaseClient } from '@supabase/supabase-js'
 
 import { AgentBridgeError, RequestRefusedError } from './errors.js'

@@ -5,7 +5,7 @@ export type AgentTaskStatus = 'pending' | 'processing' | 'completed' | 'failed'
 
 export type Json = string | number | boolean | null | Json[] | { [key: string]: Json }
 
-/** What the frontend sends: the guide's `{ prompt, context }`. */
+/** What the frontend sends: the integration guide's `{ prompt, context }`. */
 export interface AgentTaskRequest {
   prompt: string
   context?: { [key: string]: Json }
@@ -52,8 +52,8 @@ export type AgentTaskRow = {
   agent: string
 }
 
-/** A row of `agent_task_requests` as the client holds it: the guide's columns always, the
- * rest when the read or event that brought it carried them. */
+/** A row of `agent_task_requests` as the client holds it: the integration guide's columns
+ * always, the rest when the read or event that brought it carried them. */
 export type AgentTask = Pick<AgentTaskRow, 'id' | 'status' | 'request_payload' |
   'response_payload' | 'created_at' | 'updated_at'> &
   Partial<Omit<AgentTaskRow, 'id' | 'status' | 'request_payload' | 'response_payload' |
