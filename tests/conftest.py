@@ -50,7 +50,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
 
 @pytest.fixture(scope="session")
 def db_url(pg_server: PgServer) -> str:
-    """A migrated database shared by the session; `clean_db` empties its table."""
+    """A migrated database shared by the session; `clean_db` empties its tasks and chunks."""
     url = pg_server.create_database("agent_bridge_test")
     migrate(url)
     return url
@@ -59,7 +59,7 @@ def db_url(pg_server: PgServer) -> str:
 @pytest.fixture
 def clean_db(db_url: str) -> str:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("truncate public.agent_task_requests")
+        conn.execute("truncate public.agent_task_requests, public.agent_task_chunks")
     return db_url
 
 

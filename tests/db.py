@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from bridge.localstack import LocalPostgres, with_database
+from bridge.store import TaskStore
 
 
 class PgServer:
@@ -81,3 +82,26 @@ def fetch_task(db_url: str, task_id: str) -> dict[str, object]:
                            [task_id]).fetchone()
     assert row is not None
     return dict(row)
+
+def insert_rows(db_url: str, status: str, ago: str = "0 seconds", count: int = 1) -> list[str]:
+    """`count` rows in `status`, created (and, if finished, finished) `ago`."""
+    finished = "now() - %(ago)s::interval" if status in ("completed", "failed") else "null"
+    lease = "now() + interval '1 hour'" if status == "processing" else "null"
+    rows = sql(db_url, f"""
+        insert into public.agent_task_requests (status, request_payload, attempts, created_at,
+                                                run_at, finished_at, lease_expires_at)
+        select %(status)s, '{{"prompt": "p"}}', 1, now() - %(ago)s::interval,
+               now() - %(ago)s::interval, {finished}, {lease}
+          from generate_series(1, %(count)s)
+        returning id""", {"status": status, "ago": ago, "count": count})
+    return [str(r[0]) for r in rows]
+
+
+def claim_and_start(store: TaskStore, task_id: str, worker: str = "w1", lease: float = 60.0
+                    ) -> int:
+    """Claim row `task_id` and start it as `worker` would; returns its attempt."""
+    claims = [c for c in store.claim(10, lease) if c.id == task_id]
+    assert claims, "the row was not claimed"
+    started, _ = store.start(task_id, claims[0].attempt, worker, lease)
+    assert started is not None
+    return claims[0].attempt

@@ -26,10 +26,6 @@ def schema_dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
                 for name, q in SCHEMA_QUERIES.items()}
 
 
-def run(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
 

@@ -1,6 +1,5 @@
-"""Several agents, one table: AGENTS and AGENTS_FILE, the refusal of unknown agents at
-insert, and real bridge and worker processes routing each agent's rows to its own queue,
-workers, handler and limits."""
+"""Several agents, one table: with real processes (a bridge, workers, the stand-ins). The SQL
+side is tests/sql/test_agents.py."""
 
 from __future__ import annotations
 

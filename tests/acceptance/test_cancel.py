@@ -1,7 +1,5 @@
-"""Cancellation (issue 12): `cancel_agent_task`, the worker stopping a running handler,
-`agent-bridge cancel`, and a Celery revoke from Flower. The SQL contract is checked on
-both transports and as Supabase's roles; the pipeline with real bridge and worker
-processes, on both transports where the transport matters."""
+"""Cancellation (issue 12): with real processes (a bridge, workers, the stand-ins). The SQL
+side is tests/sql/test_cancel.py."""
 
 from __future__ import annotations
 
@@ -31,12 +29,6 @@ PROMPT = {"prompt": "Tell me a long story"}
 
 
 
-def start(store: TaskStore, task_id: str, worker: str = "w1") -> int:
-    claims = [c for c in store.claim(10, LEASE) if c.id == task_id]
-    assert claims, "the row was not claimed"
-    started, _ = store.start(task_id, claims[0].attempt, worker, LEASE)
-    assert started is not None
-    return claims[0].attempt
 
 
 def is_cancelled(row: dict[str, Any]) -> bool:

@@ -1,20 +1,18 @@
-"""Every failure ends its row once, with a clear error, and never runs the agent twice
-(issue 10): bad input and odd outcomes with a real bridge and real workers, the
-fencing edges on both transports, and the schema's own checks."""
+"""Every failure ends its row once, with a clear error, and never runs the agent twice (issue
+10): with real processes (a bridge, workers, the stand-ins). The SQL side is
+tests/sql/test_hardening.py."""
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import psutil
-import psycopg
 from celery import Celery
 
 from bridge.config import Settings
 from bridge.store import TaskStore
 from bridge.store.postgres import PostgresTransport
-from tests.db import insert_task
+from tests.db import fetch_task, insert_task
 from tests.stack import Stack
 
 LEASE = 60.0
@@ -24,12 +22,6 @@ LEASE = 60.0
 
 
 
-def row(db_url: str, task_id: str) -> dict[str, Any]:
-    with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as conn:
-        found = conn.execute("select * from public.agent_task_requests where id = %s",
-                             [task_id]).fetchone()
-    assert found is not None
-    return dict(found)
 
 
 
@@ -128,12 +120,12 @@ def test_an_old_job_reaching_a_worker_is_dropped(stack: Stack) -> None:
         [first] = store.claim(1, LEASE)
         assert store.release(first).applied
         [second] = store.claim(1, LEASE)
-        before = row(stack.db_url, task_id)
+        before = fetch_task(stack.db_url, task_id)
         app.send_task("tasks.run_agent", args=(task_id, first.attempt),
                       queue=settings.celery_queue)
         [worker] = stack.procs
         worker.wait_for_output(f"Task {task_id} attempt 1 skipped: the row is at attempt 2")
-        assert row(stack.db_url, task_id) == before and stack.runs(task_id) == []
+        assert fetch_task(stack.db_url, task_id) == before and stack.runs(task_id) == []
         app.send_task("tasks.run_agent", args=(task_id, second.attempt),
                       queue=settings.celery_queue)
         stack.wait_for("attempt 2", lambda: stack.row(task_id)["status"] == "completed")

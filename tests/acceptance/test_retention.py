@@ -1,54 +1,22 @@
-"""Retention (issue 20): finished rows older than an age are deleted with what is tied to
-them, in bounded batches that never hold up a claim; through both transports, the
-`prune` command, the bridge's own timer, and the statement a pg_cron job runs."""
+"""Retention (issue 20): with real processes (a bridge, workers, the stand-ins). The SQL side
+is tests/sql/test_retention.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 
 from bridge.config import ConfigError, Settings
 from bridge.store import TaskStore
 from tests.commands import cli, env_with
+from tests.db import insert_rows, sql
 from tests.fakes.postgrest import SERVICE_KEY
 from tests.stack import Stack
 
 
-@pytest.fixture
-def db(clean_db: str) -> Iterator[str]:
-    """clean_db, with no chunks before or after (truncating the table leaves them)."""
-    run(clean_db, "truncate public.agent_task_chunks")
-    yield clean_db
-    run(clean_db, "truncate public.agent_task_chunks")
-
-
-def run(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
-
-
-def add(db_url: str, status: str, ago: str = "0 seconds", count: int = 1) -> list[str]:
-    """`count` rows in `status`, created (and, if finished, finished) `ago`."""
-    finished = "now() - %(ago)s::interval" if status in ("completed", "failed") else "null"
-    lease = "now() + interval '1 hour'" if status == "processing" else "null"
-    rows = run(db_url, f"""
-        insert into public.agent_task_requests (status, request_payload, attempts, created_at,
-                                                run_at, finished_at, lease_expires_at)
-        select %(status)s, '{{"prompt": "p"}}', 1, now() - %(ago)s::interval,
-               now() - %(ago)s::interval, {finished}, {lease}
-          from generate_series(1, %(count)s)
-        returning id""", {"status": status, "ago": ago, "count": count})
-    return [str(r[0]) for r in rows]
-
-
-
-
 def ids(db_url: str) -> set[str]:
-    return {str(r[0]) for r in run(db_url, "select id from public.agent_task_requests")}
+    return {str(r[0]) for r in sql(db_url, "select id from public.agent_task_requests")}
 
 
 
@@ -81,18 +49,20 @@ def ids(db_url: str) -> set[str]:
 
 
 
-def test_the_bridge_prunes_when_enabled(store: TaskStore, env: dict[str, Any], db: str,
+def test_the_bridge_prunes_when_enabled(store: TaskStore, env: dict[str, Any], clean_db: str,
                                         stack: Stack) -> None:
     """`agent-bridge run` with the default AGENT_RETENTION_DAYS (30), over each transport:
     old finished rows go, recent and unfinished ones stay (the bridge claims the pending
     one; no worker runs it)."""
-    old = add(db, "completed", "40 days", count=3) + add(db, "failed", "35 days")
-    kept = add(db, "completed", "2 days") + add(db, "pending", "60 days")
+    old = insert_rows(clean_db, "completed", "40 days", count=3)
+    old += insert_rows(clean_db, "failed", "35 days")
+    kept = insert_rows(clean_db, "completed", "2 days")
+    kept += insert_rows(clean_db, "pending", "60 days")
     bridge = stack.bridge(LEASE_SECONDS="60", **env)
-    stack.wait_for("the old rows to go", lambda: not set(old) & ids(db))
+    stack.wait_for("the old rows to go", lambda: not set(old) & ids(clean_db))
     bridge.wait_for_output("🧹 Pruned 4 finished tasks older than 30 days")
     assert "action=pruned" in bridge.output
-    assert ids(db) == set(kept)
+    assert ids(clean_db) == set(kept)
 
 
 def test_prune_command_refuses_bad_ages() -> None:
@@ -107,25 +77,26 @@ def test_prune_command_refuses_bad_ages() -> None:
 
 # The command --------------------------------------------------------------------------
 @pytest.mark.parametrize("transport", ["postgres", "supabase"])
-def test_prune_command_dry_run_then_prune(transport: str, db: str,
+def test_prune_command_dry_run_then_prune(transport: str, clean_db: str,
                                           request: pytest.FixtureRequest) -> None:
-    env = env_with(DATABASE_URL=db)
+    env = env_with(DATABASE_URL=clean_db)
     if transport == "supabase":
         env = env_with(BRIDGE_TRANSPORT="supabase",
                        SUPABASE_URL=request.getfixturevalue("postgrest"),
                        SUPABASE_SERVICE_KEY=SERVICE_KEY)
-    old = add(db, "completed", "8 days") + add(db, "failed", "20 days")
-    kept = add(db, "completed", "6 days") + add(db, "pending", "90 days")
+    old = insert_rows(clean_db, "completed", "8 days") + insert_rows(clean_db, "failed", "20 days")
+    kept = insert_rows(clean_db, "completed", "6 days")
+    kept += insert_rows(clean_db, "pending", "90 days")
 
     dry = cli("prune", "--older-than", "7d", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.strip() == "🧹 Would delete 2 finished tasks older than 7 days"
-    assert ids(db) == {*old, *kept}
+    assert ids(clean_db) == {*old, *kept}
 
     done = cli("prune", "--older-than", "168h", "--batch", "1", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "🧹 Pruned 2 finished tasks older than 7 days"
-    assert ids(db) == set(kept)
+    assert ids(clean_db) == set(kept)
 
     # The default age is AGENT_RETENTION_DAYS (30 unless set).
     assert cli("prune", "--dry-run", env=env).stdout.strip() == (
@@ -134,23 +105,23 @@ def test_prune_command_dry_run_then_prune(transport: str, db: str,
                ).stdout.strip() == "🧹 Would delete 1 finished task older than 5 days"
 
 
-def test_zero_keeps_everything(db: str, tmp_path: Any, clean_redis: str) -> None:
-    old = add(db, "completed", "400 days")
-    env = env_with(DATABASE_URL=db, AGENT_RETENTION_DAYS="0")
+def test_zero_keeps_everything(clean_db: str, tmp_path: Any, clean_redis: str) -> None:
+    old = insert_rows(clean_db, "completed", "400 days")
+    env = env_with(DATABASE_URL=clean_db, AGENT_RETENTION_DAYS="0")
     result = cli("prune", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ("ℹ️  AGENT_RETENTION_DAYS=0 keeps every task: nothing "
                                      "pruned. Pass --older-than AGE to prune anyway.")
-    assert ids(db) == set(old)
+    assert ids(clean_db) == set(old)
     assert Settings.from_env({"AGENT_RETENTION_DAYS": "0"}).retention_days == 0
 
     # A bridge with retention off says so, and starts no retention thread.
-    stack = Stack(db, clean_redis, tmp_path)
+    stack = Stack(clean_db, clean_redis, tmp_path)
     try:
         bridge = stack.bridge(AGENT_RETENTION_DAYS="0")
         assert "🧹 Retention off (AGENT_RETENTION_DAYS=0)" in bridge.output
         assert "🧹 Retention: finished tasks older than" not in bridge.output
     finally:
         stack.stop_all()
-    assert ids(db) == set(old)
+    assert ids(clean_db) == set(old)
 

@@ -1,6 +1,5 @@
-"""The Supabase stand-ins themselves: the gateway's and PostgREST's key and JWT checks, RLS
-as the token's user, and the Realtime socket's protocol (join reply with subscription ids,
-"Subscribed to PostgreSQL", a change authorised per subscriber, heartbeats, bad keys)."""
+"""The Supabase stand-ins themselves: with real processes (a bridge, workers, the stand-ins).
+The SQL side is tests/sql/test_standins.py."""
 
 from __future__ import annotations
 
@@ -12,11 +11,10 @@ import httpx
 import psycopg
 import pytest
 from websockets.exceptions import InvalidStatus
-from websockets.sync.client import ClientConnection, connect
-from websockets.sync.connection import Connection
 
 from tests.fakes.gateway import StandIns
 from tests.fakes.jwt import user_token
+from tests.sockets import realtime_socket, receive
 
 
 def rest(s: StandIns, method: str, path: str, *, apikey: str | None, token: str | None = None,
@@ -59,21 +57,13 @@ def test_requests_run_as_the_tokens_user(standins: StandIns) -> None:
     assert anon.status_code == 403  # anon has no grant at all
 
 
-def _socket(s: StandIns, key: str) -> ClientConnection:
-    ws_url = s.url.replace("http://", "ws://") + f"/realtime/v1/websocket?apikey={key}&vsn=2.0.0"
-    return connect(ws_url, open_timeout=10)
 
 
-def _recv(ws: Connection, event: str) -> list[Any]:
-    while True:
-        msg = json.loads(ws.recv(timeout=10))
-        if msg[3] == event:
-            return list(msg)
 
 
 def test_realtime_protocol(standins: StandIns, clean_db: str) -> None:
     with pytest.raises(InvalidStatus):
-        _socket(standins, "not-a-key")
+        realtime_socket(standins, "not-a-key")
     alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
     made = rest(standins, "POST", "agent_task_requests", apikey=standins.anon_key,
                 token=user_token(alice), json={"request_payload": {"prompt": "hi"}},
@@ -82,21 +72,21 @@ def test_realtime_protocol(standins: StandIns, clean_db: str) -> None:
                "filter": f"id=eq.{made['id']}"}
     sockets = {}
     for user in (alice, bob):
-        ws = _socket(standins, standins.anon_key)
+        ws = realtime_socket(standins, standins.anon_key)
         ws.send(json.dumps(["1", "1", "realtime:t", "phx_join",
                             {"config": {"postgres_changes": [binding]},
                              "access_token": user_token(user)}]))
-        reply = _recv(ws, "phx_reply")
+        reply = receive(ws, "phx_reply")
         assert reply[4]["status"] == "ok"
         assert reply[4]["response"]["postgres_changes"][0]["id"]  # the subscription id
-        assert _recv(ws, "system")[4]["message"] == "Subscribed to PostgreSQL"
+        assert receive(ws, "system")[4]["message"] == "Subscribed to PostgreSQL"
         ws.send(json.dumps([None, "2", "phoenix", "heartbeat", {}]))
-        assert _recv(ws, "phx_reply")[4]["status"] == "ok"
+        assert receive(ws, "phx_reply")[4]["status"] == "ok"
         sockets[user] = ws
     with psycopg.connect(clean_db, autocommit=True) as conn:
         conn.execute("update public.agent_task_requests set priority = 5 where id = %s",
                      [made["id"]])
-    change = _recv(sockets[alice], "postgres_changes")
+    change = receive(sockets[alice], "postgres_changes")
     assert change[0] is None and change[1] is None  # pushed, not a reply
     data = change[4]["data"]
     assert data["type"] == "UPDATE" and data["record"]["priority"] == 5
@@ -107,7 +97,7 @@ def test_realtime_protocol(standins: StandIns, clean_db: str) -> None:
     with psycopg.connect(clean_db, autocommit=True) as conn:
         conn.execute("update public.agent_task_requests set priority = 6 where id = %s",
                      [made["id"]])
-    assert _recv(sockets[alice], "postgres_changes")[4]["data"]["record"]["priority"] == 6
+    assert receive(sockets[alice], "postgres_changes")[4]["data"]["record"]["priority"] == 6
     sockets[bob].send(json.dumps([None, "3", "phoenix", "heartbeat", {}]))
     assert json.loads(sockets[bob].recv(timeout=10))[3] == "phx_reply"
     for ws in sockets.values():

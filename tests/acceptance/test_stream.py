@@ -1,7 +1,5 @@
-"""Streamed answers as appended chunks (issue 15): the fenced append, the fold into the
-row where it used to keep its partial answer, the chunks' visibility (RLS), and a real
-worker streaming through each transport: bytes linear in the answer, writes capped per
-second, the first partial at once, nothing left behind."""
+"""Streamed answers as appended chunks (issue 15): with real processes (a bridge, workers, the
+stand-ins). The SQL side is tests/sql/test_stream.py."""
 
 from __future__ import annotations
 

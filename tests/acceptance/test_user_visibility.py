@@ -1,18 +1,6 @@
-"""What a signed-in user can learn that is not theirs (issue 20, items 4 and 6).
-
-As Supabase's roles, through the real database; Realtime events through the Realtime
-stand-in (tests/fakes/realtime.py, which sends DELETEs as walrus' apply_rls does: the
-replica identity columns the role may select, the primary key's only when RLS is on, to
-every subscriber, RLS not applied); the worker's errors and logs through a real worker.
-
-- A DELETE event (a streamed attempt's chunks going, retention deleting a row) carries
-  nothing identifying: no task id, attempt or user, to anyone.
-- The `worker` column (host:pid) and `agent_tenant_limits.note` are the operator's: users
-  cannot select them, through SQL, PostgREST or Realtime (nor filter on them).
-- A row's error message is classified (`provider unreachable`, ...) with no address or OS
-  error in it; the worker's log keeps the detail.
-- A prompt (or an error's text) cannot forge a log line.
-"""
+"""What a signed-in user can learn that is not theirs (issue 20, items 4 and 6): with real
+processes (a bridge, workers, the stand-ins). The SQL side is
+tests/sql/test_user_visibility.py."""
 
 from __future__ import annotations
 

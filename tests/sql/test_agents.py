@@ -15,9 +15,9 @@ from psycopg.types.json import Jsonb
 from bridge.errors import StoreRejected
 from bridge.migrate import migrate
 from bridge.store import TaskStore
-from tests.db import insert_task
+from tests.db import insert_task, sql
 from tests.fakes.postgrest import SERVICE_KEY
-from tests.schema import GUIDE_TABLE, run
+from tests.schema import GUIDE_TABLE
 from tests.users import ALICE, client, submit
 
 
@@ -43,7 +43,7 @@ def test_unknown_agent_refused_at_insert(no_agents: TaskStore, clean_db: str) ->
     chat = insert_task(clean_db, agent="chat")
     research = insert_task(clean_db, agent="research")
     old_style = insert_task(clean_db)
-    rows = {str(r[0]): r[1:] for r in run(
+    rows = {str(r[0]): r[1:] for r in sql(
         clean_db, "select id, agent, max_attempts from public.agent_task_requests")}
     assert rows == {chat: ("chat", 3), research: ("research", 2), old_style: ("default", 3)}
     with pytest.raises(errors.InvalidParameterValue,
@@ -90,7 +90,7 @@ def test_users_choose_the_agent_and_get_a_400_for_an_unknown_one(
     try:
         task_id, _ = submit(clean_db, ALICE, "request_payload, agent",
                             "'{\"prompt\": \"hi\"}', 'chat'")
-        assert run(clean_db, "select agent from public.agent_task_requests where id = %s",
+        assert sql(clean_db, "select agent from public.agent_task_requests where id = %s",
                    [task_id]) == [("chat",)]
         with pytest.raises(errors.InvalidParameterValue, match="known agents: chat, default"), \
                 as_role(clean_db, "authenticated", ALICE) as conn:
@@ -102,27 +102,27 @@ def test_users_choose_the_agent_and_get_a_400_for_an_unknown_one(
         assert refused.value.code == "22023"
         assert 'unknown agent "nope"; known agents: chat, default' in str(refused.value.message)
     finally:
-        run(clean_db, "select public.agent_bridge_register_agents('{}')")
+        sql(clean_db, "select public.agent_bridge_register_agents('{}')")
 
 
 def test_upgrade_puts_old_rows_on_the_default_agent(fresh_db: str) -> None:
     """The guide's table with rows, migrated: every row is the `default` agent's, and the
     guide's insert (no agent) still goes there."""
-    run(fresh_db, GUIDE_TABLE)
+    sql(fresh_db, GUIDE_TABLE)
     for status in ("pending", "processing", "completed"):
-        run(fresh_db, "insert into agent_task_requests (status, request_payload) "
+        sql(fresh_db, "insert into agent_task_requests (status, request_payload) "
                       "values (%s, '{\"prompt\": \"old\"}')", [status])
     migrate(fresh_db)
-    assert run(fresh_db, "select distinct agent from public.agent_task_requests") == [
+    assert sql(fresh_db, "select distinct agent from public.agent_task_requests") == [
         ("default",)]
-    [(new,)] = run(fresh_db, "insert into agent_task_requests (status, request_payload) "
+    [(new,)] = sql(fresh_db, "insert into agent_task_requests (status, request_payload) "
                              "values ('pending', '{\"prompt\": \"x\"}') returning agent")
     assert new == "default"
-    claimed = run(fresh_db, "select agent from public.agent_tasks_claim(10, 30, 0, "
+    claimed = sql(fresh_db, "select agent from public.agent_tasks_claim(10, 30, 0, "
                             "array['default'])")
     assert claimed == [("default",), ("default",)]
     migrate(fresh_db)  # and again: nothing changes
-    assert len(run(fresh_db, "select 1 from public.agent_task_requests")) == 4
+    assert len(sql(fresh_db, "select 1 from public.agent_task_requests")) == 4
 
 
 

@@ -15,7 +15,7 @@ from psycopg import errors
 
 from bridge.store import TaskStore
 from supabase import Client, ClientOptions, create_client
-from tests.db import as_role, insert_task, sql
+from tests.db import as_role, claim_and_start, insert_task, sql
 from tests.db import fetch_task as _fetch_task
 from tests.fakes.jwt import role_key, user_token
 from tests.flower import AUTH
@@ -47,12 +47,6 @@ def cancel_as(db_url: str, role: str, task_id: str, sub: str | None = None) -> s
     return None if row[0] is None else str(row[0])
 
 
-def start(store: TaskStore, task_id: str, worker: str = "w1") -> int:
-    claims = [c for c in store.claim(10, LEASE) if c.id == task_id]
-    assert claims, "the row was not claimed"
-    started, _ = store.start(task_id, claims[0].attempt, worker, LEASE)
-    assert started is not None
-    return claims[0].attempt
 
 
 def is_cancelled(row: dict[str, Any]) -> bool:
@@ -82,7 +76,7 @@ def test_pending_row_even_a_future_one_fails_at_once(store: TaskStore, clean_db:
 def test_running_row_is_asked_to_stop_and_ends_with_its_partial_answer(
         store: TaskStore, clean_db: str) -> None:
     task_id = insert_task(clean_db, PROMPT)
-    attempt = start(store, task_id)
+    attempt = claim_and_start(store, task_id)
     store.progress(task_id, attempt, "w1", {"answer": "Once upon", "partial": True})
     assert store.cancel_requested([(task_id, attempt)]) == set()
 
@@ -113,7 +107,7 @@ def test_a_cancel_request_survives_whatever_ends_the_attempt(
     attempts: dict[str, int] = {}
     for _ in range(3):
         task_id = insert_task(clean_db, PROMPT)
-        attempts[task_id] = start(store, task_id)
+        attempts[task_id] = claim_and_start(store, task_id)
     finished, died, retried = attempts
     store.progress(finished, attempts[finished], "w1", {"answer": "half", "partial": True})
     for task_id in attempts:
@@ -135,7 +129,7 @@ def test_a_cancel_request_survives_whatever_ends_the_attempt(
     # An operator retry clears the request: the new attempt runs normally.
     assert store.requeue(ids=[finished]) == [finished]
     assert fetch_task(clean_db, finished)["cancel_requested_at"] is None
-    attempt = start(store, finished)
+    attempt = claim_and_start(store, finished)
     assert store.complete(finished, attempt, "w1", {"answer": "again"}).applied
     assert fetch_task(clean_db, finished)["status"] == "completed"
 
@@ -143,7 +137,7 @@ def test_a_cancel_request_survives_whatever_ends_the_attempt(
 def test_between_retries_or_before_start_the_row_ends_at_once(
         store: TaskStore, clean_db: str) -> None:
     waiting = insert_task(clean_db, PROMPT)
-    attempt = start(store, waiting)
+    attempt = claim_and_start(store, waiting)
     queued = insert_task(clean_db, PROMPT)
     store.schedule_retry(waiting, attempt, "w1", {"type": "RetryableError", "message": "429"},
                          30.0, LEASE)
@@ -160,9 +154,9 @@ def test_between_retries_or_before_start_the_row_ends_at_once(
 
 def test_finished_rows_are_left_as_they_are(store: TaskStore, clean_db: str) -> None:
     done = insert_task(clean_db, PROMPT)
-    store.complete(done, start(store, done), "w1", {"answer": "42"})
+    store.complete(done, claim_and_start(store, done), "w1", {"answer": "42"})
     broken = insert_task(clean_db, PROMPT)
-    store.fail(broken, start(store, broken), "w1", {"type": "Boom", "message": "no"})
+    store.fail(broken, claim_and_start(store, broken), "w1", {"type": "Boom", "message": "no"})
     before = {t: fetch_task(clean_db, t) for t in (done, broken)}
     assert store.cancel(done) == "completed"
     assert store.cancel(broken) == "failed"
@@ -175,7 +169,7 @@ def test_missing_id_answers_null(store: TaskStore) -> None:
 
 def test_revoking_a_job_cancels_only_its_attempt(store: TaskStore, clean_db: str) -> None:
     task_id = insert_task(clean_db, PROMPT)
-    attempt = start(store, task_id)
+    attempt = claim_and_start(store, task_id)
     assert store.request_cancel(task_id, attempt + 1) == "processing"  # another attempt's job
     assert fetch_task(clean_db, task_id)["cancel_requested_at"] is None
     assert store.request_cancel(task_id, attempt) == "processing"  # its holder is asked

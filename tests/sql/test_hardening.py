@@ -22,7 +22,7 @@ from bridge.store import Claim, TaskStore
 from bridge.store.postgres import PostgresTransport
 from tasks.errors import MAX_ERROR_TEXT, RetryableError, clean_text
 from tasks.payload import json_size
-from tests.db import PgServer, insert_task, sql
+from tests.db import PgServer, fetch_task, insert_task, sql
 from tests.stack import Stack
 
 LEASE = 60.0
@@ -37,12 +37,6 @@ def nested(depth: int) -> str:
     return '{"a": ' * depth + "1" + "}" * depth
 
 
-def row(db_url: str, task_id: str) -> dict[str, Any]:
-    with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as conn:
-        found = conn.execute("select * from public.agent_task_requests where id = %s",
-                             [task_id]).fetchone()
-    assert found is not None
-    return dict(found)
 
 
 # --------------------------------------------------------------------------- the door
@@ -139,7 +133,7 @@ def held(store: TaskStore, clean_db: str, worker: str = "w1") -> str:
 def test_an_old_attempt_is_refused_even_with_the_right_worker(
         store: TaskStore, clean_db: str, write: str) -> None:
     task_id = held(store, clean_db)
-    before = row(clean_db, task_id)
+    before = fetch_task(clean_db, task_id)
     calls = {
         "start": lambda: store.start(task_id, 1, "w1", LEASE)[1],
         "heartbeat": lambda: store.heartbeat(task_id, 1, "w1", LEASE),
@@ -152,7 +146,7 @@ def test_an_old_attempt_is_refused_even_with_the_right_worker(
     assert (result.applied, result.status, result.attempts, result.worker) == (
         False, "processing", 2, "w1")
     assert result.refusal(1) == "the row is at attempt 2 (status processing)"
-    assert row(clean_db, task_id) == before
+    assert fetch_task(clean_db, task_id) == before
 
 
 def test_an_old_job_after_a_newer_claim_that_has_not_started(
@@ -164,11 +158,11 @@ def test_an_old_job_after_a_newer_claim_that_has_not_started(
     assert store.release(first).applied
     [second] = store.claim(1, LEASE)
     assert second.attempt == 2
-    before = row(clean_db, task_id)
+    before = fetch_task(clean_db, task_id)
     started, found = store.start(task_id, 1, "w-late", LEASE)
     assert started is None and (found.applied, found.attempts, found.worker) == (
         False, 2, None)
-    assert row(clean_db, task_id) == before
+    assert fetch_task(clean_db, task_id) == before
     assert store.start(task_id, 2, "w-new", LEASE)[0] is not None
 
 
@@ -179,11 +173,11 @@ def test_release_only_gives_back_an_attempt_no_worker_started(
     [claim] = store.claim(1, LEASE)
     assert store.start(task_id, claim.attempt, "w1", LEASE)[0] is not None
     assert store.schedule_retry(task_id, claim.attempt, "w1", ERROR, 0, LEASE).applied
-    before = row(clean_db, task_id)
+    before = fetch_task(clean_db, task_id)
     assert before["worker"] is None and before["started_at"] is not None
     refused = store.release(Claim(task_id, claim.attempt))
     assert (refused.applied, refused.status) == (False, "processing")
-    assert row(clean_db, task_id) == before  # max_attempts not raised, still processing
+    assert fetch_task(clean_db, task_id) == before  # max_attempts not raised, still processing
 
 
 @pytest.mark.parametrize("lease", [None, 0.0, -5.0, 1e12])
@@ -193,7 +187,7 @@ def test_lease_arguments_are_checked(store: TaskStore, clean_db: str,
     task_id = insert_task(clean_db)
     [claim] = store.claim(1, LEASE)
     assert store.start(task_id, claim.attempt, "w1", LEASE)[0] is not None
-    before = row(clean_db, task_id)
+    before = fetch_task(clean_db, task_id)
     bad: Any = lease
     with pytest.raises(StoreRejected, match="p_lease_seconds must be more than 0"):
         store.heartbeat(task_id, claim.attempt, "w1", bad)
@@ -201,7 +195,7 @@ def test_lease_arguments_are_checked(store: TaskStore, clean_db: str,
         store.schedule_retry(task_id, claim.attempt, "w1", ERROR, 1, bad)
     with pytest.raises(StoreRejected, match="p_delay_seconds must be at least 0"):
         store.schedule_retry(task_id, claim.attempt, "w1", ERROR, 1e20, LEASE)
-    assert row(clean_db, task_id) == before
+    assert fetch_task(clean_db, task_id) == before
 
 
 def test_nan_and_infinite_leases_are_refused(clean_db: str) -> None:

@@ -20,8 +20,9 @@ from bridge.migrate import (
     migration_files,
     split_statements,
 )
+from tests.db import sql
 from tests.plans import explain_everything
-from tests.schema import GUIDE_TABLE, run, schema_dump
+from tests.schema import GUIDE_TABLE, schema_dump
 
 
 def test_second_migration_changes_nothing(fresh_db: str) -> None:
@@ -38,17 +39,17 @@ def test_history_is_recorded_as_the_supabase_cli_records_it(fresh_db: str) -> No
     """After `agent-bridge migrate`, `supabase migration list` sees every migration as
     applied remotely: one row per file, (version, name, statements) as the CLI writes them."""
     migrate(fresh_db)
-    columns = run(fresh_db, """
+    columns = sql(fresh_db, """
         select column_name, data_type, is_nullable from information_schema.columns
          where table_schema = 'supabase_migrations' and table_name = 'schema_migrations'
          order by ordinal_position""")
     assert columns == [("version", "text", "NO"), ("statements", "ARRAY", "YES"),
                        ("name", "text", "YES")]
-    assert run(fresh_db, """select a.attname from pg_index i join pg_attribute a
+    assert sql(fresh_db, """select a.attname from pg_index i join pg_attribute a
                              on a.attrelid = i.indrelid and a.attnum = any (i.indkey)
                             where i.indrelid = 'supabase_migrations.schema_migrations'::regclass
                               and i.indisprimary""") == [("version",)]
-    rows = run(fresh_db, "select version, name, statements "
+    rows = sql(fresh_db, "select version, name, statements "
                          "from supabase_migrations.schema_migrations order by version")
     expected = [(p.name.split("_", 1)[0], p.name.split("_", 1)[1].removesuffix(".sql"),
                  split_statements(p.read_text("utf-8"))) for p in migration_files()]
@@ -75,7 +76,7 @@ def test_no_function_is_overloaded(fresh_db: str) -> None:
     migration that changes a signature must drop the old one: no public function name
     may have more than one overload after every migration ran."""
     migrate(fresh_db)
-    assert run(fresh_db, """
+    assert sql(fresh_db, """
         select p.proname, array_agg(p.oid::regprocedure::text)
           from pg_proc p join pg_namespace n on n.oid = p.pronamespace
          where n.nspname = 'public' group by p.proname having count(*) > 1""") == []
@@ -95,16 +96,16 @@ def test_last_migration_reloads_postgrest_schema_cache(fresh_db: str) -> None:
 @pytest.fixture
 def upgraded(fresh_db: str) -> dict[str, str]:
     """The guide's table with one row in each state the guide's code leaves, then migrated."""
-    run(fresh_db, GUIDE_TABLE)
+    sql(fresh_db, GUIDE_TABLE)
     ids: dict[str, str] = {}
     for name, status, payload in [("pending", "pending", {"prompt": "waiting"}),
                                   ("processing", "processing", {"prompt": "running"}),
                                   ("completed", "completed", {"prompt": "done"}),
                                   ("array", "pending", ["not", "an", "object"])]:
-        [(ids[name],)] = run(fresh_db, "insert into agent_task_requests (status, request_payload)"
+        [(ids[name],)] = sql(fresh_db, "insert into agent_task_requests (status, request_payload)"
                                        " values (%s, %s) returning id::text",
                              [status, Jsonb(payload)])
-    run(fresh_db, "update agent_task_requests set response_payload = '{\"answer\": 1}', "
+    sql(fresh_db, "update agent_task_requests set response_payload = '{\"answer\": 1}', "
                   "updated_at = now() - interval '1 day' where id = %s", [ids["completed"]])
     migrate(fresh_db)
     ids["url"] = fresh_db
@@ -114,7 +115,7 @@ def upgraded(fresh_db: str) -> dict[str, str]:
 def test_upgrade_keeps_rows_and_carries_on(upgraded: dict[str, str]) -> None:
     """Existing rows survive with their state, and the new machinery picks them up."""
     url = upgraded["url"]
-    rows = {r[0]: r[1:] for r in run(
+    rows = {r[0]: r[1:] for r in sql(
         url, "select id::text, status, request_payload, response_payload, finished_at, "
              "lease_expires_at, attempts, updated_at from public.agent_task_requests")}
     assert len(rows) == 4
@@ -124,29 +125,29 @@ def test_upgrade_keeps_rows_and_carries_on(upgraded: dict[str, str]) -> None:
     assert rows[upgraded["processing"]][4] is not None  # a lease, so rescue can recover it
     assert rows[upgraded["pending"]][3:6] == (None, None, 0)
 
-    claimed = dict(run(url, "select id::text, attempt from public.agent_tasks_claim(10, 30)"))
+    claimed = dict(sql(url, "select id::text, attempt from public.agent_tasks_claim(10, 30)"))
     assert claimed == {upgraded["pending"]: 1, upgraded["array"]: 1}
-    [(old_style,)] = run(url, "insert into agent_task_requests (status, request_payload) "
+    [(old_style,)] = sql(url, "insert into agent_task_requests (status, request_payload) "
                               "values ('pending', '{\"prompt\":\"x\"}') returning id::text")
-    assert run(url, "select id::text from public.agent_tasks_claim(10, 30)") == [(old_style,)]
-    assert run(url, "select public.agent_bridge_schema_version()") == [(SCHEMA_VERSION,)]
+    assert sql(url, "select id::text from public.agent_tasks_claim(10, 30)") == [(old_style,)]
+    assert sql(url, "select public.agent_bridge_schema_version()") == [(SCHEMA_VERSION,)]
     migrate(url)  # and again on the upgraded table
-    assert len(run(url, "select 1 from public.agent_task_requests")) == 5
+    assert len(sql(url, "select 1 from public.agent_task_requests")) == 5
 
 
 def test_guide_worker_can_still_finish_its_rows(upgraded: dict[str, str]) -> None:
     """During a rolling upgrade the guide's own worker, which writes status directly,
     can finish the row it holds and take new ones without breaking the constraints."""
     url = upgraded["url"]
-    [(finished, lease)] = run(
+    [(finished, lease)] = sql(
         url, "update agent_task_requests set status = 'completed', "
              "response_payload = '{\"answer\": 2}' where id = %s "
              "returning finished_at, lease_expires_at", [upgraded["processing"]])
     assert finished is not None and lease is None
-    [(lease,)] = run(url, "update agent_task_requests set status = 'processing' where id = %s "
+    [(lease,)] = sql(url, "update agent_task_requests set status = 'processing' where id = %s "
                           "returning lease_expires_at", [upgraded["pending"]])
     assert lease is not None  # so rescue recovers the row if that worker dies
-    [(finished, lease)] = run(
+    [(finished, lease)] = sql(
         url, "update agent_task_requests set status = 'failed', response_payload = "
              "'{\"error\": \"x\"}' where id = %s returning finished_at, lease_expires_at",
         [upgraded["pending"]])
@@ -158,26 +159,26 @@ def test_request_payload_checks(upgraded: dict[str, str]) -> None:
     url = upgraded["url"]
     with pytest.raises(errors.InvalidParameterValue,
                        match=r"request_payload must be a JSON object such as .*got array"):
-        run(url, "insert into agent_task_requests (request_payload) values ('[1]')")
+        sql(url, "insert into agent_task_requests (request_payload) values ('[1]')")
     with pytest.raises(errors.InvalidParameterValue, match="got string"):
-        run(url, "insert into agent_task_requests (request_payload) values ('\"hi\"')")
+        sql(url, "insert into agent_task_requests (request_payload) values ('\"hi\"')")
     big = Jsonb({"prompt": "x" * (1024 * 1024)})
-    [(status, error)] = run(url, "insert into agent_task_requests (request_payload) values (%s) "
+    [(status, error)] = sql(url, "insert into agent_task_requests (request_payload) values (%s) "
                                  "returning status, error", [big])
     assert (status, error["type"]) == ("failed", "InvalidRequest")  # stored failed, counted
     assert re.fullmatch(r"request_payload is \d+ bytes; the limit is 1048576 bytes",
                         error["message"])
     with pytest.raises(errors.InvalidParameterValue):
-        run(url, "update agent_task_requests set request_payload = '3' where id = %s",
+        sql(url, "update agent_task_requests set request_payload = '3' where id = %s",
             [upgraded["pending"]])
 
 
 def test_updated_at_trigger(upgraded: dict[str, str]) -> None:
     """updated_at follows every change, as the guide's frontend expects."""
     url = upgraded["url"]
-    [(before,)] = run(url, "select updated_at from agent_task_requests where id = %s",
+    [(before,)] = sql(url, "select updated_at from agent_task_requests where id = %s",
                       [upgraded["completed"]])
-    [(after,)] = run(url, "update agent_task_requests set priority = 1 where id = %s "
+    [(after,)] = sql(url, "update agent_task_requests set priority = 1 where id = %s "
                           "returning updated_at", [upgraded["completed"]])
     assert after > before
 
@@ -187,7 +188,7 @@ def test_insert_notifies_listeners(upgraded: dict[str, str]) -> None:
     url = upgraded["url"]
     with psycopg.connect(url, autocommit=True) as listener:
         listener.execute("listen agent_task_requests")
-        [(task_id,)] = run(url, "insert into agent_task_requests (request_payload) "
+        [(task_id,)] = sql(url, "insert into agent_task_requests (request_payload) "
                                 "values ('{\"prompt\": \"wake\"}') returning id::text")
         got = [(n.channel, n.payload) for n in listener.notifies(timeout=5, stop_after=1)]
     assert got == [("agent_task_requests", task_id)]
@@ -197,11 +198,11 @@ def test_claim_reads_the_partial_index(upgraded: dict[str, str]) -> None:
     """With many finished rows, finding due work must not scan the table: every statement
     agent_tasks_claim runs (seen through auto_explain) reads agent_task_requests by index."""
     url = upgraded["url"]
-    run(url, "insert into agent_task_requests (status, request_payload, finished_at) "
+    sql(url, "insert into agent_task_requests (status, request_payload, finished_at) "
              "select 'completed', '{}', now() from generate_series(1, 20000)")
-    run(url, "insert into agent_task_requests (request_payload, enterprise_id) "
+    sql(url, "insert into agent_task_requests (request_payload, enterprise_id) "
              "select '{}', 'tenant-' || (g % 5) from generate_series(1, 20) g")
-    run(url, "analyze agent_task_requests")
+    sql(url, "analyze agent_task_requests")
     with psycopg.connect(url, autocommit=True) as conn:
         plans = explain_everything(conn)
         assert len(conn.execute("select * from public.agent_tasks_claim(10, 30)").fetchall()) == 10
@@ -213,7 +214,7 @@ def test_claim_reads_the_partial_index(upgraded: dict[str, str]) -> None:
 def test_realtime_publication_and_version(fresh_db: str) -> None:
     """The guide's frontend subscribes through supabase_realtime."""
     migrate(fresh_db)
-    assert run(fresh_db, "select schemaname, tablename from pg_publication_tables "
+    assert sql(fresh_db, "select schemaname, tablename from pg_publication_tables "
                          "where pubname = 'supabase_realtime' order by tablename") == [
         ("public", "agent_task_chunks"), ("public", "agent_task_requests")]
-    assert run(fresh_db, "select public.agent_bridge_schema_version()") == [(SCHEMA_VERSION,)]
+    assert sql(fresh_db, "select public.agent_bridge_schema_version()") == [(SCHEMA_VERSION,)]

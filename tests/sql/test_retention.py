@@ -7,9 +7,8 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 import psycopg
 import pytest
@@ -19,7 +18,7 @@ from bridge.migrate import migrate
 from bridge.retention import Retention, prune
 from bridge.store import Pruned, TaskStore
 from bridge.store.postgres import PostgresTransport
-from tests.db import as_role
+from tests.db import as_role, insert_rows, sql
 from tests.plans import explain_everything
 
 # The pg_cron job of docs/how-to/retention.md (cron.schedule('agent-bridge-retention', …)) runs:
@@ -27,45 +26,23 @@ CRON_COMMAND = "select * from public.agent_tasks_prune(interval '30 days', 1000)
 DAYS_30 = timedelta(days=30)
 
 
-@pytest.fixture
-def db(clean_db: str) -> Iterator[str]:
-    """clean_db, with no chunks before or after (truncating the table leaves them)."""
-    run(clean_db, "truncate public.agent_task_chunks")
-    yield clean_db
-    run(clean_db, "truncate public.agent_task_chunks")
 
 
-def run(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else []
 
 
-def add(db_url: str, status: str, ago: str = "0 seconds", count: int = 1) -> list[str]:
-    """`count` rows in `status`, created (and, if finished, finished) `ago`."""
-    finished = "now() - %(ago)s::interval" if status in ("completed", "failed") else "null"
-    lease = "now() + interval '1 hour'" if status == "processing" else "null"
-    rows = run(db_url, f"""
-        insert into public.agent_task_requests (status, request_payload, attempts, created_at,
-                                                run_at, finished_at, lease_expires_at)
-        select %(status)s, '{{"prompt": "p"}}', 1, now() - %(ago)s::interval,
-               now() - %(ago)s::interval, {finished}, {lease}
-          from generate_series(1, %(count)s)
-        returning id""", {"status": status, "ago": ago, "count": count})
-    return [str(r[0]) for r in rows]
 
 
 def add_chunk(db_url: str, task_id: str) -> None:
-    run(db_url, "insert into public.agent_task_chunks (task_id, attempt, seq, answer_offset, "
+    sql(db_url, "insert into public.agent_task_chunks (task_id, attempt, seq, answer_offset, "
                 "text) values (%s, 1, 0, 0, 'partial')", [task_id])
 
 
 def ids(db_url: str) -> set[str]:
-    return {str(r[0]) for r in run(db_url, "select id from public.agent_task_requests")}
+    return {str(r[0]) for r in sql(db_url, "select id from public.agent_task_requests")}
 
 
 def chunk_ids(db_url: str) -> set[str]:
-    return {str(r[0]) for r in run(db_url, "select task_id from public.agent_task_chunks")}
+    return {str(r[0]) for r in sql(db_url, "select task_id from public.agent_task_chunks")}
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
@@ -77,79 +54,81 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = 30) -> Non
 
 
 # The SQL, through both transports ----------------------------------------------------
-def test_old_finished_rows_and_their_chunks_go_the_rest_stays(store: TaskStore, db: str
+def test_old_finished_rows_and_their_chunks_go_the_rest_stays(store: TaskStore, clean_db: str
                                                                ) -> None:
-    old = add(db, "completed", "40 days") + add(db, "failed", "31 days")
-    recent = add(db, "completed", "29 days") + add(db, "failed", "1 hour")
+    old = insert_rows(clean_db, "completed", "40 days") + insert_rows(clean_db, "failed", "31 days")
+    recent = insert_rows(clean_db, "completed", "29 days")
+    recent += insert_rows(clean_db, "failed", "1 hour")
     # Unfinished rows stay whatever their age.
-    waiting = add(db, "pending", "400 days") + add(db, "processing", "400 days")
+    waiting = insert_rows(clean_db, "pending", "400 days")
+    waiting += insert_rows(clean_db, "processing", "400 days")
     for task_id in (old[0], waiting[1]):
-        add_chunk(db, task_id)
+        add_chunk(clean_db, task_id)
 
     assert store.prune(DAYS_30, dry_run=True) == Pruned(2, 0)
-    assert ids(db) == {*old, *recent, *waiting}  # the dry run deleted nothing
+    assert ids(clean_db) == {*old, *recent, *waiting}  # the dry run deleted nothing
     assert store.prune(DAYS_30) == Pruned(2, 0)
-    assert ids(db) == {*recent, *waiting}
-    assert chunk_ids(db) == {waiting[1]}  # the pruned row's chunks went with it
+    assert ids(clean_db) == {*recent, *waiting}
+    assert chunk_ids(clean_db) == {waiting[1]}  # the pruned row's chunks went with it
     assert store.prune(DAYS_30) == Pruned(0, 0)
     assert store.prune(timedelta(hours=2), dry_run=True) == Pruned(1, 0)
 
 
-def test_batches_are_bounded(store: TaskStore, db: str) -> None:
-    add(db, "completed", "60 days", count=7)
+def test_batches_are_bounded(store: TaskStore, clean_db: str) -> None:
+    insert_rows(clean_db, "completed", "60 days", count=7)
     assert store.prune(DAYS_30, 3, dry_run=True) == Pruned(7, 0)  # a count is not batched
     assert [store.prune(DAYS_30, 3).tasks for _ in range(4)] == [3, 3, 1, 0]
 
-    add(db, "failed", "60 days", count=7)
+    insert_rows(clean_db, "failed", "60 days", count=7)
     assert prune(store, DAYS_30, batch=3, pause=0) == Pruned(7, 0)  # until a short batch
-    assert ids(db) == set()
+    assert ids(clean_db) == set()
 
 
-def test_bad_arguments_are_refused(store: TaskStore, db: str) -> None:
+def test_bad_arguments_are_refused(store: TaskStore, clean_db: str) -> None:
     from bridge.errors import StoreRejected
 
     for older_than, batch in [(timedelta(days=-1), 10), (DAYS_30, 0), (DAYS_30, 10001)]:
         with pytest.raises(StoreRejected, match="22023"):
             store.prune(older_than, batch)
     # Null arguments do nothing, as for the other state functions.
-    old = add(db, "completed", "40 days")
+    old = insert_rows(clean_db, "completed", "40 days")
     for call in ("select * from public.agent_tasks_prune(null)",
                  "select * from public.agent_tasks_prune(null, null, null)",
                  "select * from public.agent_tasks_prune(interval '1 day', null)"):
-        assert run(db, call) == [(0, 0)], call
-    assert ids(db) == set(old)
+        assert sql(clean_db, call) == [(0, 0)], call
+    assert ids(clean_db) == set(old)
 
 
-def test_only_the_service_role_may_prune(db: str) -> None:
-    old = add(db, "completed", "40 days")
+def test_only_the_service_role_may_prune(clean_db: str) -> None:
+    old = insert_rows(clean_db, "completed", "40 days")
     user = "2b8a3c1e-0000-4000-8000-000000000001"
     for role, sub in (("anon", None), ("authenticated", user)):
         for call in ("select * from public.agent_tasks_prune(interval '1 day')",
                      "select agent_bridge.prune_finished(interval '1 day', 10)"):
-            with pytest.raises(errors.InsufficientPrivilege), as_role(db, role, sub) as conn:
+            with pytest.raises(errors.InsufficientPrivilege), as_role(clean_db, role, sub) as conn:
                 conn.execute(call)
-    with as_role(db, "service_role") as conn:
+    with as_role(clean_db, "service_role") as conn:
         assert conn.execute("select * from public.agent_tasks_prune(interval '1 day')"
                             ).fetchall() == [(1, 0)]
-    assert ids(db) == set() and old
+    assert ids(clean_db) == set() and old
 
 
 # Locks: a prune never holds up a claim ---------------------------------------------------
-def test_a_claim_is_not_blocked_by_a_prune_in_flight(db: str) -> None:
+def test_a_claim_is_not_blocked_by_a_prune_in_flight(clean_db: str) -> None:
     """A prune batch holds its rows until it commits; meanwhile claims, completions,
     requeues, inserts and another prune run under a lock_timeout and succeed: none needs
     a lock the prune holds. (All rows share one tenant, so agent_task_tenants is shared.)"""
-    old = add(db, "completed", "40 days", count=4)
-    due = add(db, "pending", "40 days", count=3)
-    running = add(db, "processing", "40 days")[0]
-    run(db, "update public.agent_task_requests set worker = 'w' where id = %s", [running])
-    recent_failure = add(db, "failed", "1 hour")[0]
+    old = insert_rows(clean_db, "completed", "40 days", count=4)
+    due = insert_rows(clean_db, "pending", "40 days", count=3)
+    running = insert_rows(clean_db, "processing", "40 days")[0]
+    sql(clean_db, "update public.agent_task_requests set worker = 'w' where id = %s", [running])
+    recent_failure = insert_rows(clean_db, "failed", "1 hour")[0]
 
-    with psycopg.connect(db) as pruning:  # one open transaction, as the batch is in flight
+    with psycopg.connect(clean_db) as pruning:  # one open transaction, as the batch is in flight
         held = pruning.execute("select agent_bridge.prune_finished(interval '30 days', 2)"
                                ).fetchone()
         assert held == (2,)
-        with psycopg.connect(db, autocommit=True) as other:
+        with psycopg.connect(clean_db, autocommit=True) as other:
             # Structural, not timing: the prune's transaction stays open throughout, so
             # any lock this needed from it would end in lock_not_available, not in luck.
             other.execute("set lock_timeout = '500ms'")
@@ -169,16 +148,16 @@ def test_a_claim_is_not_blocked_by_a_prune_in_flight(db: str) -> None:
             assert other.execute("select agent_bridge.prune_finished(interval '30 days', 10)"
                                  ).fetchone() == (2,)
         pruning.commit()
-    assert not set(old) & ids(db)
-    assert len(ids(db)) == 3 + 1 + 1 + 1  # claimed, completed, requeued, inserted
+    assert not set(old) & ids(clean_db)
+    assert len(ids(clean_db)) == 3 + 1 + 1 + 1  # claimed, completed, requeued, inserted
 
 
-def test_prune_reads_only_old_finished_rows_through_its_index(db: str) -> None:
+def test_prune_reads_only_old_finished_rows_through_its_index(clean_db: str) -> None:
     """With 20,000 recent finished rows, a prune and a count read the partial index
     agent_task_requests_finished_idx: no statement they run scans the table."""
-    add(db, "completed", "0 seconds", count=20000)
-    old = add(db, "failed", "40 days", count=5)
-    with psycopg.connect(db, autocommit=True) as conn:
+    insert_rows(clean_db, "completed", "0 seconds", count=20000)
+    old = insert_rows(clean_db, "failed", "40 days", count=5)
+    with psycopg.connect(clean_db, autocommit=True) as conn:
         conn.execute("analyze public.agent_task_requests")
         plans = explain_everything(conn)
         counted = conn.execute("select * from public.agent_tasks_prune(interval '30 days', "
@@ -186,20 +165,20 @@ def test_prune_reads_only_old_finished_rows_through_its_index(db: str) -> None:
         pruned = conn.execute("select * from public.agent_tasks_prune(interval '30 days', "
                               "500)").fetchall()
     assert counted == pruned == [(5, 0)]
-    assert not set(old) & ids(db)
+    assert not set(old) & ids(clean_db)
     nested = [p for p in plans if "agent_task_requests" in p and "agent_tasks_prune" not in p]
     assert any("agent_task_requests_finished_idx" in p for p in nested), plans
     scans = [p for p in nested if re.search(r"Seq Scan on agent_task_requests\b", p)]
     assert not scans, "\n\n".join(scans)
 
 
-def test_the_pg_cron_statement(db: str) -> None:
+def test_the_pg_cron_statement(clean_db: str) -> None:
     """pg_cron is not installed here: what its job runs, run as the job runs it (the
     database owner, in a transaction of its own)."""
-    old = add(db, "completed", "40 days", count=3)
-    recent = add(db, "completed", "1 day")
-    assert run(db, CRON_COMMAND) == [(3, 0)]
-    assert ids(db) == set(recent) and old
+    old = insert_rows(clean_db, "completed", "40 days", count=3)
+    recent = insert_rows(clean_db, "completed", "1 day")
+    assert sql(clean_db, CRON_COMMAND) == [(3, 0)]
+    assert ids(clean_db) == set(recent) and old
 
 
 # Per-user day counters ------------------------------------------------------------------
@@ -209,22 +188,22 @@ def test_day_counters_of_days_before_yesterday_go(fresh_db: str) -> None:
     migrate(fresh_db)
     store = TaskStore(PostgresTransport(fresh_db))
     try:
-        if not run(fresh_db, "select to_regclass('agent_bridge.user_day_usage') is not null"
+        if not sql(fresh_db, "select to_regclass('agent_bridge.user_day_usage') is not null"
                    )[0][0]:  # a stand-in, should that migration not be there
-            run(fresh_db, "create table agent_bridge.user_day_usage (user_id uuid, day date, "
+            sql(fresh_db, "create table agent_bridge.user_day_usage (user_id uuid, day date, "
                           "rows integer not null default 0, primary key (user_id, day))")
-        run(fresh_db, """
+        sql(fresh_db, """
             insert into agent_bridge.user_day_usage (user_id, day)
             select gen_random_uuid(), (now() at time zone 'utc')::date - d
               from generate_series(0, 4) d, generate_series(1, 3)""")
         assert store.prune(DAYS_30, dry_run=True) == Pruned(0, 9)
         assert [store.prune(DAYS_30, 4).day_usage for _ in range(4)] == [4, 4, 1, 0]
-        days = run(fresh_db, "select distinct (now() at time zone 'utc')::date - day "
+        days = sql(fresh_db, "select distinct (now() at time zone 'utc')::date - day "
                              "from agent_bridge.user_day_usage order by 1")
         assert days == [(0,), (1,)]  # today and yesterday stay
 
-        run(fresh_db, "drop table agent_bridge.user_day_usage cascade")
-        add(fresh_db, "completed", "40 days")
+        sql(fresh_db, "drop table agent_bridge.user_day_usage cascade")
+        insert_rows(fresh_db, "completed", "40 days")
         assert store.prune(DAYS_30, dry_run=True) == Pruned(1, 0)
         assert store.prune(DAYS_30) == Pruned(1, 0)
     finally:
@@ -240,18 +219,18 @@ def test_day_counters_of_days_before_yesterday_go(fresh_db: str) -> None:
 
 
 # The bridge's timer -------------------------------------------------------------------
-def test_retention_timer_prunes_on_every_pass(store: TaskStore, db: str) -> None:
+def test_retention_timer_prunes_on_every_pass(store: TaskStore, clean_db: str) -> None:
     """The bridge's Retention, in process with a tiny interval: a pass at start, and
     again at every interval, each in batches until one comes back short."""
-    add(db, "completed", "40 days", count=5)
-    kept = add(db, "completed", "1 day")
+    insert_rows(clean_db, "completed", "40 days", count=5)
+    kept = insert_rows(clean_db, "completed", "1 day")
     retention = Retention(store, DAYS_30, interval=0.05, batch=2, pause=0)
     stop = threading.Event()
     thread = retention.start(stop)
     try:
-        wait_until("the first pass", lambda: ids(db) == set(kept))
-        add(db, "failed", "50 days", count=3)
-        wait_until("a later pass", lambda: ids(db) == set(kept))
+        wait_until("the first pass", lambda: ids(clean_db) == set(kept))
+        insert_rows(clean_db, "failed", "50 days", count=3)
+        wait_until("a later pass", lambda: ids(clean_db) == set(kept))
     finally:
         stop.set()
         retention.join(10)

@@ -11,26 +11,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from websockets.sync.client import ClientConnection, connect
-from websockets.sync.connection import Connection
 
 from tests.fakes.gateway import StandIns
 from tests.fakes.jwt import user_token
-
-
-def _socket(s: StandIns, key: str) -> ClientConnection:
-    ws_url = s.url.replace("http://", "ws://") + f"/realtime/v1/websocket?apikey={key}&vsn=2.0.0"
-    return connect(ws_url, open_timeout=10)
-
-
-def _recv(ws: Connection, event: str) -> list[Any]:
-    while True:
-        msg = json.loads(ws.recv(timeout=10))
-        if msg[3] == event:
-            return list(msg)
-
-
-
+from tests.sockets import realtime_socket, receive
 
 # DELETE events, as walrus' apply_rls sends them -------------------------------------------
 
@@ -78,15 +62,15 @@ def test_realtime_deletes(probe: str, identity: str, rls: bool, old_record: dict
     s = StandIns(probe)
     s.start()
     try:
-        ws = _socket(s, s.anon_key)
+        ws = realtime_socket(s, s.anon_key)
         table = {"schema": "public", "table": "standin_probe"}
         bindings = [{"event": "*", **table}, {"event": "*", **table, "filter": "id=eq.1"},
                     {"event": "*", **table, "filter": "shown=eq.x"}]
         ws.send(json.dumps(["1", "1", "realtime:probe", "phx_join", {
             "config": {"postgres_changes": bindings}, "access_token": user_token(stranger)}]))
         every, by_id, by_shown_id = (
-            b["id"] for b in _recv(ws, "phx_reply")[4]["response"]["postgres_changes"])
-        assert _recv(ws, "system")[4]["status"] == "ok"
+            b["id"] for b in receive(ws, "phx_reply")[4]["response"]["postgres_changes"])
+        assert receive(ws, "system")[4]["status"] == "ok"
         with psycopg.connect(probe, autocommit=True) as conn:
             conn.execute("insert into public.standin_probe values (1, %s, 'x', 's')", [owner])
             conn.execute("delete from public.standin_probe where id = 1")
@@ -94,7 +78,7 @@ def test_realtime_deletes(probe: str, identity: str, rls: bool, old_record: dict
             conn.execute("insert into public.standin_probe values (2, %s, 'x', 's')", [stranger])
         seen: list[dict[str, Any]] = []
         while not seen or seen[-1]["data"].get("record", {}).get("id") != 2:
-            seen.append(_recv(ws, "postgres_changes")[4])
+            seen.append(receive(ws, "postgres_changes")[4])
         kinds = [m["data"]["type"] for m in seen]
         assert kinds == (["DELETE", "INSERT"] if rls else ["INSERT", "DELETE", "INSERT"])
         deleted = seen[-2]
@@ -105,12 +89,12 @@ def test_realtime_deletes(probe: str, identity: str, rls: bool, old_record: dict
         assert "secret" not in json.dumps(seen)
         ws.close()
 
-        with _socket(s, s.anon_key) as refused:
+        with realtime_socket(s, s.anon_key) as refused:
             refused.send(json.dumps(["1", "1", "realtime:secret", "phx_join", {"config": {
                 "postgres_changes": [{"event": "*", **table, "filter": "secret=eq.s"}]},
                 "access_token": user_token(stranger)}]))
-            assert _recv(refused, "phx_reply")[4]["status"] == "ok"
-            error = _recv(refused, "system")[4]
+            assert receive(refused, "phx_reply")[4]["status"] == "ok"
+            error = receive(refused, "system")[4]
         assert error["status"] == "error"
         assert error["message"].endswith("invalid column for filter secret")
     finally:

@@ -12,7 +12,7 @@ import pytest
 from psycopg import errors
 
 from bridge.store import TaskStore
-from tests.db import as_role, fetch_task, insert_task, sql
+from tests.db import as_role, claim_and_start, fetch_task, insert_task, sql
 
 LEASE = 60.0
 
@@ -26,12 +26,6 @@ def chunks(db_url: str, task_id: str) -> list[tuple[int, int, int, str]]:
                 "where task_id = %s order by attempt, seq", [task_id])]
 
 
-def start(store: TaskStore, task_id: str, worker: str = "w1") -> int:
-    claims = [c for c in store.claim(10, LEASE) if c.id == task_id]
-    assert claims, "the row was not claimed"
-    started, _ = store.start(task_id, claims[0].attempt, worker, LEASE)
-    assert started is not None
-    return claims[0].attempt
 
 
 def streamed(db_url: str, task_id: str) -> Any:
@@ -44,7 +38,7 @@ def streamed(db_url: str, task_id: str) -> Any:
 
 def test_append_is_fenced_and_leaves_the_row_alone(store: TaskStore, clean_db: str) -> None:
     task_id = insert_task(clean_db)
-    attempt = start(store, task_id)
+    attempt = claim_and_start(store, task_id)
     updated = fetch_task(clean_db, task_id)["updated_at"]
     assert store.append(task_id, attempt, "w1", 0, 0, "Once").applied
     assert store.append(task_id, attempt, "w1", 1, 4, " upon").applied
@@ -68,7 +62,7 @@ def test_append_is_fenced_and_leaves_the_row_alone(store: TaskStore, clean_db: s
 
 def test_characters_not_bytes(store: TaskStore, clean_db: str) -> None:
     task_id = insert_task(clean_db)
-    attempt = start(store, task_id)
+    attempt = claim_and_start(store, task_id)
     assert store.append(task_id, attempt, "w1", 0, 0, "héllo 🌍").applied
     assert store.append(task_id, attempt, "w1", 1, 7, "!").applied  # 7 characters so far
     assert streamed(clean_db, task_id)["answer"] == "héllo 🌍!"
@@ -124,7 +118,7 @@ def test_a_cancel_keeps_the_streamed_answer(store: TaskStore, clean_db: str) -> 
 
 def test_a_full_progress_write_replaces_the_chunks(store: TaskStore, clean_db: str) -> None:
     task_id = insert_task(clean_db)
-    attempt = start(store, task_id)
+    attempt = claim_and_start(store, task_id)
     assert store.append(task_id, attempt, "w1", 0, 0, "draft").applied
     assert store.progress(task_id, attempt, "w1", {"answer": "x", "step": 2}).applied
     assert chunks(clean_db, task_id) == []

@@ -1,7 +1,5 @@
-"""Cancellation (issue 12): `cancel_agent_task`, the worker stopping a running handler,
-`agent-bridge cancel`, and a Celery revoke from Flower. The SQL contract is checked on
-both transports and as Supabase's roles; the pipeline with real bridge and worker
-processes, on both transports where the transport matters."""
+"""Cancellation (issue 12): the parts that need no server. The SQL side is
+tests/sql/test_cancel.py."""
 
 from __future__ import annotations
 

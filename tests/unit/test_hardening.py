@@ -1,82 +1,12 @@
-"""Every failure ends its row once, with a clear error, and never runs the agent twice
-(issue 10): bad input and odd outcomes with a real bridge and real workers, the
-fencing edges on both transports, and the schema's own checks."""
+"""Every failure ends its row once, with a clear error, and never runs the agent twice (issue
+10): the parts that need no server. The SQL side is tests/sql/test_hardening.py."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
-
-import psycopg
 
 from bridge.config import Settings
-
-
-def row(db_url: str, task_id: str) -> dict[str, Any]:
-    with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as conn:
-        found = conn.execute("select * from public.agent_task_requests where id = %s",
-                             [task_id]).fetchone()
-    assert found is not None
-    return dict(found)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def test_the_default_response_limit_is_one_mib() -> None:

@@ -1,6 +1,5 @@
-"""Retention (issue 20): finished rows older than an age are deleted with what is tied to
-them, in bounded batches that never hold up a claim; through both transports, the
-`prune` command, the bridge's own timer, and the statement a pg_cron job runs."""
+"""Retention (issue 20): the parts that need no server. The SQL side is
+tests/sql/test_retention.py."""
 
 from __future__ import annotations
 
