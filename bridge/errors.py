@@ -62,3 +62,38 @@ class StoreMisconfigured(StoreUnavailable):
 
 class StoreRejected(StoreError):
     """The database refused the call (bad input, permissions, missing migration)."""
+
+
+# Codes that mean "no such table, function or column": the SQLSTATEs (both transports;
+# PostgREST passes them on) and PostgREST's own schema-cache misses.
+MISSING_CODES = ("42P01", "42883", "42703", "PGRST202", "PGRST204", "PGRST205")
+
+
+class SchemaMissing(StoreRejected):
+    """The database has no agent-bridge schema, or one of another version: every call
+    that meets it says so in one line, with the fix. `found`: the installed version
+    (None: none), `need`: this agent-bridge's."""
+
+    def __init__(self, found: int | None, need: int, fix: str, code: str | None = None
+                 ) -> None:
+        if found is None:
+            self.problem = (f"the database has no agent-bridge schema (found version none, "
+                            f"need {need})")
+        elif found < need:
+            self.problem = f"the database has agent-bridge schema version {found}, need {need}"
+        else:
+            self.problem = (f"the database has agent-bridge schema version {found}, newer "
+                            f"than this agent-bridge (version {need})")
+            fix = "upgrade agent-bridge on this machine"
+        super().__init__(f"{self.problem}: {fix}", code)
+        self.found = found
+        self.need = need
+        self.fix = fix
+
+
+class TaskNotFound(AgentBridgeError, LookupError):
+    """No task has this id, or an id that starts with this prefix."""
+
+
+class AmbiguousTaskId(AgentBridgeError, LookupError):
+    """A short id is the start of several task ids: give more of it."""

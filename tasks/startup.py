@@ -1,7 +1,8 @@
 """The worker's startup checks and its ONLINE line (Celery signal receivers).
 
 `worker_init` refuses to start a worker that consumes a queue no agent owns, or whose
-agents' handlers cannot be imported; `worker_ready` logs what it serves.
+agents' handlers cannot be imported or refuse their own settings (`check_settings`);
+`worker_ready` logs what it serves.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from celery.signals import worker_init, worker_ready
 
 from bridge.agents import Agent
+from bridge.config import ConfigError
 from tasks.agent import agents, handler_of
 from tasks.app import app
 from tasks.handlers import HandlerNotFound
@@ -30,8 +32,10 @@ def _check_handler(sender: Any = None, **_: Any) -> None:
         return
     for agent in served_agents(sender):
         try:
-            handler_of(agent)
-        except HandlerNotFound as exc:
+            check = getattr(handler_of(agent), "check_settings", None)
+            if check is not None:  # a handler's own settings (OPENAI_*), read once, here
+                check()
+        except (HandlerNotFound, ConfigError) as exc:
             # SystemExit, not the ImportError: Celery logs and ignores an Exception
             # raised by a signal handler, and the worker would fail every task.
             raise SystemExit(f"agent-bridge: {exc}") from None

@@ -12,8 +12,9 @@ import sys
 import time
 from typing import Any
 
-from bridge.commands.retry import task_id
+from bridge.commands.retry import resolve, task_id
 from bridge.config import Settings
+from bridge.errors import TaskNotFound
 from bridge.store import open_store
 
 
@@ -25,7 +26,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "keeping the partial answer; finished tasks are left as they are. Exit "
                     "1 if an id was not found.",
         epilog="example: agent-bridge cancel 3f1c… 9a2e… --wait")
-    p.add_argument("ids", nargs="+", type=task_id, metavar="ID", help="task ids to cancel")
+    p.add_argument("ids", nargs="+", type=task_id, metavar="ID",
+                   help="task ids to cancel (or their first 8 characters or more)")
     p.add_argument("--wait", action="store_true",
                    help="wait until each running task has stopped")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
@@ -39,7 +41,13 @@ def run(args: argparse.Namespace) -> int:
     missing: list[str] = []
     stopping: list[str] = []
     try:
-        for tid in args.ids:
+        ids: list[str] = []
+        for given in args.ids:  # short ids: an ambiguous one stops it all, before any change
+            try:
+                ids.append(resolve(store, given))
+            except TaskNotFound:
+                missing.append(given)
+        for tid in ids:
             status = store.cancel(tid)
             if status is None:
                 missing.append(tid)

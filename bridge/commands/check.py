@@ -8,7 +8,7 @@ import sys
 
 from bridge.commands.status import probe_broker, probe_workers
 from bridge.config import ConfigError, Settings
-from bridge.errors import StoreError, StoreRejected, first_line
+from bridge.errors import MISSING_CODES, SchemaMissing, StoreError, StoreRejected, first_line
 from bridge.migrate import SCHEMA_VERSION
 from bridge.queries import load as load_queries
 from bridge.store import open_store
@@ -20,8 +20,6 @@ KEY_REJECTED = "SUPABASE_SERVICE_KEY rejected: use a secret key (sb_secret_...) 
 START_REDIS = ("start one: `redis-server` (install it with `apt install redis-server` or "
                "`brew install redis`), or `docker compose up redis`; on Windows use "
                "docker compose or WSL")
-# PostgREST/SQLSTATE codes that mean "the function or table is not there".
-MISSING_CODES = ("PGRST202", "PGRST205", "42883", "42P01")
 
 
 class Report:
@@ -50,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
         settings = Settings.from_env()
         settings.require_store()
     except ConfigError as exc:
-        report.line(False, f"Configuration: {exc}",
-                    "set it in .env or the environment (see .env.example)")
+        see = "" if ".env.example" in str(exc) else " (see .env.example)"
+        report.line(False, f"Configuration: {exc}", f"set it in .env or the environment{see}")
         return 1
     report.line(True, f"Configuration found: {describe(settings)}")
 
@@ -146,6 +144,10 @@ def check_version(report: Report, settings: Settings, functions: int | None) -> 
     try:
         version = store.schema_version()
         store.stats()
+    except SchemaMissing as exc:
+        report.line(False, exc.problem[0].upper() + exc.problem[1:],
+                    INSTALL if exc.found is None or exc.found < exc.need else exc.fix)
+        return
     except StoreRejected as exc:
         code = exc.code or ""
         if code == "42501":

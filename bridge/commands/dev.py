@@ -4,8 +4,13 @@ An embedded PostgreSQL (data kept in --data-dir) and a Redis, migrated; then the
 bridge, one Celery worker and Flower (with a password) as child processes, their
 output prefixed. Ports and the Flower password are kept in <data-dir>/dev.json, so a
 restart on the same data dir keeps them; <data-dir>/env holds the variables a second
-shell needs (`source` it). If its own Redis or PostgreSQL dies, dev says so and stops.
-Ctrl-C stops the children, then Redis, then PostgreSQL, and leaves nothing running.
+shell needs, and this interpreter's bin directory first on PATH, so `agent-bridge` runs
+there without activating the venv (`source` it). One dev per data dir: a second one is
+refused before it touches anything (bridge/dev_lock.py). With Flower, the worker starts
+first, then Flower, and dev waits until Flower sees the worker before it says where
+things are and runs the demo, so Flower lists every task from the first. If its own
+Redis or PostgreSQL dies, dev says so and stops. Ctrl-C stops the children, then Redis,
+then PostgreSQL, and leaves nothing running.
 """
 
 from __future__ import annotations
@@ -18,9 +23,16 @@ import shlex
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+from celery import Celery
+from kombu.exceptions import KombuError
+
+from bridge import dev_lock
 from bridge.config import Settings
 from bridge.localstack import LocalPostgres, LocalRedis, free_port
 from bridge.migrate import migrate
@@ -74,14 +86,51 @@ def write_env(data_dir: Path, variables: dict[str, str]) -> Path:
     path = data_dir / "env"
     lines = ["# agent-bridge dev: `source` this file in another shell to reach this stack."]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in variables.items()]
+    path_line = _path_line()
+    if path_line:
+        lines.append(path_line)
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)  # it holds Flower's password
     return path
 
 
+def _path_line() -> str | None:
+    """The env file's PATH line: this interpreter's bin directory (the venv's, where
+    `agent-bridge` and `celery` are) first, so a second shell needs no `activate`."""
+    bin_dir = Path(sys.executable).parent  # not resolved: a venv's python is a symlink
+    if not any((bin_dir / name).exists() for name in ("agent-bridge", "agent-bridge.exe")):
+        return None
+    return f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"'
+
+
+def _env_hint(env_file: Path) -> str:
+    """`source <env file>` as the user can type it: relative to here when it is below."""
+    try:
+        shown = env_file.relative_to(Path.cwd())
+    except ValueError:
+        shown = env_file
+    return f"source {shlex.quote(str(shown))}"
+
+
 def run(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # Before anything else (PostgreSQL, Redis, dev.json, the env file): a second dev on
+    # this data dir would share the first one's PostgreSQL and stop it on its Ctrl-C.
+    try:
+        lock = dev_lock.acquire(data_dir)
+    except dev_lock.DevRunning as exc:
+        pid = f"pid {exc.pid}" if exc.pid else "pid unknown"
+        print(f"❌ agent-bridge dev is already running in {data_dir} ({pid}): use it from "
+              f"another shell with `{_env_hint(data_dir / 'env')}`, or stop it (Ctrl-C in "
+              "its shell) before starting another", file=sys.stderr, flush=True)
+        return 1
+    try:
+        return _run(args, data_dir)
+    finally:
+        lock.release()
+
+
+def _run(args: argparse.Namespace, data_dir: Path) -> int:
     state = load_state(data_dir)
     postgres = LocalPostgres(data_dir / "postgres")
     redis_port = pick_port(state.get("redis_port"), None)
@@ -111,33 +160,26 @@ def run(args: argparse.Namespace) -> int:
                   "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{flower_password}"}
         env_file = write_env(data_dir, shared)
         env = {**os.environ, **shared, "PYTHONUNBUFFERED": "1"}
-        py = sys.executable
+        if flower_port:  # task events from the first task on, so Flower misses none
+            env["CELERY_TASK_EVENTS"] = os.environ.get("CELERY_TASK_EVENTS") or "true"
+        # `python -P`: the current directory is not put first on sys.path, so the worker
+        # finds a handler in it the way `celery -A tasks worker` does (tasks/handlers).
+        py = [sys.executable, "-P"]
         # No log_dir: each child's output is printed behind its name, `[worker] ...`.
         children = ProcGroup(env, Proc)
-        children.start("bridge", [py, "-m", "bridge.cli", "run"])
+        children.start("bridge", [*py, "-m", "bridge.cli", "run"])
         pool = "threads" if os.name == "nt" else "prefork"  # prefork does not run on Windows
         children.start("worker", [
-            py, "-m", "celery", "-A", "tasks", "worker", "-P", pool,
+            *py, "-m", "celery", "-A", "tasks", "worker", "-P", pool,
             "-c", str(args.concurrency), "--loglevel", "INFO", "-n", "dev@%h"])
         if flower_port:
-            children.start("flower", [
-                py, "-m", "celery", "-A", "tasks", "flower", f"--port={flower_port}",
-                "--address=127.0.0.1", "--max_tasks=10000",
-                f"--basic-auth={FLOWER_USER}:{flower_password}"])
+            _start_flower(children, py, redis.url, flower_port, flower_password, stop)
+        if stop.is_set() or children.exited() is not None:
+            return _watch(children, postgres, redis, stop)
         _print_where(shared, env_file, flower_port)
         if args.demo:
             threading.Thread(target=_demo, args=(db_url, stop), daemon=True).start()
-        while not stop.wait(0.5):
-            died = _dead_service(postgres, redis)
-            if died:
-                print(f"❌ {died}; stopping everything", flush=True)
-                return 1
-            child = children.exited()
-            if child is not None:
-                print(f"❌ {child.name} exited with code {child.returncode}; "
-                      "stopping everything", flush=True)
-                return 1
-        return 0
+        return _watch(children, postgres, redis, stop)
     finally:
         print("🛑 Stopping ...", flush=True)
         if children is not None:
@@ -145,6 +187,69 @@ def run(args: argparse.Namespace) -> int:
         redis.stop()
         postgres.stop()
         print("👋 Everything stopped.", flush=True)
+
+
+def _watch(children: ProcGroup[Proc], postgres: LocalPostgres, redis: LocalRedis,
+           stop: threading.Event) -> int:
+    """Until Ctrl-C (0), or until a child or one of dev's own servers dies (1)."""
+    while not stop.wait(0.5):
+        died = _dead_service(postgres, redis)
+        if died:
+            print(f"❌ {died}; stopping everything", flush=True)
+            return 1
+        child = children.exited()
+        if child is not None:
+            print(f"❌ {child.name} exited with code {child.returncode}; "
+                  "stopping everything", flush=True)
+            return 1
+    return 0
+
+
+def _start_flower(children: ProcGroup[Proc], py: list[str], broker_url: str, port: int,
+                  password: str, stop: threading.Event) -> None:
+    """Flower once the worker answers, then wait until Flower hears the worker's events.
+
+    Started before the worker answers, Flower's first inspection times out (four
+    "Inspect method ... failed" warnings); and events sent before Flower listens are
+    lost to it (the demo's tasks were missing from its list)."""
+    app = Celery("agent_bridge_dev", broker=broker_url)
+    try:
+        answered = _until(lambda: bool(app.control.ping(timeout=0.5)), children, stop, 120)
+        if not answered and not stop.is_set() and children.exited() is None:
+            print("⚠️  the worker did not answer within 120 s; starting Flower anyway",
+                  flush=True)
+    finally:
+        app.close()
+    if stop.is_set() or children.exited() is not None:
+        return
+    children.start("flower", [
+        *py, "-m", "celery", "-A", "tasks", "flower", f"--port={port}",
+        "--address=127.0.0.1", "--max_tasks=10000", f"--basic-auth={FLOWER_USER}:{password}"])
+
+    def sees_a_worker() -> bool:
+        # /api/workers?status=1: the workers Flower knows from their events (heartbeats).
+        response = httpx.get(f"http://127.0.0.1:{port}/api/workers", params={"status": 1},
+                             auth=(FLOWER_USER, password), timeout=2)
+        return response.status_code == 200 and any(response.json().values())
+
+    if not _until(sees_a_worker, children, stop, 60) and not stop.is_set() \
+            and children.exited() is None:
+        print("⚠️  Flower did not hear from the worker within 60 s; it may miss the first "
+              "tasks", flush=True)
+
+
+def _until(check: Callable[[], bool], children: ProcGroup[Proc], stop: threading.Event,
+           timeout: float) -> bool:
+    """Poll `check` until it holds (True); False on Ctrl-C, a child's exit or timeout."""
+    deadline = time.monotonic() + timeout
+    while not stop.is_set() and children.exited() is None and time.monotonic() < deadline:
+        try:
+            if check():
+                return True
+        except (httpx.HTTPError, KombuError, OSError, ValueError):
+            pass  # not listening yet
+        stop.wait(0.2)
+    return False
 
 
 def _port_free(port: int) -> bool:
@@ -178,6 +283,9 @@ def _print_where(shared: dict[str, str], env_file: Path, flower_port: int) -> No
     print(f"🐚 Another shell: source {shlex.quote(str(env_file))}   (it sets:)")
     for name, value in shared.items():
         print(f"     export {name}={shlex.quote(value)}")
+    path_line = _path_line()
+    if path_line:
+        print(f"     {path_line}")
     print("✍️  Then     : agent-bridge submit \"Hello\" --wait; agent-bridge status")
     print("   Ctrl-C stops everything.")
     print(line, flush=True)

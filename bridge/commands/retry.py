@@ -12,8 +12,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from bridge.config import Settings
-from bridge.store import open_store
+from bridge.errors import AmbiguousTaskId, TaskNotFound
+from bridge.store import TaskStore, open_store
 
+MIN_PREFIX = 8  # hex digits of a short id
+SHOWN_MATCHES = 3  # ids an ambiguous short id lists
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -26,7 +29,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "--error-type (all given must match), or pass --all.",
         epilog="examples: agent-bridge retry 3f1c…  |  agent-bridge retry --since 1h "
                "--error-type RateLimitError  |  agent-bridge retry --all")
-    p.add_argument("ids", nargs="*", type=task_id, metavar="ID", help="task ids to requeue")
+    p.add_argument("ids", nargs="*", type=task_id, metavar="ID",
+                   help="task ids to requeue (or their first 8 characters or more)")
     p.add_argument("--since", type=since, metavar="WHEN",
                    help="only tasks that failed since WHEN: an ISO time "
                         "(2025-01-31T12:00) or an age such as 30m, 1h, 2d")
@@ -40,10 +44,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def task_id(text: str) -> str:
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a task id (a UUID)") from None
+    """A task id as given: a whole UUID (normalised), or a short id, the first 8 or
+    more of its hex digits (`bf762845`, as the demo and the logs print them; hyphens
+    may be kept), returned lower case without hyphens for `resolve`."""
+    digits = text.strip().lower().replace("-", "")
+    if len(digits) == 32:
+        try:
+            return str(uuid.UUID(digits))
+        except ValueError:
+            pass
+    elif MIN_PREFIX <= len(digits) < 32 and all(c in "0123456789abcdef" for c in digits):
+        return digits
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a task id: give the whole id or its first {MIN_PREFIX} characters "
+        "or more (e.g. bf762845)")
+
+
+def resolve(store: TaskStore, given: str) -> str:
+    """The whole id of `given` (from `task_id`): itself when whole, else the one task
+    whose id starts with it. TaskNotFound when none does, AmbiguousTaskId (naming a
+    few) when several do."""
+    if len(given) == 36:
+        return given
+    found = store.find(given, limit=SHOWN_MATCHES + 1)
+    if not found:
+        raise TaskNotFound(f"no task id starts with {given} (or not visible with this key)")
+    if len(found) > 1:
+        more = ", ..." if len(found) > SHOWN_MATCHES else ""
+        raise AmbiguousTaskId(f"{given} is the start of several task ids: "
+                              f"{', '.join(found[:SHOWN_MATCHES])}{more}; give more of it")
+    return found[0]
 
 
 def positive(text: str) -> int:
@@ -83,15 +113,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = Settings.from_env()
     store = open_store(settings, pool=False)
+    unknown: list[str] = []
+    ids: list[str] = []
     try:
-        requeued = store.requeue(ids=args.ids or None, failed_since=args.since,
-                                 error_type=args.error_type, more_attempts=args.attempts)
+        for given in args.ids:  # short ids: an ambiguous one stops it all, before any change
+            try:
+                ids.append(resolve(store, given))
+            except TaskNotFound:
+                unknown.append(given)
+        requeued = store.requeue(ids=ids or None, failed_since=args.since,
+                                 error_type=args.error_type,
+                                 more_attempts=args.attempts) if ids or not args.ids else []
     finally:
         store.close()
     print(f"🔁 Requeued {len(requeued)} failed task(s)")
     for rid in requeued:
         print(f"   {rid}")
-    not_requeued = [i for i in args.ids if i not in requeued]
+    not_requeued = [i for i in ids if i not in requeued] + unknown
     if not_requeued:
         print(f"⚠️  not failed (or not found), left as they are: {', '.join(not_requeued)}",
               file=sys.stderr)

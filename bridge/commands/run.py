@@ -22,6 +22,7 @@ from bridge.store import open_store
 ONCE_FAILURES = {
     "database": ("the database (or Supabase) is unreachable", 3),
     "broker": ("the broker (Redis) is unreachable", 4),
+    "schema": ("", 1),  # its message says what and the fix
     "refused": ("the database refused a call", 1),
     "unexpected": ("unexpected error", 1),
 }
@@ -74,5 +75,6 @@ def run(args: argparse.Namespace) -> int:
     if failure is None:
         return 0
     what, code = ONCE_FAILURES[failure.what]
-    print(f"agent-bridge run: the round failed, {what}: {failure.message}", file=sys.stderr)
+    said = f"the round failed, {what}: " if what else ""
+    print(f"agent-bridge run: {said}{failure.message}", file=sys.stderr)
     return code

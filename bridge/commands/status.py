@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -22,6 +23,7 @@ from bridge.agents import configure, queue_name
 from bridge.celery_app import RUN_AGENT, create_celery_app
 from bridge.commands.submit import error_of
 from bridge.config import Settings
+from bridge.dev_lock import running_dev
 from bridge.errors import StoreError, StoreUnavailable, first_line
 from bridge.publisher import BROKER_ERRORS, BrokerUnavailable, Publisher
 from bridge.store import AgentStats, open_store
@@ -175,7 +177,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print_table(report)
+        if not report["database"]["reachable"] and dev_stopped_here():
+            print("  agent-bridge dev is not running in this folder: start it with "
+                  "agent-bridge dev")
     return 0 if report["counts"] is not None else 1
+
+
+def dev_stopped_here() -> bool:
+    """./.agent-bridge/env was written by a `dev` that no longer runs (a stale env)."""
+    data_dir = Path(".agent-bridge")
+    return (data_dir / "env").exists() and running_dev(data_dir) is None
 
 
 def print_table(r: dict[str, Any]) -> None:

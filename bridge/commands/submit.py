@@ -21,10 +21,12 @@ ICONS = {"pending": "⏳", "processing": "⚙️ ", "completed": "✅", "failed"
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "submit", help="insert a task request (as the frontend does); --wait follows it",
+        "submit", help="insert a task request (as the frontend does); --wait or --follow "
+                       "follows it",
         description="Insert a pending row {prompt, context} into agent_task_requests and "
                     "print its id. With --wait, print each status change until the task "
-                    "ends, then the answer. Exit codes with --wait: 0 completed, 1 failed, "
+                    "ends, then the answer; with --follow, print the answer as it streams "
+                    "in. Exit codes with --wait or --follow: 0 completed, 1 failed, "
                     "2 timed out; without it: 0, or 1 when the task was stored failed "
                     "(a payload over the size or depth limit).")
     p.add_argument("prompt", nargs="?",
@@ -40,8 +42,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="the agent that runs it, one of AGENTS (default: default)")
     p.add_argument("--wait", action="store_true",
                    help="follow the row until it completes or fails")
+    p.add_argument("--follow", action="store_true",
+                   help="print the answer as it streams in, then the final answer (status "
+                        "changes go to stderr); exit codes as with --wait")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                   help="with --wait: give up after S seconds (default: 300)")
+                   help="with --wait or --follow: give up after S seconds (default: 300)")
     p.set_defaults(func=run)
 
 
@@ -88,13 +93,20 @@ def run(args: argparse.Namespace) -> int:
         task_id = store.insert(request_payload(prompt, context), args.priority,
                                args.agent)
         print(task_id, flush=True)
-        if not args.wait:
+        if not (args.wait or args.follow):
             return failed_at_insert(store, task_id)
-        interval = POSTGRES_POLL if settings.store_kind == "postgres" \
-            else max(0.2, settings.poll_interval)
+        interval = poll_interval(settings)
+        if args.follow:
+            return follow_answer(store, task_id, args.timeout, interval)
         return follow(store, task_id, args.timeout, interval)
     finally:
         store.close()
+
+
+def poll_interval(settings: Settings) -> float:
+    """How often --wait and --follow read the row."""
+    return POSTGRES_POLL if settings.store_kind == "postgres" \
+        else max(0.2, settings.poll_interval)
 
 
 def failed_at_insert(store: TaskStore, task_id: str) -> int:
@@ -140,6 +152,70 @@ def follow(store: TaskStore, task_id: str, timeout: float, interval: float) -> i
             print(f"⌛ gave up waiting after {timeout:g}s; the task is still {status}. "
                   f"Follow it with `agent-bridge status`, or look at row {task_id}.",
                   file=sys.stderr)
+            return EXIT_TIMEOUT
+        time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+
+
+def follow_answer(store: TaskStore, task_id: str, timeout: float, interval: float) -> int:
+    """Print the answer as it streams in (the text added since the last look, read
+    through the store: the attempt's chunks, else the row's partial answer), status
+    changes on stderr, and at the end the rest of the final answer, or the error."""
+    deadline = time.monotonic() + timeout
+    shown = ""  # the answer printed so far (on the current stdout line)
+    seen: tuple[str, int] | None = None
+    outage = False
+
+    def say(line: str) -> None:  # a line on stderr, after ending the answer's line
+        if shown:
+            print(flush=True)
+        print(line, file=sys.stderr, flush=True)
+
+    while True:
+        try:
+            row = store.get(task_id)
+            partial = (store.streamed_answer(task_id, int(row["attempts"] or 0))
+                       if row is not None and row["status"] == "processing" else None)
+        except StoreUnavailable as exc:
+            if not outage:
+                say(f"⚠️  {exc} (still waiting)")
+                shown = ""
+            outage = True
+        else:
+            outage = False
+            if row is None:
+                say(f"❌ task {task_id} no longer exists")
+                return EXIT_FAILED
+            state = (str(row["status"]), int(row["attempts"] or 0))
+            response = row.get("response_payload")
+            if state != seen:
+                if seen is not None and state[0] not in ("completed", "failed"):
+                    say(_status_line(*state))
+                    shown = ""  # a new attempt streams its answer from the start
+                elif seen is None:
+                    print(_status_line(*state), file=sys.stderr, flush=True)
+                seen = state
+            if state[0] == "completed":
+                final = answer_of(response)
+                if shown and not final.startswith(shown):
+                    print(flush=True)
+                    shown = ""
+                print(final[len(shown):], flush=True)
+                return EXIT_COMPLETED
+            if state[0] == "failed":
+                say(error_of(row.get("error"), response))
+                return EXIT_FAILED
+            if partial is None and isinstance(response, dict) and response.get("partial"):
+                partial = answer_of(response)
+            if partial and partial != shown and not shown.startswith(partial):
+                if not partial.startswith(shown):  # rewritten: start the line again
+                    print(flush=True)
+                    shown = ""
+                print(partial[len(shown):], end="", flush=True)
+                shown = partial
+        if time.monotonic() >= deadline:
+            status = seen[0] if seen else "unknown"
+            say(f"⌛ gave up waiting after {timeout:g}s; the task is still {status}. "
+                f"Follow it with `agent-bridge show --follow {task_id}`.")
             return EXIT_TIMEOUT
         time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
 

@@ -22,3 +22,11 @@ select id, status, agent, priority, attempts, max_attempts, created_at, run_at, 
 -- latest_failures --
 -- The most recently failed rows with their errors, newest first, for `agent-bridge status`.
 select id, agent, attempts, finished_at, error from public.agent_task_requests where status = 'failed' order by finished_at desc nulls last, id limit %(limit)s::integer
+
+-- find_ids --
+-- Up to `limit` ids from `low` to `high` (a short id's range: its prefix padded with 0s and with fs), for the CLI.
+select id from public.agent_task_requests where id >= %(low)s::uuid and id <= %(high)s::uuid order by id limit %(limit)s::integer
+
+-- get_chunks --
+-- The chunks of one attempt's streamed answer after seq `after`, in order (at most `limit`), for `--follow`.
+select seq, answer_offset, text from public.agent_task_chunks where task_id = %(id)s::uuid and attempt = %(attempt)s::integer and seq > %(after)s::integer order by seq limit %(limit)s::integer

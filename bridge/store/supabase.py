@@ -39,6 +39,7 @@ _TRANSIENT_PGRST = ("PGRST000", "PGRST001", "PGRST002", "PGRST003")
 # database is restarting, overloaded or rate limited: try again later. 520-527 are
 # Cloudflare's origin errors; 408 a request timeout; 429 a rate limit.
 _GATEWAY_TRANSIENT = {408, 429, 500, 502, 503, 504, *range(520, 528)}
+CHUNKS = "agent_task_chunks"  # a streamed answer's pieces (read by `--follow`)
 KEY_FIX = ("set SUPABASE_SERVICE_KEY to the project's secret key (sb_secret_...) or its legacy "
            "service_role key, from Project Settings → API Keys")
 
@@ -253,9 +254,24 @@ def _latest_failures(client: Client, params: Mapping[str, Any]) -> list[dict[str
     return _rows(query.execute().data)
 
 
+def _find_ids(client: Client, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    query = (client.table(TABLE).select("id").gte("id", params["low"])
+             .lte("id", params["high"]).order("id").limit(int(params["limit"])))
+    return _rows(query.execute().data)
+
+
+def _get_chunks(client: Client, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    query = (client.table(CHUNKS).select("seq,answer_offset,text").eq("task_id", params["id"])
+             .eq("attempt", params["attempt"]).gt("seq", params["after"]).order("seq")
+             .limit(int(params["limit"])))
+    return _rows(query.execute().data)
+
+
 _ROW_OPERATIONS: dict[str, Callable[[Client, Mapping[str, Any]], list[dict[str, Any]]]] = {
     "insert_task": _insert_task,
     "get_task": _get_task,
     "show_task": _show_task,
     "latest_failures": _latest_failures,
+    "find_ids": _find_ids,
+    "get_chunks": _get_chunks,
 }

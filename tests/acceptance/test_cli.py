@@ -192,10 +192,10 @@ def test_show_prints_a_task_and_status_lists_the_latest_failures(
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[0] == f"Task {failed}"
-    assert "❌ failed (attempt 1 of 3)" in lines[1]
+    assert "❌ failed (attempt 1)" in lines[1]
     assert "  error     Boom: it broke" in lines
     ok = cli("show", done, env=env).stdout.splitlines()
-    assert "  answer    forty-two" in ok and "✅ completed (attempt 1 of 3)" in ok[1]
+    assert "  answer    forty-two" in ok and "✅ completed (attempt 1)" in ok[1]
     assert any(line.startswith("  finished") and line.endswith("(2.000 s)") for line in ok)
     as_json = json.loads(cli("show", done, "--json", env=env).stdout)
     assert as_json["status"] == "completed" and as_json["response_payload"] == {
@@ -316,7 +316,7 @@ def test_check_reports_a_missing_table(fresh_db: str, clean_redis: str) -> None:
     status = cli("status", "--json", env=env_with(DATABASE_URL=fresh_db, REDIS_URL=clean_redis))
     assert status.returncode == 1
     database = json.loads(status.stdout)["database"]
-    assert database["reachable"] and "agent_tasks_stats() does not exist" in database["error"]
+    assert database["reachable"] and "no agent-bridge schema" in database["error"]
 
 
 def test_check_reports_a_stopped_redis(clean_db: str) -> None:
@@ -435,9 +435,9 @@ def test_retry_runs_a_failed_task_again_through_celery(stack: Stack) -> None:
 
 def test_cli_refuses_a_boolean_typo_in_one_line() -> None:
     result = cli("status", env=env_with(SUPABASE_REALTIME="ture"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "agent-bridge status: SUPABASE_REALTIME='ture' must be true or false "
+        "agent-bridge: SUPABASE_REALTIME='ture' must be true or false "
         "(or 1/0, yes/no, on/off)"]
 
 

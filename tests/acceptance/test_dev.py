@@ -125,7 +125,7 @@ def test_dev_gives_a_second_shell_its_variables_keeps_ports_and_stops_when_redis
         env_file = data_dir / "env"
         exported = dict(re.findall(r"^export (\w+)=(\S+)$", env_file.read_text(), re.M))
         assert set(exported) == {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL",
-                                 "BRIDGE_TRANSPORT", "FLOWER_BASIC_AUTH"}
+                                 "BRIDGE_TRANSPORT", "FLOWER_BASIC_AUTH", "PATH"}
         assert f"source {env_file}" in out and f"export REDIS_URL={exported['REDIS_URL']}" in out
         auth = exported["FLOWER_BASIC_AUTH"].strip("'")
         user, _, password = auth.partition(":")

@@ -1,11 +1,10 @@
 """Retry through a real Flower: `POST /api/task/send-task/tasks.requeue_failed` with basic
 auth re-runs a failed row through the bridge and a worker; Flower lists the
-`tasks.run_agent` jobs it saw, with their (task id, attempt) args, a failed row's job as
-FAILURE with the row's error."""
+`tasks.run_agent` jobs it saw, by their Celery task id `<task id>:<attempt>`, a failed row's
+job as FAILURE with the row's error."""
 
 from __future__ import annotations
 
-import ast
 import time
 from typing import Any
 
@@ -19,12 +18,16 @@ from tests.stack import Stack
 
 
 def run_agent_jobs(api: str) -> list[dict[str, Any]]:
-    """Every tasks.run_agent job Flower knows about, its args parsed."""
+    """Every tasks.run_agent job Flower knows about, `args` its [task id, attempt] (read
+    from its Celery task id: Flower shows args as `agent=… task=… attempt=…`)."""
     response = httpx.get(f"{api}/tasks", params={"taskname": "tasks.run_agent"}, auth=AUTH,
                          timeout=5)
     response.raise_for_status()
-    return [dict(task, args=list(ast.literal_eval(task["args"])))
-            for task in response.json().values()]
+    jobs = []
+    for uuid, task in response.json().items():
+        task_id, _, attempt = uuid.rpartition(":")
+        jobs.append(dict(task, args=[task_id, int(attempt)]))
+    return jobs
 
 
 def run_agent_args(api: str) -> list[list[Any]]:

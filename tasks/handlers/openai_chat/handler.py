@@ -111,3 +111,6 @@ def handler(task: dict[str, Any]) -> dict[str, Any]:
 
 
 handler.validate_payload = validate_payload  # type: ignore[attr-defined]
+# The worker reads the OPENAI_* settings at start (tasks/startup.py): a bad one is one
+# line there, not a failure of every task.
+handler.check_settings = settings  # type: ignore[attr-defined]
