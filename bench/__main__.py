@@ -4,6 +4,7 @@
     .venv/bin/python -m bench --quick         # smoke version (< 2 min)
     .venv/bin/python -m bench --only latency,throughput --json out.json
     .venv/bin/python -m bench --chaos         # then the chaos run (python -m bench.chaos)
+    .venv/bin/python -m bench --only cost,burst   # issue 23: statements, commits, WAL per task
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import psutil
 import psycopg
 
 from bench import benchmarks as b
+from bench import cost
 from bench.measure import table
 from bench.stack import servers
 
 BENCHMARKS = ("latency", "stages", "supabase", "throughput", "plain", "io", "baseline",
-              "procrastinate", "idle")
+              "procrastinate", "idle", "cost", "burst")
 
 # Issue 15's targets, each against the other systems of the same run.
 TARGET_STARTED_P99_MS = 10.0  # insert → handler started, direct mode; p50 ≤ procrastinate's
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     throughput: list[dict[str, Any]] = []
     io: list[dict[str, Any]] = []
     idle: list[dict[str, Any]] = []
+    costs: list[dict[str, Any]] = []
+    bursts: list[dict[str, Any]] = []
     with servers(args.workdir) as srv:
         redis_version = str(srv.redis_client().info("server")["redis_version"])
         report["machine"] = machine(srv.admin_url, redis_version)
@@ -180,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
             step("idle", "idle load on Postgres and Redis",
                  lambda: idle.extend(b.idle_benchmarks(ctx)))
 
+        if "cost" in selected:
+            costs.extend(cost.cost_runs(ctx, step))
+        if "burst" in selected:
+            bursts.extend(cost.burst_runs(ctx, step))
+
     report.update(latency=latency, stages=stages, throughput=throughput, io=io, idle=idle,
+                  cost=costs, burst=bursts,
                   seconds=round(time.monotonic() - began, 1))
     text = render(report, plan.quick)
     print()
@@ -248,11 +258,16 @@ def render(report: dict[str, Any], quick: bool) -> str:
             ratio = ""
             if r["system"] == "agent-bridge" and r["pool"] in plain:
                 ratio = f"{100 * r['tasks_per_s'] / plain[r['pool']]:.1f}% of plain Celery"
+            db = r.get("db") or {}
             rows.append([r["system"], r["pool"], r["n"], r["seconds"], r["tasks_per_s"],
-                         ratio, f"{r['completed']}/{r['failed']}"])
+                         ratio, f"{r['completed']}/{r['failed']}",
+                         *(None if db.get(k) is None else f"{db[k]:.2f}"
+                           for k in ("statements_top", "commits_beyond_insert")),
+                         db.get("wal_bytes")])
         parts.append(table("No-op throughput (all rows inserted at once → all completed)",
                            ["system", "workers", "n", "seconds", "tasks/s", "vs ceiling",
-                            "completed/failed"], rows))
+                            "completed/failed", "statements/task (top-level)",
+                            "commits/task beyond the insert", "WAL bytes/task"], rows))
     io = report["io"]
     if io:
         parts.append(table(
@@ -289,7 +304,11 @@ def render(report: dict[str, Any], quick: bool) -> str:
              "Redis commands/s"],
             [[r["system"], r["statements_per_s"], r["transactions_per_s"],
               r["redis_commands_per_s"]] for r in idle]))
-    parts.append(table("Targets", ["target", "measured", "met"], targets(report)))
+    if report.get("cost") or report.get("burst"):
+        parts.append(cost.render(report))
+    rows = targets(report)
+    if rows:
+        parts.append(table("Targets", ["target", "measured", "met"], rows))
     if report["errors"]:
         parts.append("### Errors\n\n" + "\n".join(f"- {k}: {v}"
                                                  for k, v in report["errors"].items()) + "\n")

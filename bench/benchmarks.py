@@ -20,10 +20,15 @@ from psycopg.types.json import Jsonb
 
 from bench.handlers import read_runs
 from bench.measure import (
+    STATS_SETTLE_SECONDS,
+    DbSnapshot,
     ResourceSampler,
+    db_cost,
+    db_snapshot,
     own_process,
     postgres_backends,
     summary_ms,
+    wait_backends_gone,
     wait_until,
 )
 from bench.stack import BIN, Proc, ProcGroup, Servers, base_env, done_trigger_sql
@@ -55,6 +60,14 @@ class Plan:
     idle_seconds: float = 10.0
     pools: tuple[tuple[str, int], ...] = (("prefork", 2), ("prefork", 4), ("threads", 16))
     procrastinate_workers: tuple[tuple[int, int], ...] = ((1, 16), (2, 16))
+    # Issue 23's cost per task (`--only cost`, `--only burst`).
+    cost_n: int = 4000  # no-op tasks per system
+    burst_n: int = 1000  # tasks that each wait 1 s, all inserted at once
+    # (pool, concurrency per process, worker processes): the README's one process per core
+    burst_workers: tuple[str, int, int] = ("threads", 500, 2)
+    burst_procrastinate: tuple[int, int] = (1, 200)  # (workers, async concurrency)
+    burst_repeats: int = 3  # ours then plain Celery's, this many times (the wall time moves)
+    stream_chunks: int = 5  # pieces each streaming task writes, STREAM_GAP_S apart
 
     @classmethod
     def quick_plan(cls) -> Plan:
@@ -63,7 +76,9 @@ class Plan:
                    baseline_latency_n=3, baseline_throughput_n=3,
                    procrastinate_latency_n=50, idle_seconds=5.0,
                    pools=(("prefork", 2), ("threads", 16)),
-                   procrastinate_workers=((1, 16),))
+                   procrastinate_workers=((1, 16),), cost_n=500, burst_n=200,
+                   burst_workers=("threads", 100, 2), burst_procrastinate=(1, 100),
+                   burst_repeats=1)
 
 
 @dataclass
@@ -130,7 +145,7 @@ class DoneListener:
 def count_status(url: str, run: str) -> dict[str, int]:
     with psycopg.connect(url) as conn:
         rows = conn.execute(
-            "select status, count(*) from public.agent_task_requests "
+            "select status, count(*) as bench_own from public.agent_task_requests "
             "where request_payload->'context'->>'run' = %s group by status", [run]).fetchall()
     return {str(s): int(c) for s, c in rows}
 
@@ -138,7 +153,8 @@ def count_status(url: str, run: str) -> dict[str, int]:
 def last_finish(url: str, run: str) -> float:
     with psycopg.connect(url) as conn:
         row = conn.execute(
-            "select extract(epoch from max(finished_at))::float8 from public.agent_task_requests "
+            "select extract(epoch from max(finished_at))::float8 as bench_own "
+            "from public.agent_task_requests "
             "where request_payload->'context'->>'run' = %s", [run]).fetchone()
     assert row is not None and row[0] is not None
     return float(row[0])
@@ -306,40 +322,96 @@ def one_second_rounds(n: int, slots: int) -> float:
 
 # Throughput ----------------------------------------------------------------------
 
+def dbname_of(url: str) -> str:
+    return str(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
+
+
+def count_everything(ctx: Context, db: str, *, track_all: bool, done_trigger: str = "") -> None:
+    """Before any process connects: with `track_all`, pg_stat_statements also counts the
+    statements run inside functions and triggers (`track = 'all'`, this database only);
+    `done_trigger` names the table whose bench-only completion trigger is dropped (its
+    NOTIFY is the bench's, not the system's, and each wakes every LISTENing connection of
+    the database into a transaction; runs that poll do not need it)."""
+    with psycopg.connect(ctx.servers.admin_url, autocommit=True) as conn:
+        if track_all:
+            conn.execute(f"alter database \"{dbname_of(db)}\" "
+                         "set pg_stat_statements.track = 'all'".encode())
+    if done_trigger:
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(f"drop trigger if exists bench_notify_done on public.{done_trigger}"
+                         .encode())
+
+
+def snapshot_after_settling(ctx: Context, db: str) -> DbSnapshot:
+    """The counters before the measured part: after a CHECKPOINT (so every run pays the
+    same full-page images: each page's first change after it) and once every backend
+    has flushed its commit counts (STATS_SETTLE_SECONDS)."""
+    with psycopg.connect(ctx.servers.admin_url, autocommit=True) as conn:
+        conn.execute("checkpoint")
+    time.sleep(STATS_SETTLE_SECONDS)
+    return db_snapshot(ctx.servers.admin_url, dbname_of(db))
+
+
+def cost_since(ctx: Context, db: str, before: DbSnapshot, *, tasks: int,
+               insert_commits: int) -> dict[str, Any]:
+    """Per task since `before`; call once every connection to `db` is closed."""
+    admin = ctx.servers.admin_url
+    wait_backends_gone(admin, dbname_of(db))
+    return db_cost(admin, before, db_snapshot(admin, dbname_of(db)), tasks=tasks,
+                   insert_commits=insert_commits)
+
+
 def bridge_throughput(ctx: Context, *, pool: str, concurrency: int, n: int,
                       handler: str = "bench.handlers:noop", label: str = "no-op",
-                      processes: int = 1, **extra_env: str) -> dict[str, Any]:
+                      processes: int = 1, counters: bool = True, track_all: bool = False,
+                      context: dict[str, Any] | None = None,
+                      **extra_env: str) -> dict[str, Any]:
+    """`n` rows inserted at once (one INSERT) until all are finished. `counters`: the
+    database's statements, commits and WAL per task ("db"), from a snapshot after the
+    warm-up (STATS_SETTLE_SECONDS more) to one after every process has exited; with
+    `track_all` nested statements too, and no bench trigger. `context`: merged into each
+    row's request_payload.context (the handler's instructions)."""
     servers = ctx.servers
     db = servers.new_database("throughput")
+    if counters:
+        count_everything(ctx, db, track_all=track_all, done_trigger="agent_task_requests")
     env = base_env(db_url=db, redis_url=servers.redis_url, AGENT_HANDLER=handler)
     env.update(extra_env)
     inserter = Inserter(db)
-    with proc_group(ctx, f"throughput-{label.replace(' ', '')}-{pool}{concurrency}",
+    before: DbSnapshot | None = None
+    with proc_group(ctx, f"throughput-{label.replace(' ', '')}-{pool}{concurrency}x{processes}",
                     env) as group:
         workers = [group.celery_worker("tasks", pool=pool, concurrency=concurrency)
                    for _ in range(processes)]
         bridge = group.bridge()
         warm = min(50, max(10, concurrency * processes))
-        inserter.many(warm, payload("warmup"))
+        inserter.many(warm, payload("warmup", **(context or {})))
         wait_run_done(db, "warmup", warm, 60)
+        if counters:
+            before = snapshot_after_settling(ctx, db)
         sampler = ResourceSampler({"bridge": bridge.processes,
                                    "worker": lambda: [p for w in workers for p in w.processes()],
                                    "postgres": postgres_backends(servers.postgres_pid),
                                    "redis": redis_process(servers)})
         sampler.start()
         body = payload("main", sleep=1) if label != "no-op" else payload("main")
+        body["context"].update(context or {})
         began = inserter.many(n, body)
         counts = wait_run_done(db, "main", n, timeout=max(120.0, n * 0.1))
         usage = sampler.stop()
         ended = last_finish(db, "main")
     inserter.close()
     elapsed = ended - began
-    return {"system": "agent-bridge", "workload": label,
-            "pool": workers_label(pool, concurrency, processes),
-            "n": n, "seconds": elapsed, "tasks_per_s": n / elapsed,
-            "completed": counts.get("completed", 0), "failed": counts.get("failed", 0),
-            "env": extra_env,
-            "resources": {k: vars(v) for k, v in usage.items()}}
+    result: dict[str, Any] = {
+        "system": "agent-bridge", "workload": label,
+        "pool": workers_label(pool, concurrency, processes),
+        "n": n, "seconds": elapsed, "tasks_per_s": n / elapsed,
+        "completed": counts.get("completed", 0), "failed": counts.get("failed", 0),
+        "env": extra_env, "resources": {k: vars(v) for k, v in usage.items()}}
+    if before is not None:
+        result["db"] = cost_since(ctx, db, before, tasks=n, insert_commits=1)
+        result["db"]["track"] = "all" if track_all else "top"
+    return result
 
 
 # I/O-bound agents -----------------------------------------------------------------
@@ -354,7 +426,7 @@ def bridge_io(ctx: Context, *, pool: str, concurrency: int, kind: str, n: int,
     bridge at its defaults; the workers' peak RSS (summed) is in `resources`."""
     r = bridge_throughput(ctx, pool=pool, concurrency=concurrency, n=n,
                           handler=IO_HANDLERS[kind], label=f"sleep 1 s {kind}",
-                          processes=processes)
+                          processes=processes, counters=False)
     r["ideal_seconds"] = one_second_rounds(n, concurrency * processes)
     r["handler"] = kind
     return r
@@ -452,19 +524,22 @@ def seed_baseline(ctx: Context) -> dict[str, Any]:
 class Procrastinate:
     """A procrastinate schema in its own database on the same server, and its workers."""
 
-    def __init__(self, ctx: Context, name: str) -> None:
+    def __init__(self, ctx: Context, name: str, *, track_all: bool = False,
+                 done_trigger: bool = True) -> None:
         from bench.procrastinate_app import app, make_connector
 
         self.ctx = ctx
         self.db = ctx.servers.new_database("procrastinate", migrated=False)
+        count_everything(ctx, self.db, track_all=track_all)
         self.app = app
         self._replace = app.replace_connector(make_connector(self.db, 4))
         self._replace.__enter__()
         app.open()
         app.schema_manager.apply_schema()
-        with psycopg.connect(self.db, autocommit=True) as conn:
-            conn.execute(done_trigger_sql("procrastinate_jobs", ("succeeded", "failed"))
-                         .encode())
+        if done_trigger:
+            with psycopg.connect(self.db, autocommit=True) as conn:
+                conn.execute(done_trigger_sql("procrastinate_jobs", ("succeeded", "failed"))
+                             .encode())
         self.group = ProcGroup(ctx.servers.workdir(name),
                                base_env(redis_url=ctx.servers.redis_url))
         self.state = state_dir_of(self.group)
@@ -505,15 +580,16 @@ class Procrastinate:
         """Wait for n finished jobs; (time of the last finish, counts by status)."""
         with psycopg.connect(self.db, autocommit=True) as conn:
             def done() -> bool:
-                row = conn.execute("select count(*) from procrastinate_jobs "
+                row = conn.execute("select count(*) as bench_own from procrastinate_jobs "
                                    "where status in ('succeeded', 'failed')").fetchone()
                 return row is not None and int(row[0]) >= n
 
             wait_until(done, timeout, 0.1, f"{n} procrastinate jobs")
             counts = {str(s): int(c) for s, c in conn.execute(
-                "select status::text, count(*) from procrastinate_jobs group by 1").fetchall()}
+                "select status::text, count(*) as bench_own from procrastinate_jobs group by 1"
+            ).fetchall()}
             row = conn.execute(
-                "select extract(epoch from max(at))::float8 from procrastinate_events "
+                "select extract(epoch from max(at))::float8 as bench_own from procrastinate_events "
                 "where type in ('succeeded', 'failed')").fetchone()
         assert row is not None and row[0] is not None
         return float(row[0]), counts
@@ -547,6 +623,41 @@ def warm_up(peer: Procrastinate, task: str, n: int) -> None:
     peer.reset()
 
 
+def procrastinate_run(peer: Procrastinate, count: int, concurrency: int, n: int, *,
+                      task: str = "noop", counters: bool = True,
+                      track: str = "top") -> dict[str, Any]:
+    """`n` jobs deferred at once (one batch_defer) on `count` workers until all finish;
+    with `counters`, the database's cost per task as `bridge_throughput` measures it (the
+    bench's own connection pool is closed for the final snapshot, then reopened)."""
+    peer.reset()
+    if counters:  # its NOTIFY would wake LISTENing connections: a transaction each
+        count_everything(peer.ctx, peer.db, track_all=False, done_trigger="procrastinate_jobs")
+    procs = peer.workers(count, concurrency)
+    warm_up(peer, "noop", 50)
+    before = snapshot_after_settling(peer.ctx, peer.db) if counters else None
+    sampler = ResourceSampler(
+        {"worker": lambda: [p for w in procs for p in w.processes()],
+         "postgres": postgres_backends(peer.ctx.servers.postgres_pid)})
+    sampler.start()
+    began = peer.defer_many(task, n)
+    ended, counts = peer.wait_all(n, max(180.0, n * 0.2))
+    usage = sampler.stop()
+    peer.stop_workers()
+    elapsed = ended - began
+    result: dict[str, Any] = {
+        "system": "procrastinate", "workload": "no-op" if task == "noop" else "sleep 1 s",
+        "pool": f"{count} worker{'s' if count > 1 else ''} x async concurrency {concurrency}",
+        "n": n, "seconds": elapsed, "tasks_per_s": n / elapsed,
+        "completed": counts.get("succeeded", 0), "failed": counts.get("failed", 0),
+        "resources": {k: vars(v) for k, v in usage.items()}}
+    if before is not None:
+        peer.app.close()
+        result["db"] = cost_since(peer.ctx, peer.db, before, tasks=n, insert_commits=1)
+        result["db"]["track"] = track
+        peer.app.open()
+    return result
+
+
 def procrastinate_bench(ctx: Context) -> dict[str, Any]:
     plan = ctx.plan
     peer = Procrastinate(ctx, "procrastinate")
@@ -569,26 +680,8 @@ def procrastinate_bench(ctx: Context) -> dict[str, Any]:
         peer.stop_workers()
         # No-op throughput.
         for count, concurrency in plan.procrastinate_workers:
-            peer.reset()
-            procs = peer.workers(count, concurrency)
-            warm_up(peer, "noop", 50)
-            sampler = ResourceSampler(
-                {"worker": lambda procs=procs: [p for w in procs for p in w.processes()],  # type: ignore[misc]
-                 "postgres": postgres_backends(ctx.servers.postgres_pid)})
-            sampler.start()
-            began = peer.defer_many("noop", plan.throughput_n)
-            ended, counts = peer.wait_all(plan.throughput_n, max(180.0, plan.throughput_n * 0.2))
-            usage = sampler.stop()
-            elapsed = ended - began
-            out["throughput"].append({
-                "system": "procrastinate", "workload": "no-op",
-                "pool": f"{count} worker{'s' if count > 1 else ''} x async concurrency "
-                        f"{concurrency}",
-                "n": plan.throughput_n, "seconds": elapsed,
-                "tasks_per_s": plan.throughput_n / elapsed,
-                "completed": counts.get("succeeded", 0), "failed": counts.get("failed", 0),
-                "resources": {k: vars(v) for k, v in usage.items()}})
-            peer.stop_workers()
+            out["throughput"].append(procrastinate_run(peer, count, concurrency,
+                                                       plan.throughput_n))
         # I/O-bound: 1 s async sleeps.
         for concurrency in plan.io_concurrency:
             peer.reset()

@@ -11,6 +11,7 @@ never interleave.
 - `sleep_1s`: sleeps one second: an agent waiting on an LLM API.
 - `scripted`: sleeps `request_payload.context.sleep` seconds (the chaos run's mixed load).
 - `async_sleep_1s`: `sleep_1s` as an `async def` (`await asyncio.sleep(1)`).
+- `stream_chunks`: streams a few pieces of an answer, a fixed gap apart (chunk commits).
 """
 
 from __future__ import annotations
@@ -92,3 +93,21 @@ async def async_sleep_1s(task: dict[str, Any]) -> dict[str, Any]:
     record_start(task["id"], task.get("attempt", 0))
     await asyncio.sleep(1.0)
     return {"answer": "slept 1s"}
+
+
+def stream_chunks(task: dict[str, Any]) -> dict[str, Any]:
+    """Streams `request_payload.context.chunks` pieces (default 5), `gap` seconds apart
+    (default 0.3: over AGENT_PROGRESS_INTERVAL's default, so none is throttled away), the
+    way the OpenAI handler reports: `{"answer": text so far, "partial": True}`."""
+    from tasks import report_progress
+
+    record_start(task["id"], task.get("attempt", 0))
+    context = (task.get("request_payload") or {}).get("context") or {}
+    chunks, gap = int(context.get("chunks", 5)), float(context.get("gap", 0.3))
+    text = ""
+    for i in range(chunks):
+        if i:
+            time.sleep(gap)
+        text += f"piece {i} of the answer. "
+        report_progress({"answer": text, "partial": True})
+    return {"answer": text}

@@ -1,4 +1,5 @@
-"""Percentiles, tables, and a sampler for the RSS and CPU time of processes."""
+"""Percentiles, tables, a sampler for the RSS and CPU time of processes, and the database
+counters (statements, commits, WAL) of a run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+import psycopg
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -160,3 +162,102 @@ def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.05
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+# Database cost per task --------------------------------------------------------------
+
+# The bench's own statements on a benchmark database (polls, waits) name a column
+# `bench_own` (pg_stat_statements keeps that, not a leading comment), so they are left out
+# of a system's counts.
+OWN = "bench_own"
+
+# A backend flushes its pg_stat_database counters at most once a second and, once idle,
+# after PGSTAT_IDLE_INTERVAL (10 s): wait this long before a snapshot that must see every
+# commit made so far by connections that stay open.
+STATS_SETTLE_SECONDS = 11.0
+
+
+@dataclass(frozen=True)
+class DbSnapshot:
+    """Counters of one database (pg_stat_statements, pg_stat_database) and the server's
+    WAL position, at one moment."""
+
+    top_level: int  # pg_stat_statements calls of top-level statements (not the bench's own)
+    nested: int  # ... of statements run inside functions and triggers (track = 'all')
+    own: int  # the bench's own statements (each in a transaction of its own)
+    commits: int  # pg_stat_database.xact_commit
+    wal_lsn: str
+    calls: dict[str, int] = field(default_factory=dict)  # "top|nested: <query>" -> calls
+
+
+def db_snapshot(admin_url: str, dbname: str) -> DbSnapshot:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        row = conn.execute(
+            "select coalesce(sum(s.calls) filter (where s.toplevel and s.query not like %s), 0),"
+            " coalesce(sum(s.calls) filter (where not s.toplevel and s.query not like %s), 0),"
+            " coalesce(sum(s.calls) filter (where s.toplevel and s.query like %s), 0),"
+            " (select xact_commit from pg_stat_database where datname = %s),"
+            " pg_current_wal_lsn()::text"
+            " from pg_stat_statements s join pg_database d on d.oid = s.dbid"
+            " where d.datname = %s",
+            [f"%{OWN}%"] * 3 + [dbname, dbname]).fetchone()
+        calls: dict[str, int] = {}
+        for top, query, n in conn.execute(
+                "select s.toplevel, regexp_replace(s.query, '\\s+', ' ', 'g'), s.calls"
+                " from pg_stat_statements s join pg_database d on d.oid = s.dbid"
+                " where d.datname = %s and s.query not like %s", [dbname, f"%{OWN}%"]):
+            key = f"{'top' if top else 'nested'}: {str(query)[:100]}"
+            calls[key] = calls.get(key, 0) + int(n)
+    assert row is not None
+    return DbSnapshot(int(row[0]), int(row[1]), int(row[2]), int(row[3] or 0), str(row[4]),
+                      calls)
+
+
+def wait_backends_gone(admin_url: str, dbname: str, timeout: float = 30.0) -> None:
+    """Wait until no backend is connected to `dbname`: an exiting backend flushes its
+    statistics, so a snapshot taken after this sees all of them."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        def gone() -> bool:
+            row = conn.execute("select count(*) from pg_stat_activity where datname = %s",
+                               [dbname]).fetchone()
+            return row is not None and int(row[0]) == 0
+
+        wait_until(gone, timeout, 0.05, f"the backends of {dbname} to exit")
+        conn.execute("select pg_stat_force_next_flush()")
+
+
+def db_cost(admin_url: str, before: DbSnapshot, after: DbSnapshot, *, tasks: int,
+            insert_commits: int) -> dict[str, Any]:
+    """Per task, between two snapshots: statements (top-level, nested), commits beyond the
+    tasks' own inserts (`insert_commits`, counted apart), WAL bytes."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        row = conn.execute("select pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)",
+                           [after.wal_lsn, before.wal_lsn]).fetchone()
+        conn.execute("create extension if not exists pg_walinspect")
+        wal = conn.execute(
+            "select coalesce(sum(count) filter (where \"resource_manager/record_type\" = "
+            "'Transaction/COMMIT'), 0), coalesce(sum(count), 0), coalesce(sum(fpi_size), 0) "
+            "from pg_get_wal_stats(%s::pg_lsn, %s::pg_lsn, true)",
+            [before.wal_lsn, after.wal_lsn]).fetchone()
+    assert row is not None and wal is not None
+    own = after.own - before.own
+    commits = after.commits - before.commits - own
+    return {"tasks": tasks,
+            "statements_top": (after.top_level - before.top_level) / tasks,
+            "statements_nested": (after.nested - before.nested) / tasks,
+            # every transaction of the database, read-only ones included (a LISTENing
+            # connection reads each NOTIFY in a transaction of its own)
+            "commits_total": commits,
+            "insert_commits": insert_commits,
+            "commits_beyond_insert": (commits - insert_commits) / tasks,
+            # the commits that write: WAL commit records (the whole server; nothing else
+            # writes during a run), the insert's own among them
+            "wal_commits_beyond_insert": (int(wal[0]) - insert_commits) / tasks,
+            "wal_records": int(wal[1]) / tasks,
+            "wal_fpi_bytes": int(wal[2]) / tasks,
+            "wal_bytes": float(row[0]) / tasks,
+            "bench_own_statements": own,
+            # the most frequent statements per task (top-level and nested), text cut short
+            "statements": dict(sorted(
+                ((k, (v - before.calls.get(k, 0)) / tasks) for k, v in after.calls.items()
+                 if v > before.calls.get(k, 0)), key=lambda kv: -kv[1])[:15])}

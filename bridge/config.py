@@ -25,6 +25,8 @@ from bridge.errors import ConfigError as ConfigError  # defined there; imported 
 # below, and the OpenAI-compatible handler's OPENAI_* settings): a typo is refused with
 # the variable, the value and what is allowed, never read as false or as a default.
 
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TRANSPORTS: tuple[str, ...] = ("auto", "postgres", "supabase")
 TRUE: tuple[str, ...] = ("true", "1", "yes", "on")
 FALSE: tuple[str, ...] = ("false", "0", "no", "off")
 
@@ -182,6 +184,12 @@ class Settings:
         "Most rows claimed in one round trip; in Supabase mode at most "
         "`SUPABASE_MAX_ROWS` (a larger value is refused at start: PostgREST's `LIMIT` "
         "would leave claimed rows unreturned until their lease ran out).")
+    inline_payload_bytes: int = setting(
+        "AGENT_INLINE_PAYLOAD_BYTES", 65536,
+        "The claim returns a row's request_payload, and the bridge sends it in the Celery "
+        "message, when it is at most this many bytes (as stored); the worker then reads "
+        "nothing from the database to start. A larger one is read by the worker as it starts. "
+        "0: never in the message.")
     max_queued: int = setting(
         "BRIDGE_MAX_QUEUED", 50,
         "Backpressure: claim nothing while this many jobs already wait in the broker queue. "
@@ -244,11 +252,15 @@ class Settings:
         "AGENT_MAX_RESPONSE_BYTES", 1048576,
         "Largest handler result (bytes of JSON) written to a row; a larger one fails the task "
         "with its size, and a larger partial-progress write is skipped.")
-    progress_interval: float = setting(
-        "AGENT_PROGRESS_INTERVAL", 0.25,
+    stream_interval: float = setting(
+        "AGENT_STREAM_INTERVAL", 0.1,
         "Least seconds between two partial-answer writes of one task (the first is written at "
-        "once): at most 1/this database writes and Realtime messages per second per streaming "
-        "task. 0: every report is written.")
+        "once; what a handler reports in between goes with the next): at most 1/this database "
+        "writes and Realtime messages per second per streaming task, and a worker process "
+        "writes all its tasks' due pieces in one statement. 0: every report is written.")
+    progress_interval: float = setting(
+        "AGENT_PROGRESS_INTERVAL", 0.1,
+        "The earlier name of `AGENT_STREAM_INTERVAL`, read when that is not set.")
     cancel_poll_interval: float = setting(
         "CANCEL_POLL_INTERVAL", 1.0,
         "Supabase mode: seconds between a worker process's checks for cancelled tasks (one "
@@ -266,7 +278,10 @@ class Settings:
                 # The .env of the directory the command runs in (or above it).
                 load_dotenv(find_dotenv(usecwd=True), override=False)
             environ = os.environ
-        settings = cls(**env_values(cls, environ))
+        values = env_values(cls, environ)
+        if "stream_interval" not in values and "progress_interval" in values:
+            values["stream_interval"] = values["progress_interval"]  # the earlier name
+        settings = cls(**values)
         settings.validate()
         return settings
 
@@ -313,21 +328,29 @@ class Settings:
             f"least {2 * wait:g}s")
 
     def validate(self) -> None:
-        if self.transport not in ("auto", "postgres", "supabase"):
-            raise ConfigError("BRIDGE_TRANSPORT must be auto, postgres or supabase")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"BRIDGE_TRANSPORT={self.transport} is not a transport: use "
+                              "auto, postgres or supabase")
         if self.log_format not in ("text", "json"):
-            raise ConfigError("LOG_FORMAT must be text or json")
+            raise ConfigError(f"LOG_FORMAT={self.log_format} is not a log format: use text "
+                              "or json")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL={self.log_level} is not a log level: use DEBUG, "
+                              "INFO, WARNING, ERROR or CRITICAL")
         for name in ("poll_interval", "lease_seconds", "rescue_interval", "time_limit",
                      "cancel_poll_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_env(name)} must be greater than 0")
         if self.supabase_url and not self.supabase_url.startswith(("http://", "https://")):
             raise ConfigError("SUPABASE_URL must start with https:// (Project Settings → API)")
-        if not 0 <= self.progress_interval < float("inf"):  # NaN fails this too
-            raise ConfigError("AGENT_PROGRESS_INTERVAL must be a number of seconds, 0 or more")
+        for name in ("stream_interval", "progress_interval"):
+            if not 0 <= getattr(self, name) < float("inf"):  # NaN fails this too
+                raise ConfigError(f"{_env(name)} must be a number of seconds, 0 or more")
         if not 0 <= self.retention_days < float("inf"):  # NaN fails this too
             raise ConfigError("AGENT_RETENTION_DAYS must be a number of days, 0 (keep "
                               "everything) or more")
+        if self.inline_payload_bytes < 0:
+            raise ConfigError("AGENT_INLINE_PAYLOAD_BYTES must be 0 (never inline) or more")
         if self.max_response_bytes < 1:
             raise ConfigError("AGENT_MAX_RESPONSE_BYTES must be at least 1")
         for name in ("retry_backoff", "retry_backoff_max"):

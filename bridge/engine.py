@@ -18,7 +18,7 @@ from datetime import datetime
 from bridge.agents import configure
 from bridge.backpressure import QueueGauge
 from bridge.config import Settings
-from bridge.errors import StoreError, StoreUnavailable, first_line
+from bridge.errors import SchemaMissing, StoreError, StoreUnavailable, first_line
 from bridge.metrics import Metrics
 from bridge.names import TABLE
 from bridge.publisher import BrokerUnavailable, Publisher
@@ -32,8 +32,8 @@ BACKPRESSURE_PAUSE = 0.05  # seconds between queue checks while an agent's queue
 @dataclass(frozen=True)
 class RoundFailure:
     """What made a `run --once` round fail: `database` (unreachable), `broker` (Redis
-    unreachable), `refused` (the database refused a call, e.g. no migration) or
-    `unexpected`; and the error's first line."""
+    unreachable), `schema` (not migrated, or another version), `refused` (the database
+    refused a call) or `unexpected`; and the error's first line."""
 
     what: str
     message: str
@@ -87,6 +87,7 @@ class Bridge:
         self.broker = Outage("Broker")
         self.agents = configure(settings)
         self.registered = False  # AGENTS written to agent_bridge_agents
+        self.schema_problem: str | None = None  # said while the schema is missing or old
         # Backpressure is per agent queue: a full queue stops claiming that agent's rows
         # only. `blocked`: the agents whose queue was full at the last look.
         self.blocked: set[str] = set()
@@ -146,7 +147,8 @@ class Bridge:
     def _claim(self, agents: list[str], limit: int) -> int:
         begun = time.perf_counter()
         claims = self.store.claim(limit, self.settings.lease_seconds, agents=agents,
-                                  tenant_concurrency=self.settings.tenant_concurrency)
+                                  tenant_concurrency=self.settings.tenant_concurrency,
+                                  inline_bytes=self.settings.inline_payload_bytes)
         self.metrics.claim_seconds.observe(time.perf_counter() - begun)
         if not claims:
             return 0
@@ -219,6 +221,10 @@ class Bridge:
                     self.rescue()
                     next_rescue = now + self.settings.rescue_interval
                 _, full = self.step(only)
+                if self.schema_problem is not None:
+                    log.info("🟢 The agent-bridge schema is installed: starting work",
+                             extra={"action": "schema_ready"})
+                    self.schema_problem = None
                 self.database.ok()
                 self.broker.ok()
             except BrokerUnavailable as exc:
@@ -233,7 +239,13 @@ class Bridge:
                     return RoundFailure("database", first_line(exc))
                 stop.wait(pause)
                 continue
-            except StoreError as exc:  # refused: e.g. the migration is missing
+            except SchemaMissing as exc:  # not migrated (yet): wait for it, say it once
+                if once:
+                    return RoundFailure("schema", str(exc))
+                self._schema_missing(exc)
+                stop.wait(self.settings.poll_interval)
+                continue
+            except StoreError as exc:  # refused
                 pause = self.database.failed(exc)
                 if once:
                     return RoundFailure("refused", first_line(exc))
@@ -271,6 +283,15 @@ class Bridge:
             only = None if woke or not self.blocked else set(self.blocked)
         log.info("👋 Bridge stopped.", extra={"action": "stopped"})
         return None
+
+    def _schema_missing(self, exc: SchemaMissing) -> None:
+        """Say once (and again only if it changes) that the database lacks our schema;
+        the loop looks again every POLL_INTERVAL and starts once a migration lands."""
+        if exc.problem != self.schema_problem:
+            self.schema_problem = exc.problem
+            log.warning("⏳ %s: %s; waiting for it", exc.problem, exc.fix,
+                        extra={"action": "schema_missing", "found": exc.found,
+                               "need": exc.need})
 
     def heartbeat(self) -> None:
         c = self.counts

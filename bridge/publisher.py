@@ -20,6 +20,12 @@ class BrokerUnavailable(AgentBridgeError):
     """The broker could not be reached, or refused: no job of the call counts as sent."""
 
 
+def args_shown(claim: Claim) -> str:
+    """What Flower (and Celery's own logs) show as the job's args, instead of the raw
+    `(id, attempt)`: which agent, which row, which attempt. Never the payload."""
+    return f"agent={claim.agent} task={claim.id[:8]}… attempt={claim.attempt}"
+
+
 class Publisher:
     def __init__(self, app: Celery, queue: str, task_name: str) -> None:
         self._app = app
@@ -44,8 +50,11 @@ class Publisher:
             raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
 
     def publish(self, claims: Sequence[Claim]) -> int:
-        """One job per claim, in order, on the queue of the claim's agent, carrying only
-        (task id, attempt); the Celery task id `id:attempt` never repeats.
+        """One job per claim, in order, on the queue of the claim's agent, carrying
+        (task id, attempt) and, when the claim returned it, the row its handler receives
+        (`task=`, at most AGENT_INLINE_PAYLOAD_BYTES of payload); the Celery task id
+        `id:attempt` never repeats. Flower and Celery's logs show `args_shown`, never the
+        payload.
 
         The jobs of one call go to Redis in one round trip (kombu's publish batch, a
         pipeline), so either all were sent (returns how many) or the delivery of all of
@@ -62,6 +71,8 @@ class Publisher:
                     first = queue not in self._declared
                     self._app.send_task(
                         self._task_name, args=(claim.id, claim.attempt),
+                        kwargs={"task": claim.row} if claim.row is not None else None,
+                        argsrepr=args_shown(claim), kwargsrepr="",
                         task_id=f"{claim.id}:{claim.attempt}", queue=queue,
                         producer=producer, declare=None if first else [])
                     if first:

@@ -1,6 +1,7 @@
 """Keeps the leases of the attempts this worker process is running alive.
 
-One thread per process renews every held lease each third of LEASE_SECONDS, so a
+One thread per process renews every held lease each third of LEASE_SECONDS, all in one
+call of the process's writer (one statement for all its tasks), so a
 healthy long-running agent is never rescued from under itself while a vanished
 worker's task is back in the queue within about one lease. A renewal that the
 database refuses (the attempt was rescued and re-claimed elsewhere) marks the
@@ -16,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.errors import StoreError
-from bridge.store import TaskStore
 from tasks.cancellation import CancelScope
+from tasks.writer import GroupWriter
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ class Holding:
 
 
 class LeaseKeeper:
-    def __init__(self, store: TaskStore, lease_seconds: float) -> None:
-        self._store = store
+    def __init__(self, writer: GroupWriter, lease_seconds: float) -> None:
+        self._writer = writer
         self._lease = lease_seconds
         self._held: set[Holding] = set()
         self._lock = threading.Lock()
@@ -70,19 +71,21 @@ class LeaseKeeper:
             self._wake.wait(self._lease / 3)
             with self._lock:
                 held = list(self._held)
-            for holding in held:
-                try:
-                    result = self._store.heartbeat(holding.task_id, holding.attempt,
-                                                   holding.worker, self._lease)
-                except StoreError as exc:
-                    if not failing:
-                        log.warning("⚠️  Cannot renew leases: %s", exc,
-                                    extra={"action": "lease_renew_failed"})
-                    failing = True
-                    break
-                if failing:
-                    log.info("💚 Lease renewal works again", extra={"action": "lease_renew_ok"})
-                    failing = False
+            if not held:
+                continue
+            try:
+                results = self._writer.heartbeats(
+                    [(h.task_id, h.attempt, h.worker) for h in held], self._lease)
+            except StoreError as exc:
+                if not failing:
+                    log.warning("⚠️  Cannot renew leases: %s", exc,
+                                extra={"action": "lease_renew_failed"})
+                failing = True
+                continue
+            if failing:
+                log.info("💚 Lease renewal works again", extra={"action": "lease_renew_ok"})
+                failing = False
+            for holding, result in zip(held, results, strict=True):
                 if not result.applied:
                     holding.lost.set()
                     self.drop(holding)

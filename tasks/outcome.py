@@ -112,9 +112,9 @@ class Outcome:
         retries = self.celery_task.request.retries + 1
         error = error_body("RetryableError", public_message(exc), retryable=True,
                            retries=retries, next_retry_in=delay)
-        store, lease_seconds = self.runtime.store, self.runtime.settings.lease_seconds
+        writer, lease_seconds = self.runtime.writer, self.runtime.settings.lease_seconds
         try:
-            result = self.write(holding, lambda: store.schedule_retry(
+            result = self.write(holding, lambda: writer.schedule_retry(
                 self.task_id, self.attempt, self.worker, error, delay, lease_seconds))
         except WriteRefused as refused:
             return self.fail(holding, error_body(
@@ -148,7 +148,7 @@ class Outcome:
                                     f"{limit} bytes (AGENT_MAX_RESPONSE_BYTES)",
                 size=size, limit=limit))
         try:
-            result = self.write(holding, lambda: self.runtime.store.complete(
+            result = self.write(holding, lambda: self.runtime.writer.complete(
                 self.task_id, self.attempt, self.worker, response))
         except WriteRefused as refused:
             return self.fail(holding, error_body(
@@ -165,7 +165,7 @@ class Outcome:
 
     def cancelled(self, holding: Holding) -> str:
         """End the attempt as cancelled, keeping the last partial answer it reported."""
-        result = self.write(holding, lambda: self.runtime.store.cancelled(
+        result = self.write(holding, lambda: self.runtime.writer.cancelled(
             self.task_id, self.attempt, self.worker, self.partial))
         if result is None or not result.applied:
             return "stale"
@@ -178,16 +178,16 @@ class Outcome:
     def fail(self, holding: Holding, error: dict[str, Any], detail: str | None = None) -> str:
         """End the row failed with `error` (what its user reads); the log line says
         `detail`, the exception's own text, when it differs."""
-        store = self.runtime.store
+        writer = self.runtime.writer
         try:
-            result = self.write(holding, lambda: store.fail(
+            result = self.write(holding, lambda: writer.fail(
                 self.task_id, self.attempt, self.worker, error))
         except WriteRefused as refused:
             # Still refused for its content: a minimal error, plain ASCII, instead.
             error = error_body(_plain_name(str(error.get("type"))),
                                f"the task failed, but its error could not be stored: {refused}")
             try:
-                result = self.write(holding, lambda: store.fail(
+                result = self.write(holding, lambda: writer.fail(
                     self.task_id, self.attempt, self.worker, error))
             except WriteRefused as again:
                 log.error("❌ Task %s: the database refused to fail it: %s", self.task_id, again,

@@ -1,7 +1,8 @@
-"""`tasks.run_agent(task_id, attempt)`: start the row, run the handler, write the outcome.
+"""`tasks.run_agent(task_id, attempt, task=None)`: take the attempt, run the handler, write
+the outcome.
 
 This module wires the pieces: the process's runtime (tasks/runtime.py), the outcome
-state machine (tasks/outcome.py), throttled progress (tasks/progress.py) and the
+state machine (tasks/outcome.py), streamed progress (tasks/progress.py) and the
 worker's startup checks (tasks/startup.py, registered by importing it here).
 
 Every write is fenced by (attempt, worker) in SQL: a stale or duplicate message
@@ -28,7 +29,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from bridge.celery_app import RUN_AGENT
 from bridge.errors import StoreUnavailable
 from bridge.logs import escape_controls
-from bridge.store import StartedTask
+from bridge.store import StartedTask, WriteResult
 from tasks import agent as agent_context
 from tasks import cancellation, progress
 from tasks.agent import UnknownAgent, agent_for, handler_of
@@ -58,10 +59,14 @@ def worker_identity() -> str:
 # with the row's error) and logs one INFO line, no traceback. Its message is still
 # acknowledged (task_acks_on_failure, Celery's default, set in tasks/app.py).
 @app.task(bind=True, name=RUN_AGENT, throws=(TaskFailed,))
-def run_agent(self: Task, task_id: str, attempt: int) -> str:
+def run_agent(self: Task, task_id: str, attempt: int, task: Mapping[str, Any] | None = None
+              ) -> str:
     """Run attempt `attempt` of row `task_id`; returns how it ended (shown in Flower),
-    or raises TaskFailed once the row has been failed."""
-    execution = Execution(runtime.get(), self, task_id, attempt)
+    or raises TaskFailed once the row has been failed. `task`: the row as the claim
+    returned it (its payload and the handler's other fields), when the bridge could send
+    it in the message (AGENT_INLINE_PAYLOAD_BYTES); else the worker reads it as it
+    takes the attempt."""
+    execution = Execution(runtime.get(), self, task_id, attempt, task)
     outcome = execution.run()
     if execution.failure is not None:
         raise TaskFailed(f"{execution.failure['type']}: {execution.failure['message']}")
@@ -73,11 +78,12 @@ class Execution:
     how it ended to its Outcome."""
 
     def __init__(self, runtime: WorkerRuntime, celery_task: Task, task_id: str,
-                 attempt: int) -> None:
+                 attempt: int, task: Mapping[str, Any] | None = None) -> None:
         self.runtime = runtime
         self.celery_task = celery_task
         self.task_id = task_id
         self.attempt = attempt
+        self.task = task
         self.worker = worker_identity()
         self.fields: dict[str, Any] = {"task_id": task_id, "attempt": attempt}
         self.outcome = Outcome(runtime, celery_task, task_id, attempt, self.worker, self.fields)
@@ -89,8 +95,7 @@ class Execution:
 
     def run(self) -> str:
         try:
-            started, found = self.runtime.store.start(self.task_id, self.attempt, self.worker,
-                                                      self.runtime.settings.lease_seconds)
+            started, found = self._take()
         except StoreUnavailable as exc:
             # Back to the queue after a pause, without spending a retry: the database
             # is down for every task alike. If it stays down, the lease runs out and
@@ -123,6 +128,18 @@ class Execution:
         finally:
             keeper.drop(holding)
 
+    def _take(self) -> tuple[StartedTask | None, WriteResult]:
+        """Take the attempt (fenced: a duplicate delivery of this message, while this one
+        holds the lease, is refused). With the row in the message, the write reads
+        nothing; else it returns the payload."""
+        writer, lease = self.runtime.writer, self.runtime.settings.lease_seconds
+        if self.task is None:
+            return writer.start(self.task_id, self.attempt, self.worker, lease)
+        found = writer.bind(self.task_id, self.attempt, self.worker, lease)
+        if not found.applied:
+            return None, found
+        return StartedTask.from_message(self.task_id, self.attempt, self.task), found
+
     def _run_handler(self, started: StartedTask, holding: Holding) -> str:
         outcome = self.outcome
         retry: tuple[float, RetryableError] | None = None
@@ -133,9 +150,9 @@ class Execution:
             handler = handler_of(agent)
             validate = getattr(handler, "validate_payload", validate_default)
             validate(started.request_payload)
-            token = progress.bind(progress.throttled_reporter(
-                self.runtime.store, self.runtime.settings, holding, self.fields,
-                outcome.keep_partial))
+            stream, reporter = self.runtime.streams.open(holding, self.fields,
+                                                         outcome.keep_partial)
+            token = progress.bind(reporter)
             scope = cancellation.bind(holding.cancel)
             bound = agent_context.bind(agent)
             try:
@@ -148,6 +165,7 @@ class Execution:
                 agent_context.unbind(bound)
                 cancellation.unbind(scope)
                 progress.unbind(token)
+                self.runtime.streams.close(stream)  # before the outcome is written
             if holding.cancel.is_set():  # a handler that ignored it: result discarded
                 raise Cancelled()
             if not isinstance(response, Mapping):

@@ -1,4 +1,5 @@
-"""The worker process's runtime: its settings, task store and lease keeper.
+"""The worker process's runtime: its settings, task store, writer, lease keeper and
+stream flusher.
 
 A `WorkerRuntime` is built once per worker process (after fork: a connection pool and
 the lease keeper's thread do not survive one) and passed to the code that runs a task,
@@ -17,6 +18,8 @@ from bridge.store import TaskStore, open_store
 from tasks.app import settings
 from tasks.cancellation.watcher import CancelWatcher
 from tasks.lease import LeaseKeeper
+from tasks.progress import StreamFlusher
+from tasks.writer import GroupWriter
 
 
 @dataclass(frozen=True)
@@ -24,15 +27,18 @@ class WorkerRuntime:
     """What a worker process runs tasks with."""
 
     settings: Settings
-    store: TaskStore
+    store: TaskStore  # reads, and the calls that are not a task's state (cancel checks)
+    writer: GroupWriter  # every state write of the process's tasks, group-committed
     keeper: LeaseKeeper
+    streams: StreamFlusher  # the partial outputs of the process's tasks
 
     @classmethod
     def open(cls, settings: Settings) -> WorkerRuntime:
         store = open_store(settings)
-        keeper = LeaseKeeper(store, settings.lease_seconds)
+        writer = GroupWriter(store)
+        keeper = LeaseKeeper(writer, settings.lease_seconds)
         keeper.on_hold = CancelWatcher(settings, store, keeper).watch
-        return cls(settings, store, keeper)
+        return cls(settings, store, writer, keeper, StreamFlusher(writer, settings))
 
 
 class ProcessRuntime:

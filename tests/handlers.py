@@ -109,3 +109,8 @@ async def cancellable_async(task: dict[str, Any]) -> Any:
         raise
     _record(task["id"], "finished")
     return {"answer": text}
+
+
+def echo_input(task: dict[str, Any]) -> Any:
+    """Answers with the input it received (the row as the worker handed it over)."""
+    return {"answer": "echo", "input": task}

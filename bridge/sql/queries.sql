@@ -4,8 +4,8 @@
 -- the same named parameters, so both transports run the same code in Postgres.
 
 -- claim --
--- Claim up to p_limit due pending rows, taking turns across tenants; each gets attempts + 1 and a lease.
-select * from public.agent_tasks_claim(p_limit => %(p_limit)s::integer, p_lease_seconds => %(p_lease_seconds)s::double precision, p_tenant_concurrency => %(p_tenant_concurrency)s::integer, p_agents => %(p_agents)s::text[])
+-- Claim up to p_limit due pending rows, taking turns across tenants; each gets attempts + 1 and a lease; a payload of at most p_inline_bytes comes with its row.
+select * from public.agent_tasks_claim(p_limit => %(p_limit)s::integer, p_lease_seconds => %(p_lease_seconds)s::double precision, p_tenant_concurrency => %(p_tenant_concurrency)s::integer, p_agents => %(p_agents)s::text[], p_inline_bytes => %(p_inline_bytes)s::integer)
 
 -- start --
 -- A worker takes its attempt: fenced; returns the request payload.
@@ -34,6 +34,10 @@ select * from public.agent_task_fail(p_id => %(p_id)s::uuid, p_attempt => %(p_at
 -- schedule_retry --
 -- A transient error: record it and stretch the lease over the backoff.
 select * from public.agent_task_schedule_retry(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_error => %(p_error)s::jsonb, p_delay_seconds => %(p_delay_seconds)s::double precision, p_lease_seconds => %(p_lease_seconds)s::double precision)
+
+-- write_batch --
+-- A worker process's waiting writes in one call and one transaction: arrays in (one element per write), one row per write out (ord), each fenced by (attempt, worker).
+select * from public.agent_tasks_write(p_kinds => %(p_kinds)s::text[], p_ids => %(p_ids)s::uuid[], p_attempts => %(p_attempts)s::integer[], p_workers => %(p_workers)s::text[], p_docs => %(p_docs)s::jsonb[], p_seconds => %(p_seconds)s::double precision[], p_delays => %(p_delays)s::double precision[], p_seqs => %(p_seqs)s::integer[], p_offsets => %(p_offsets)s::integer[], p_texts => %(p_texts)s::text[])
 
 -- release --
 -- Enqueueing failed: processing -> pending without waiting for the lease.

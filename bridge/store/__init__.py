@@ -8,11 +8,14 @@ driver: `postgres.py` (psycopg) or `supabase.py` (supabase-py).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from bridge.config import Settings
+from bridge.errors import MISSING_CODES, SchemaMissing, StoreError, StoreRejected
+from bridge.migrate import SCHEMA_VERSION
 from bridge.names import CANCEL_CHANNEL, WAKE_CHANNEL
 from bridge.queries import load_all
 from bridge.store.records import (
@@ -22,13 +25,15 @@ from bridge.store.records import (
     Rescued,
     StartedTask,
     Stats,
+    Write,
     WriteResult,
     request_payload,
 )
 from bridge.store.transport import Transport
 
 __all__ = ["CANCEL_CHANNEL", "WAKE_CHANNEL", "AgentStats", "Claim", "Pruned", "Rescued",
-           "StartedTask", "Stats", "TaskStore", "WriteResult", "open_store", "request_payload"]
+           "StartedTask", "Stats", "TaskStore", "Write", "WriteResult", "open_store",
+           "request_payload"]
 
 
 class TaskStore:
@@ -37,7 +42,30 @@ class TaskStore:
         self._queries = load_all()
 
     def _call(self, name: str, **params: Any) -> list[dict[str, Any]]:
-        return self.transport.call(self._queries[name], params)
+        try:
+            return self.transport.call(self._queries[name], params)
+        except StoreRejected as exc:
+            if exc.code not in MISSING_CODES or isinstance(exc, SchemaMissing):
+                raise
+            raise self._schema_problem(name, exc) from exc
+
+    def _schema_problem(self, name: str, exc: StoreRejected) -> StoreRejected:
+        """A call met a missing table, function or column: SchemaMissing naming the
+        installed version and the fix, unless the schema is the expected one (then
+        the error as it was)."""
+        fix = ("run `agent-bridge migrate`" if self.transport.name == "postgres" else
+               "run `supabase db push` (or `agent-bridge migrate` with DATABASE_URL)")
+        if name == "schema_version":
+            return SchemaMissing(None, SCHEMA_VERSION, fix, exc.code)
+        try:
+            found: int | None = self.schema_version()
+        except SchemaMissing:
+            found = None
+        except StoreError:
+            return exc
+        if found == SCHEMA_VERSION:
+            return exc
+        return SchemaMissing(found, SCHEMA_VERSION, fix, exc.code)
 
     def _write(self, name: str, **params: Any) -> WriteResult:
         rows = self._call(name, **params)
@@ -48,18 +76,20 @@ class TaskStore:
 
     # Bridge -------------------------------------------------------------------
     def claim(self, limit: int, lease_seconds: float, *, tenant_concurrency: int = 0,
-              agents: Sequence[str] | None = None) -> list[Claim]:
+              agents: Sequence[str] | None = None, inline_bytes: int = 0) -> list[Claim]:
         """Up to `limit` due rows, taking turns across tenants, in the order they should
         run; at most `tenant_concurrency` rows of one tenant processing (0: no cap;
-        agent_tenant_limits may say otherwise per tenant); `agents`: only their rows."""
+        agent_tenant_limits may say otherwise per tenant); `agents`: only their rows.
+        A row whose payload is at most `inline_bytes` comes with it (Claim.row)."""
         if self.transport.max_rows is not None:
             # Over Supabase's API, rows past db-max-rows would be claimed but not returned.
             limit = min(limit, self.transport.max_rows)
         rows = self._call("claim", p_limit=limit, p_lease_seconds=lease_seconds,
                           p_tenant_concurrency=tenant_concurrency,
-                          p_agents=list(agents) if agents is not None else None)
-        return [Claim(str(r["id"]), int(r["attempt"]), str(r.get("agent") or "default"))
-                for r in rows]
+                          p_agents=list(agents) if agents is not None else None,
+                          p_inline_bytes=inline_bytes)
+        return [Claim(str(r["id"]), int(r["attempt"]), str(r.get("agent") or "default"),
+                      _message_row(r)) for r in rows]
 
     def release(self, claim: Claim) -> WriteResult:
         return self._write("release", p_id=claim.id, p_attempt=claim.attempt)
@@ -97,6 +127,37 @@ class TaskStore:
             user_id=_str_or_none(r["user_id"]), enterprise_id=r["enterprise_id"],
             created_at=_str_or_none(r["created_at"]), agent=str(r.get("agent") or "default"))
         return started, result
+
+    def write_batch(self, writes: Sequence[Write]
+                    ) -> list[tuple[WriteResult, StartedTask | None]]:
+        """`writes` in one call and one transaction (public.agent_tasks_write), each fenced
+        by its (attempt, worker): one (result, started task of an applied `start`) per
+        write, in order. The commit waits for the disk only when an outcome is among them."""
+        rows = self._call(
+            "write_batch", p_kinds=[w.kind for w in writes], p_ids=[w.task_id for w in writes],
+            p_attempts=[w.attempt for w in writes], p_workers=[w.worker for w in writes],
+            p_docs=[dict(w.doc) if w.doc is not None else None for w in writes],
+            p_seconds=[w.seconds for w in writes], p_delays=[w.delay for w in writes],
+            p_seqs=[w.seq for w in writes], p_offsets=[w.offset for w in writes],
+            p_texts=[w.text for w in writes])
+        by_ord = {int(r["ord"]): r for r in rows}
+        results: list[tuple[WriteResult, StartedTask | None]] = []
+        for ord_, write in enumerate(writes, start=1):
+            r = by_ord.get(ord_)
+            if r is None:
+                results.append((WriteResult(False, None, None, None), None))
+                continue
+            result = WriteResult(bool(r["applied"]), r["status"], r["attempts"], r["worker"])
+            started = None
+            if result.applied and write.kind == "start":
+                started = StartedTask(
+                    id=write.task_id, attempt=write.attempt, request_payload=r["request_payload"],
+                    max_attempts=int(r["max_attempts"]), priority=int(r["priority"]),
+                    user_id=_str_or_none(r["user_id"]), enterprise_id=r["enterprise_id"],
+                    created_at=_str_or_none(r["created_at"]),
+                    agent=str(r.get("agent") or "default"))
+            results.append((result, started))
+        return results
 
     def heartbeat(self, task_id: str, attempt: int, worker: str, lease_seconds: float
                   ) -> WriteResult:
@@ -242,6 +303,28 @@ class TaskStore:
         rows = self._call("show_task", id=task_id)
         return dict(rows[0], id=str(rows[0]["id"])) if rows else None
 
+    def find(self, prefix: str, limit: int = 4) -> list[str]:
+        """Up to `limit` ids that start with `prefix` (hex digits, hyphens left out), in
+        order: a range on the primary key, from the prefix padded with 0s to the prefix
+        padded with fs, so both transports serve it from the index (PostgREST: gte/lte)."""
+        low, high = (str(uuid.UUID(prefix.ljust(32, pad))) for pad in "0f")
+        return [str(r["id"]) for r in self._call("find_ids", low=low, high=high, limit=limit)]
+
+    def streamed_answer(self, task_id: str, attempt: int) -> str | None:
+        """The answer attempt `attempt` has streamed so far, rebuilt from its chunks
+        (agent_task_chunks: answer = answer[:offset] + text, in seq order, as
+        agent_bridge.streamed_answer does); None when it has streamed none."""
+        answer: str | None = None
+        after, page = -1, self._page(1000)
+        while True:
+            rows = self._call("get_chunks", id=task_id, attempt=attempt, after=after,
+                              limit=page)
+            for r in rows:
+                answer = (answer or "")[:int(r["answer_offset"])] + str(r["text"])
+                after = int(r["seq"])
+            if len(rows) < page:
+                return answer
+
     def latest_failures(self, limit: int = 5) -> list[dict[str, Any]]:
         """The `limit` most recently failed rows: id, agent, attempts, finished_at, error."""
         return [dict(r, id=str(r["id"])) for r in self._call("latest_failures", limit=limit)]
@@ -261,6 +344,19 @@ class TaskStore:
 
     def close(self) -> None:
         self.transport.close()
+
+
+def _message_row(claimed: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a Celery message carries of a claimed row (JSON: ids and times as text), or
+    None when the claim did not return its payload."""
+    if claimed.get("request_payload") is None:
+        return None
+    return {"request_payload": claimed["request_payload"],
+            "max_attempts": int(claimed["max_attempts"]), "priority": int(claimed["priority"]),
+            "user_id": _str_or_none(claimed["user_id"]),
+            "enterprise_id": claimed["enterprise_id"],
+            "created_at": _str_or_none(claimed["created_at"]),
+            "agent": str(claimed.get("agent") or "default")}
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -49,8 +49,10 @@ def describe(conninfo: str) -> str:
 
 
 def adapt(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Query parameters for psycopg: dicts are sent as jsonb."""
-    return {k: Jsonb(v) if isinstance(v, dict) else v for k, v in params.items()}
+    """Query parameters for psycopg: dicts, and dicts in lists, are sent as jsonb."""
+    return {k: Jsonb(v) if isinstance(v, dict) else
+            [Jsonb(x) if isinstance(x, dict) else x for x in v] if isinstance(v, list) else v
+            for k, v in params.items()}
 
 
 class PostgresTransport:

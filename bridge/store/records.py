@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from bridge.names import Status
 
@@ -16,12 +16,39 @@ def request_payload(prompt: str, context: Mapping[str, Any] | None) -> dict[str,
 
 @dataclass(frozen=True)
 class Claim:
-    """A row the bridge claimed: the whole Celery message is (id, attempt); the agent
-    only picks the queue it goes to."""
+    """A row the bridge claimed. Its Celery message is (id, attempt), plus `row` when the
+    claim returned the payload (at most AGENT_INLINE_PAYLOAD_BYTES): what the worker's
+    handler receives, so the worker reads nothing to start. The agent picks the queue."""
 
     id: str
     attempt: int
     agent: str = "default"
+    row: Mapping[str, Any] | None = None  # StartedTask.from_message reads it
+
+
+WriteKind = Literal["bind", "start", "heartbeat", "append", "progress", "complete", "fail",
+                   "retry", "cancelled"]
+OUTCOMES: frozenset[WriteKind] = frozenset({"complete", "fail", "retry", "cancelled"})
+
+
+@dataclass(frozen=True)
+class Write:
+    """One fenced write of attempt (`task_id`, `attempt`) held by `worker`, as
+    public.agent_tasks_write takes it: `doc` is the response (complete, progress), the
+    error (fail, retry) or the partial answer kept (cancelled); `seconds` the lease
+    (bind, start, heartbeat, retry); `delay` the retry's backoff; `seq`, `offset` and
+    `text` a streamed piece (append)."""
+
+    kind: WriteKind
+    task_id: str
+    attempt: int
+    worker: str
+    doc: Mapping[str, Any] | None = None
+    seconds: float | None = None
+    delay: float | None = None
+    seq: int | None = None
+    offset: int | None = None
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,8 +85,16 @@ class StartedTask:
     created_at: str | None
     agent: str = "default"
 
+    @classmethod
+    def from_message(cls, task_id: str, attempt: int, row: Mapping[str, Any]) -> StartedTask:
+        """The row a Celery message carried (`Claim.message_row`)."""
+        return cls(id=task_id, attempt=attempt, request_payload=row.get("request_payload"),
+                   max_attempts=int(row["max_attempts"]), priority=int(row.get("priority", 0)),
+                   user_id=row.get("user_id"), enterprise_id=row.get("enterprise_id"),
+                   created_at=row.get("created_at"), agent=str(row.get("agent") or "default"))
+
     def as_handler_input(self) -> dict[str, Any]:
-        """The `task` dict a handler receives (the guide's `process_task(task)`)."""
+        """The `task` dict a handler receives (the integration guide's `process_task(task)`)."""
         return {
             "id": self.id,
             "attempt": self.attempt,

@@ -23,7 +23,8 @@ def test_every_query_loaded() -> None:
     assert set(QUERIES) == {"claim", "start", "heartbeat", "progress", "append", "complete", "fail",
                             "schedule_retry", "release", "rescue", "requeue", "stats",
                             "schema_version", "cancel", "request_cancel", "cancelled",
-                            "cancel_requested", "register_agents", "agent_stats", "prune"}
+                            "cancel_requested", "register_agents", "agent_stats", "prune",
+                            "write_batch"}
     for q in QUERIES.values():
         assert q.description and not q.description.startswith("select")
         assert q.sql.startswith("select ") and ";" not in q.sql
@@ -44,7 +45,7 @@ def test_row_operations_loaded_and_used() -> None:
     """The row operations of sql/rows.sql: plain SQL, no rpc() name, each run by the store
     and (but for the catalog read) by the Supabase transport's table API too."""
     assert set(ROWS) == {"insert_task", "get_task", "installed", "show_task",
-                         "latest_failures"}
+                         "latest_failures", "find_ids", "get_chunks"}
     supabase_source = Path(bridge.store.supabase.__file__).read_text(encoding="utf-8")
     for q in ROWS.values():
         assert q.description and q.function == ""

@@ -1,0 +1,152 @@
+"""Group commit (issue 23): a worker process's writes go through one GroupWriter, which
+sends what is waiting as one call of public.agent_tasks_write; each write is still fenced
+for its own row, and a write the database refuses fails alone. Both transports."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from bridge.config import Settings
+from bridge.errors import StoreRejected
+from bridge.store import Claim, StartedTask, TaskStore, Write
+from tasks.lease import Holding
+from tasks.progress import StreamFlusher
+from tasks.writer import GroupWriter
+from tests.db import fetch_task, insert_task, sql
+
+LEASE = 60.0
+
+
+def claimed(store: TaskStore, db_url: str, count: int, **claim: Any) -> list[Claim]:
+    ids = {insert_task(db_url, {"prompt": f"p{i}", "context": {"i": i}}) for i in range(count)}
+    claims = store.claim(count, LEASE, **claim)
+    assert {c.id for c in claims} == ids
+    return claims
+
+
+def test_writes_that_wait_together_go_in_one_call(store: TaskStore, clean_db: str) -> None:
+    claims = claimed(store, clean_db, 40)
+    writer = GroupWriter(store)
+    gate = threading.Barrier(len(claims))
+    answers: dict[str, Any] = {}
+
+    def run(claim: Claim) -> None:
+        gate.wait()
+        assert writer.bind(claim.id, claim.attempt, f"w-{claim.id}", LEASE).applied
+        answers[claim.id] = writer.complete(claim.id, claim.attempt, f"w-{claim.id}",
+                                            {"answer": claim.id})
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in claims]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(a.applied and a.status == "completed" for a in answers.values())
+    for claim in claims:
+        row = fetch_task(clean_db, claim.id)
+        assert (row["status"], row["response_payload"]) == ("completed", {"answer": claim.id})
+    assert writer.writes == 80
+    assert writer.calls < writer.writes  # grouped: 40 tasks' binds and outcomes
+
+
+def test_alone_a_write_goes_at_once(store: TaskStore, clean_db: str) -> None:
+    [claim] = claimed(store, clean_db, 1)
+    writer = GroupWriter(store)
+    assert writer.bind(claim.id, claim.attempt, "w", LEASE).applied
+    assert writer.heartbeats([(claim.id, claim.attempt, "w")], LEASE)[0].applied
+    assert writer.fail(claim.id, claim.attempt, "w", {"type": "Boom", "message": "m"}).applied
+    assert (writer.calls, writer.writes) == (3, 3)
+    assert fetch_task(clean_db, claim.id)["status"] == "failed"
+
+
+def test_each_write_is_fenced_for_its_own_row(store: TaskStore, clean_db: str) -> None:
+    first, second = claimed(store, clean_db, 2)
+    results = store.write_batch([
+        Write("bind", first.id, first.attempt, "w1", seconds=LEASE),
+        Write("bind", second.id, second.attempt + 1, "w2", seconds=LEASE),  # stale attempt
+        Write("complete", first.id, first.attempt, "w1", doc={"answer": "a"}),
+    ])
+    assert [r.applied for r, _ in results] == [True, False, True]
+    assert results[1][0].status == "processing" and results[1][0].attempts == second.attempt
+    assert fetch_task(clean_db, first.id)["status"] == "completed"
+    assert fetch_task(clean_db, second.id)["worker"] is None
+
+
+def test_a_write_the_database_refuses_fails_alone(store: TaskStore, clean_db: str) -> None:
+    claims = claimed(store, clean_db, 3)
+    writer = GroupWriter(store)
+    for c in claims:
+        assert writer.bind(c.id, c.attempt, "w", LEASE).applied
+    # Sent together: the middle one's answer holds a NUL, which jsonb cannot store.
+    futures = [writer.submit(Write("complete", c.id, c.attempt, "w",
+                                   doc={"answer": "bad\u0000" if i == 1 else "ok"}))
+               for i, c in enumerate(claims)]
+    assert futures[0].result()[0].applied and futures[2].result()[0].applied
+    with pytest.raises(StoreRejected):
+        futures[1].result()
+    assert [fetch_task(clean_db, c.id)["status"] for c in claims] == [
+        "completed", "processing", "completed"]
+
+
+def test_start_reads_the_row_and_the_claim_can_carry_it(store: TaskStore,
+                                                         clean_db: str) -> None:
+    """The two ways a worker takes an attempt give its handler the same input: `start`
+    reads the row; `bind` reads nothing and uses what the claim returned (Claim.row)."""
+    [by_start] = claimed(store, clean_db, 1)
+    [by_claim] = claimed(store, clean_db, 1, inline_bytes=65536)
+    assert by_start.row is None and by_claim.row is not None
+    writer = GroupWriter(store)
+    started, result = writer.start(by_start.id, by_start.attempt, "w", LEASE)
+    assert result.applied and started is not None
+    assert writer.bind(by_claim.id, by_claim.attempt, "w", LEASE).applied
+    inline = StartedTask.from_message(by_claim.id, by_claim.attempt, by_claim.row)
+    unlike = {"id", "request_payload", "created_at"}
+    a, b = started.as_handler_input(), inline.as_handler_input()
+    assert {k: v for k, v in a.items() if k not in unlike} == {
+        k: v for k, v in b.items() if k not in unlike}
+    assert b["request_payload"] == fetch_task(clean_db, by_claim.id)["request_payload"]
+    assert a["created_at"] is not None and b["created_at"] is not None
+
+
+def test_a_payload_over_the_cap_is_not_in_the_claim(store: TaskStore, clean_db: str) -> None:
+    insert_task(clean_db, {"prompt": "x" * 5000})
+    [claim] = store.claim(1, LEASE, inline_bytes=1000)
+    assert claim.row is None  # the worker reads it at start
+
+
+def test_a_duplicate_delivery_is_refused_while_the_first_holds_the_lease(
+        store: TaskStore, clean_db: str) -> None:
+    [claim] = claimed(store, clean_db, 1, inline_bytes=65536)
+    writer = GroupWriter(store)
+    assert writer.bind(claim.id, claim.attempt, "first", LEASE).applied
+    again = writer.bind(claim.id, claim.attempt, "second", LEASE)
+    assert not again.applied and again.worker == "first"
+
+
+def test_streams_of_a_process_are_written_together_and_rebuild_the_answer(
+        store: TaskStore, clean_db: str) -> None:
+    claims = claimed(store, clean_db, 5)
+    writer = GroupWriter(store)
+    flusher = StreamFlusher(writer, Settings.from_env({"AGENT_STREAM_INTERVAL": "0.05"}))
+    opened = []
+    for c in claims:
+        assert writer.bind(c.id, c.attempt, "w", LEASE).applied
+        opened.append(flusher.open(Holding(c.id, c.attempt, "w"), {}, lambda _: None))
+    for i in range(1, 41):
+        for _, report in opened:
+            report({"answer": "t" * i, "partial": True}, False)
+    deadline = time.monotonic() + 5  # the last reports go with the next round
+    while any(s.pending is not None for s, _ in opened):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    for stream, _ in opened:
+        flusher.close(stream)
+    for c in claims:
+        rebuilt = sql(clean_db, "select agent_bridge.streamed_answer(%s, %s)", [c.id, c.attempt])
+        assert rebuilt == [("t" * 40,)]
+    # 5 streams × 40 reports: a handful of writes each, sent a round at a time.
+    assert writer.writes < 5 * 40 and writer.calls < writer.writes
