@@ -57,7 +57,7 @@ def test_the_job_carries_the_row_up_to_the_cap(stack: Stack, clean_redis: str) -
 
 
 def test_zero_keeps_every_payload_out_of_the_jobs(stack: Stack, clean_redis: str) -> None:
-    task_id = insert_task(stack.db_url)
+    insert_task(stack.db_url)
     stack.bridge(AGENT_INLINE_PAYLOAD_BYTES="0")
     stack.wait_for("the job queued", lambda: len(queued_jobs(clean_redis)) == 1)
     assert [job["kwargs"] for job in queued_jobs(clean_redis)] == [{}]
