@@ -1203,17 +1203,27 @@ security invoker
 set search_path = ''
 as $$
 #variable_conflict use_column
+declare
+    r public.agent_task_requests;
 begin
     if p_id is not null then
         perform agent_bridge.check_seconds('p_lease_seconds', p_lease_seconds, false);
     end if;
     perform agent_bridge.relax_commit();
-    return query
-    select true, w.status, w.attempts, w.worker, w.request_payload, w.max_attempts,
-           w.priority, w.user_id, w.enterprise_id, w.created_at, w.agent
-      from agent_bridge.write_bind(array['start'], array[p_id], array[p_attempt],
-                                   array[p_worker], array[p_lease_seconds]) w;
-    if not found then
+    update public.agent_task_requests t
+       set worker = p_worker,
+           started_at = coalesce(t.started_at, now()),
+           lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+     where t.id = p_id
+       and t.status = 'processing'
+       and t.attempts = p_attempt
+       and (t.worker is null or t.worker = p_worker or t.lease_expires_at < now())
+    returning t.* into r;
+    if found then
+        return query select true, r.status::text, r.attempts, r.worker,
+            r.request_payload, r.max_attempts, r.priority,
+            r.user_id, r.enterprise_id, r.created_at, r.agent;
+    else
         return query select false, t.status::text, t.attempts, t.worker,
             null::jsonb, t.max_attempts, t.priority, t.user_id, t.enterprise_id, t.created_at,
             t.agent
@@ -1250,9 +1260,11 @@ begin
     end if;
     perform agent_bridge.relax_commit();
     return query
-    select true, w.status, w.attempts, w.worker
-      from agent_bridge.write_heartbeat(array['heartbeat'], array[p_id], array[p_attempt],
-                                        array[p_worker], array[p_lease_seconds]) w;
+    update public.agent_task_requests t
+       set lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker
+    returning true, t.status::text, t.attempts, t.worker;
     if not found then
         return query select * from public.agent_task_current(p_id);
     end if;
@@ -1300,15 +1312,25 @@ volatile
 security invoker
 set search_path = ''
 as $$
+declare
+    r record;
 begin
-    return query
-    select true, w.status, w.attempts, w.worker
-      from agent_bridge.write_append(array['append'], array[p_id], array[p_attempt],
-                                     array[p_worker], array[p_seq], array[p_offset],
-                                     array[p_text]) w;
+    select t.status::text as status, t.attempts, t.worker into r
+      from public.agent_task_requests t
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker
+       for share;
     if not found then
         return query select * from public.agent_task_current(p_id);
+        return;
     end if;
+    if p_seq is null or p_seq < 0 or p_offset is null or p_offset < 0 or p_text is null then
+        raise exception 'p_seq and p_offset must be 0 or more and p_text not null'
+            using errcode = '22023';
+    end if;
+    insert into public.agent_task_chunks (task_id, attempt, seq, answer_offset, text)
+    values (p_id, p_attempt, p_seq, p_offset, p_text);
+    return query select true, r.status, r.attempts, r.worker;
 end
 $$;
 
@@ -1323,9 +1345,15 @@ set search_path = ''
 as $$
 begin
     return query
-    select true, w.status, w.attempts, w.worker
-      from agent_bridge.write_complete(array['complete'], array[p_id], array[p_attempt],
-                                       array[p_worker], array[p_response]) w;
+    update public.agent_task_requests t
+       set status = 'completed',
+           response_payload = p_response,
+           error = null,
+           finished_at = now(),
+           lease_expires_at = null
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker
+    returning true, t.status::text, t.attempts, t.worker;
     if not found then
         return query select * from public.agent_task_current(p_id);
     end if;
@@ -1345,9 +1373,15 @@ set search_path = ''
 as $$
 begin
     return query
-    select true, w.status, w.attempts, w.worker
-      from agent_bridge.write_fail(array['fail'], array[p_id], array[p_attempt],
-                                   array[p_worker], array[p_error]) w;
+    update public.agent_task_requests t
+       set status = 'failed',
+           error = p_error || jsonb_build_object('at', now(), 'attempt', p_attempt),
+           response_payload = jsonb_build_object('error', p_error ->> 'message'),
+           finished_at = now(),
+           lease_expires_at = null
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker
+    returning true, t.status::text, t.attempts, t.worker;
     if not found then
         return query select * from public.agent_task_current(p_id);
     end if;

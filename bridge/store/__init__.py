@@ -132,7 +132,11 @@ class TaskStore:
                     ) -> list[tuple[WriteResult, StartedTask | None]]:
         """`writes` in one call and one transaction (public.agent_tasks_write), each fenced
         by its (attempt, worker): one (result, started task of an applied `start`) per
-        write, in order. The commit waits for the disk only when an outcome is among them."""
+        write, in order. The commit waits for the disk only when an outcome is among them.
+        One write alone goes to its single-row function: the same rules (tests hold the two
+        equal), without arrays to send and unpack."""
+        if len(writes) == 1:
+            return [self._write_one(writes[0])]
         rows = self._call(
             "write_batch", p_kinds=[w.kind for w in writes], p_ids=[w.task_id for w in writes],
             p_attempts=[w.attempt for w in writes], p_workers=[w.worker for w in writes],
@@ -158,6 +162,29 @@ class TaskStore:
                     agent=str(r.get("agent") or "default"))
             results.append((result, started))
         return results
+
+    def _write_one(self, w: Write) -> tuple[WriteResult, StartedTask | None]:
+        """One write through its single-row function (see write_batch)."""
+        doc = dict(w.doc) if w.doc is not None else None
+        if w.kind in ("bind", "start"):
+            started, result = self.start(w.task_id, w.attempt, w.worker, _seconds(w.seconds))
+            return result, started if w.kind == "start" else None
+        if w.kind == "heartbeat":
+            return self.heartbeat(w.task_id, w.attempt, w.worker, _seconds(w.seconds)), None
+        if w.kind == "append":
+            return self._write("append", p_id=w.task_id, p_attempt=w.attempt,
+                               p_worker=w.worker, p_seq=w.seq, p_offset=w.offset,
+                               p_text=w.text), None
+        if w.kind == "retry":
+            return self._write("schedule_retry", p_id=w.task_id, p_attempt=w.attempt,
+                               p_worker=w.worker, p_error=doc, p_delay_seconds=w.delay,
+                               p_lease_seconds=w.seconds), None
+        if w.kind == "fail":
+            return self._write("fail", p_id=w.task_id, p_attempt=w.attempt, p_worker=w.worker,
+                               p_error=doc), None
+        # progress, complete, cancelled: the document is the response
+        return self._write(w.kind, p_id=w.task_id, p_attempt=w.attempt, p_worker=w.worker,
+                           p_response=doc), None
 
     def heartbeat(self, task_id: str, attempt: int, worker: str, lease_seconds: float
                   ) -> WriteResult:
@@ -357,6 +384,11 @@ def _message_row(claimed: Mapping[str, Any]) -> dict[str, Any] | None:
             "enterprise_id": claimed["enterprise_id"],
             "created_at": _str_or_none(claimed["created_at"]),
             "agent": str(claimed.get("agent") or "default")}
+
+
+def _seconds(value: float | None) -> float:
+    """A lease or delay as the single-row functions take it (None: refused there)."""
+    return float("nan") if value is None else value
 
 
 def _str_or_none(value: Any) -> str | None:

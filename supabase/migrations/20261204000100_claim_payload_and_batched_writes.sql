@@ -19,11 +19,13 @@
 --    rows they touch (UPDATE/INSERT ... FROM unnest(...)). The commit is relaxed only
 --    for a batch without outcomes, as for the writes alone.
 --
--- Each rule lives once: the single-row functions (agent_task_start, _heartbeat,
--- _append, _complete, _fail) keep their names, arguments and results, and are now calls
--- of the set-based writes in schema agent_bridge (write_bind, write_heartbeat,
--- write_append, write_complete, write_fail), which the batch calls too. progress,
--- schedule_retry and cancelled are rare and stay as they are; the batch calls them.
+-- The single-row functions (agent_task_start, _heartbeat, _append, _complete, _fail,
+-- _progress, _schedule_retry, _cancelled) stay as they are: a batch of one write is
+-- sent to its single-row function (by the batch, and by the worker's writer without the
+-- arrays), which costs less than the set-based statements for one row. The set-based
+-- writes (agent_bridge.write_bind, write_heartbeat, write_append, write_complete,
+-- write_fail) repeat their fencing rules for many rows; tests/sql/test_batched_writes.py
+-- holds each kind equal to its single-row function on every state a row can be in.
 
 -- 1. The claim returns what the worker needs -------------------------------------------
 --
@@ -691,61 +693,9 @@ $$;
 -- attempt is stale, or when another live worker already holds this attempt (a duplicate
 -- broker delivery). Returns the payload the worker needs and the row's `agent` (the
 -- worker runs that agent's handler with its limits). The write is agent_bridge.write_bind's.
-create or replace function public.agent_task_start(
-    p_id uuid, p_attempt integer, p_worker text, p_lease_seconds double precision)
-returns table (
-    applied boolean, status text, attempts integer, worker text,
-    request_payload jsonb, max_attempts integer, priority integer,
-    user_id uuid, enterprise_id text, created_at timestamptz, agent text)
-language plpgsql
-volatile
-security invoker
-set search_path = ''
-as $$
-#variable_conflict use_column
-begin
-    if p_id is not null then
-        perform agent_bridge.check_seconds('p_lease_seconds', p_lease_seconds, false);
-    end if;
-    perform agent_bridge.relax_commit();
-    return query
-    select true, w.status, w.attempts, w.worker, w.request_payload, w.max_attempts,
-           w.priority, w.user_id, w.enterprise_id, w.created_at, w.agent
-      from agent_bridge.write_bind(array['start'], array[p_id], array[p_attempt],
-                                   array[p_worker], array[p_lease_seconds]) w;
-    if not found then
-        return query select false, t.status::text, t.attempts, t.worker,
-            null::jsonb, t.max_attempts, t.priority, t.user_id, t.enterprise_id, t.created_at,
-            t.agent
-          from public.agent_task_requests t where t.id = p_id;
-    end if;
-end
-$$;
 
 -- The holder of an attempt renews its lease while its handler runs (the write is
 -- agent_bridge.write_heartbeat's).
-create or replace function public.agent_task_heartbeat(
-    p_id uuid, p_attempt integer, p_worker text, p_lease_seconds double precision)
-returns setof public.agent_task_write
-language plpgsql
-volatile
-security invoker
-set search_path = ''
-as $$
-begin
-    if p_id is not null then
-        perform agent_bridge.check_seconds('p_lease_seconds', p_lease_seconds, false);
-    end if;
-    perform agent_bridge.relax_commit();
-    return query
-    select true, w.status, w.attempts, w.worker
-      from agent_bridge.write_heartbeat(array['heartbeat'], array[p_id], array[p_attempt],
-                                        array[p_worker], array[p_lease_seconds]) w;
-    if not found then
-        return query select * from public.agent_task_current(p_id);
-    end if;
-end
-$$;
 
 -- A piece of the streamed answer: fenced like agent_task_progress (the row processing,
 -- at p_attempt, held by p_worker). The row is locked FOR SHARE, not written: a
@@ -754,68 +704,12 @@ $$;
 -- answer_offset is the length written so far (in characters) for an append, the length
 -- of the common prefix when a handler rewrote earlier text, 0 to start over. The write
 -- is agent_bridge.write_append's.
-create or replace function public.agent_task_append(
-    p_id uuid, p_attempt integer, p_worker text, p_seq integer, p_offset integer,
-    p_text text)
-returns setof public.agent_task_write
-language plpgsql
-volatile
-security invoker
-set search_path = ''
-as $$
-begin
-    return query
-    select true, w.status, w.attempts, w.worker
-      from agent_bridge.write_append(array['append'], array[p_id], array[p_attempt],
-                                     array[p_worker], array[p_seq], array[p_offset],
-                                     array[p_text]) w;
-    if not found then
-        return query select * from public.agent_task_current(p_id);
-    end if;
-end
-$$;
 
 -- The write is agent_bridge.write_complete's.
-create or replace function public.agent_task_complete(
-    p_id uuid, p_attempt integer, p_worker text, p_response jsonb)
-returns setof public.agent_task_write
-language plpgsql
-volatile
-security invoker
-set search_path = ''
-as $$
-begin
-    return query
-    select true, w.status, w.attempts, w.worker
-      from agent_bridge.write_complete(array['complete'], array[p_id], array[p_attempt],
-                                       array[p_worker], array[p_response]) w;
-    if not found then
-        return query select * from public.agent_task_current(p_id);
-    end if;
-end
-$$;
 
 -- Final failure. p_error is {type, message, retryable, ...}; the message is also put
 -- in response_payload.error, where the guide's frontend looks for it. The write is
 -- agent_bridge.write_fail's.
-create or replace function public.agent_task_fail(
-    p_id uuid, p_attempt integer, p_worker text, p_error jsonb)
-returns setof public.agent_task_write
-language plpgsql
-volatile
-security invoker
-set search_path = ''
-as $$
-begin
-    return query
-    select true, w.status, w.attempts, w.worker
-      from agent_bridge.write_fail(array['fail'], array[p_id], array[p_attempt],
-                                   array[p_worker], array[p_error]) w;
-    if not found then
-        return query select * from public.agent_task_current(p_id);
-    end if;
-end
-$$;
 
 -- 4. The batch ----------------------------------------------------------------------------
 

@@ -5,10 +5,10 @@ Enable it with ``AGENT_HANDLER=tasks.handlers.openai_chat:handler`` (needs
 against compatible servers (Ollama, vLLM, LM Studio, llama.cpp, LiteLLM, ...)
 through ``OPENAI_BASE_URL``. `variables()` lists the settings read from the
 environment (declared once, in ``settings.py``, the way ``bridge/config.py`` declares
-its own); they are read once per process, on the first task (`reset_settings()`
-forgets them, for tests). With several agents, an agent's ``[<agent>.openai]`` table
-in AGENTS_FILE overrides ``model``, ``system_prompt`` and ``temperature`` for that
-agent's tasks (`for_agent`).
+its own); a worker serving this handler reads and checks them when it starts, and a
+bad value stops it with one line (`reset_settings()` forgets them, for tests). With
+several agents, an agent's ``[<agent>.openai]`` table in AGENTS_FILE overrides
+``model``, ``system_prompt`` and ``temperature`` for that agent's tasks (`for_agent`).
 
 Each worker process makes one client on its first task and shares it between all its
 tasks and threads: one pool of up to POOL_CONNECTIONS (1,000) kept-alive HTTP
