@@ -11,13 +11,13 @@ holding lost; the runner then writes nothing more for it.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.errors import StoreError
 from tasks.cancellation import CancelScope
+from tasks.process_thread import ProcessThread
 from tasks.writer import GroupWriter
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,7 @@ class LeaseKeeper:
         self._held: set[Holding] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._thread = ProcessThread(self._run, "lease-keeper")
         # Told of every new holding (the cancel watcher).
         self.on_hold: Callable[[Holding], None] | None = None
 
@@ -48,10 +47,7 @@ class LeaseKeeper:
         holding = Holding(task_id, attempt, worker)
         with self._lock:
             self._held.add(holding)
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
-                self._thread.start()
+            self._thread.ensure()
         if self.on_hold is not None:
             self.on_hold(holding)
         return holding

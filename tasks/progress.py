@@ -17,7 +17,6 @@ import asyncio
 import contextvars
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +27,7 @@ from bridge.store import Write, WriteResult
 from tasks.cancellation import raise_if_cancelled
 from tasks.lease import Holding
 from tasks.payload import json_size
+from tasks.process_thread import ProcessThread
 from tasks.writer import GroupWriter
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,7 @@ class StreamFlusher:
         self._settings = settings
         self._streams: set[TaskStream] = set()
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._thread = ProcessThread(self._run, "stream-flusher")
 
     def open(self, holding: Holding, fields: Mapping[str, Any],
              keep: Callable[[Mapping[str, Any]], None]) -> tuple[TaskStream, Reporter]:
@@ -202,11 +201,7 @@ class StreamFlusher:
 
     def _wake(self) -> None:
         with self._cond:
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="stream-flusher",
-                                                daemon=True)
-                self._thread.start()
+            self._thread.ensure()
             self._cond.notify()
 
     def _due(self) -> tuple[list[TaskStream], float | None]:

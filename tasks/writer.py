@@ -22,7 +22,6 @@ tasks) is where writes group.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -30,6 +29,7 @@ from typing import Any
 
 from bridge.errors import StoreUnavailable
 from bridge.store import StartedTask, TaskStore, Write, WriteResult
+from tasks.process_thread import ProcessThread
 
 Answer = tuple[WriteResult, StartedTask | None]
 
@@ -44,8 +44,7 @@ class GroupWriter:
         self._max_batch = max_batch
         self._waiting: list[tuple[Write, Future[Answer]]] = []
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._thread = ProcessThread(self._run, "group-writer")
         self.calls = 0  # calls sent, for the tests and the bench
         self.writes = 0  # writes they carried
 
@@ -56,12 +55,7 @@ class GroupWriter:
         future: Future[Answer] = Future()
         with self._cond:
             self._waiting.append((write, future))
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                # Started on first use in each process: a thread does not survive a fork.
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="group-writer",
-                                                daemon=True)
-                self._thread.start()
+            self._thread.ensure()
             self._cond.notify()
         return future
 

@@ -105,3 +105,15 @@ def claim_and_start(store: TaskStore, task_id: str, worker: str = "w1", lease: f
     started, _ = store.start(task_id, claims[0].attempt, worker, lease)
     assert started is not None
     return claims[0].attempt
+
+def chunks(db_url: str, task_id: str) -> list[tuple[int, int, int, str]]:
+    """(attempt, seq, answer_offset, text) of the task's chunks, in order."""
+    return [(a, s, o, t) for a, s, o, t in sql(
+        db_url, "select attempt, seq, answer_offset, text from public.agent_task_chunks "
+                "where task_id = %s order by attempt, seq", [task_id])]
+
+
+def streamed(db_url: str, task_id: str) -> Any:
+    """The row's response_payload with its streamed answer folded in, as readers see it."""
+    return sql(db_url, "select agent_bridge.streamed_payload(id, attempts, response_payload) "
+                       "from public.agent_task_requests where id = %s", [task_id])[0][0]

@@ -14,7 +14,6 @@ A match fires the attempt's CancelScope (see tasks/cancellation/__init__.py).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
@@ -22,6 +21,7 @@ from bridge.config import Settings
 from bridge.errors import StoreError
 from bridge.store import CANCEL_CHANNEL, TaskStore, open_store
 from tasks.lease import Holding, LeaseKeeper
+from tasks.process_thread import ProcessThread
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,14 @@ class CancelWatcher:
         self._listen = settings.store_kind == "postgres"
         self._interval = settings.cancel_poll_interval
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._thread = ProcessThread(self._run, "cancel-watcher")
         self._recent: dict[tuple[str, int], float] = {}
 
     def watch(self, holding: Holding) -> None:
         """A new attempt runs here (LeaseKeeper.on_hold): watch it."""
         with self._lock:
             notified = self._recent.pop((holding.task_id, holding.attempt), None)
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="cancel-watcher",
-                                                daemon=True)
-                self._thread.start()
+            self._thread.ensure()
         if notified is not None:
             self._stop(holding)
 

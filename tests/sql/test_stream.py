@@ -12,25 +12,17 @@ import pytest
 from psycopg import errors
 
 from bridge.store import TaskStore
-from tests.db import as_role, claim_and_start, fetch_task, insert_task, sql
+from tests.db import as_role, chunks, claim_and_start, fetch_task, insert_task, sql, streamed
 
 LEASE = 60.0
 
 
 
 
-def chunks(db_url: str, task_id: str) -> list[tuple[int, int, int, str]]:
-    """(attempt, seq, answer_offset, text) of the task's chunks, in order."""
-    return [(a, s, o, t) for a, s, o, t in sql(
-        db_url, "select attempt, seq, answer_offset, text from public.agent_task_chunks "
-                "where task_id = %s order by attempt, seq", [task_id])]
 
 
 
 
-def streamed(db_url: str, task_id: str) -> Any:
-    return sql(db_url, "select agent_bridge.streamed_payload(id, attempts, response_payload) "
-                       "from public.agent_task_requests where id = %s", [task_id])[0][0]
 
 
 # --------------------------------------------------------------------------- the SQL contract

@@ -16,22 +16,16 @@ every subscriber, RLS not applied); the worker's errors and logs through a real 
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from psycopg import errors
-from websockets.sync.client import connect
-from websockets.sync.connection import Connection
 
 from tests.db import as_role, insert_task, sql
-from tests.fakes.gateway import StandIns
-from tests.fakes.jwt import user_token
 from tests.stack import Stack
 from tests.visibility_handlers import INTERNAL
 
@@ -44,25 +38,8 @@ TASKS, CHUNKS = "agent_task_requests", "agent_task_chunks"
 
 # --------------------------------------------------------------------------- Realtime
 
-def subscribe(s: StandIns, user: str, bindings: list[dict[str, Any]]) -> Connection:
-    """A signed-in user's channel with these postgres_changes bindings, once it is live."""
-    url = s.url.replace("http://", "ws://") + f"/realtime/v1/websocket?apikey={s.anon_key}" \
-        "&vsn=2.0.0"
-    ws = connect(url, open_timeout=10)
-    ws.send(json.dumps(["1", "1", "realtime:mine", "phx_join", {
-        "config": {"postgres_changes": bindings}, "access_token": user_token(user)}]))
-    reply = next_message(ws, "phx_reply")
-    assert reply["status"] == "ok", reply
-    system = next_message(ws, "system")
-    assert system["status"] == "ok", system
-    return ws
 
 
-def next_message(ws: Connection, event: str) -> Any:
-    while True:
-        msg = json.loads(ws.recv(timeout=10))
-        if msg[3] == event:
-            return msg[4]
 
 
 
