@@ -79,9 +79,11 @@ def test_a_streamed_answer_is_appended_linear_and_capped(
                                              for i in range(len(written))]
     # The first token is written at once (the leading edge), alone.
     assert written[0][1:3] == (0, len("t0 "))
-    # Capped: one write per interval at most (the first at once).
+    # Capped: one write per interval at most (the first at once). The flusher spaces the
+    # writes it takes; created_at is when each reached the database, after the writer's
+    # queue, so one write's delay can bring the next closer: one write of slack.
     span = (written[-1][3] - written[0][3]).total_seconds()
-    assert len(written) <= span / INTERVAL + 1, (len(written), span)
+    assert len(written) <= span / INTERVAL + 2, (len(written), span)
     assert len(written) >= 3
     # The row itself was not written while it streamed.
     assert fetch_task(stack.db_url, task_id)["response_payload"] is None
