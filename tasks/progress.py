@@ -182,8 +182,7 @@ class StreamFlusher:
             if answer is not None and answer == stream.written and stream.pending is None:
                 return False  # nothing new
             stream.pending = dict(response)
-            due = force or time.monotonic() - stream.last >= self._settings.stream_interval
-        if due and (force or self._settings.stream_interval == 0):
+        if force or self._settings.stream_interval == 0:
             return self._write_now(stream)
         self._wake()
         return True

@@ -12,9 +12,8 @@ import sys
 import time
 from typing import Any
 
-from bridge.commands.retry import resolve, task_id
+from bridge.commands.retry import resolve_all, task_id
 from bridge.config import Settings
-from bridge.errors import TaskNotFound
 from bridge.store import open_store
 
 
@@ -41,12 +40,8 @@ def run(args: argparse.Namespace) -> int:
     missing: list[str] = []
     stopping: list[str] = []
     try:
-        ids: list[str] = []
-        for given in args.ids:  # short ids: an ambiguous one stops it all, before any change
-            try:
-                ids.append(resolve(store, given))
-            except TaskNotFound:
-                missing.append(given)
+        ids, unknown = resolve_all(store, args.ids)
+        missing += unknown
         for tid in ids:
             status = store.cancel(tid)
             if status is None:

@@ -60,6 +60,19 @@ def task_id(text: str) -> str:
         "or more (e.g. bf762845)")
 
 
+def resolve_all(store: TaskStore, given: list[str]) -> tuple[list[str], list[str]]:
+    """(whole ids, those of `given` no task has), resolving every one before the caller
+    changes anything: an ambiguous short id (AmbiguousTaskId) stops it all."""
+    ids: list[str] = []
+    unknown: list[str] = []
+    for one in given:
+        try:
+            ids.append(resolve(store, one))
+        except TaskNotFound:
+            unknown.append(one)
+    return ids, unknown
+
+
 def resolve(store: TaskStore, given: str) -> str:
     """The whole id of `given` (from `task_id`): itself when whole, else the one task
     whose id starts with it. TaskNotFound when none does, AmbiguousTaskId (naming a
@@ -113,14 +126,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = Settings.from_env()
     store = open_store(settings, pool=False)
-    unknown: list[str] = []
-    ids: list[str] = []
     try:
-        for given in args.ids:  # short ids: an ambiguous one stops it all, before any change
-            try:
-                ids.append(resolve(store, given))
-            except TaskNotFound:
-                unknown.append(given)
+        ids, unknown = resolve_all(store, args.ids)
         requeued = store.requeue(ids=ids or None, failed_since=args.since,
                                  error_type=args.error_type,
                                  more_attempts=args.attempts) if ids or not args.ids else []

@@ -121,12 +121,7 @@ class TaskStore:
         result = WriteResult(bool(r["applied"]), r["status"], r["attempts"], r["worker"])
         if not result.applied:
             return None, result
-        started = StartedTask(
-            id=task_id, attempt=attempt, request_payload=r["request_payload"],
-            max_attempts=int(r["max_attempts"]), priority=int(r["priority"]),
-            user_id=_str_or_none(r["user_id"]), enterprise_id=r["enterprise_id"],
-            created_at=_str_or_none(r["created_at"]), agent=str(r.get("agent") or "default"))
-        return started, result
+        return _started(task_id, attempt, r), result
 
     def write_batch(self, writes: Sequence[Write]
                     ) -> list[tuple[WriteResult, StartedTask | None]]:
@@ -152,14 +147,8 @@ class TaskStore:
                 results.append((WriteResult(False, None, None, None), None))
                 continue
             result = WriteResult(bool(r["applied"]), r["status"], r["attempts"], r["worker"])
-            started = None
-            if result.applied and write.kind == "start":
-                started = StartedTask(
-                    id=write.task_id, attempt=write.attempt, request_payload=r["request_payload"],
-                    max_attempts=int(r["max_attempts"]), priority=int(r["priority"]),
-                    user_id=_str_or_none(r["user_id"]), enterprise_id=r["enterprise_id"],
-                    created_at=_str_or_none(r["created_at"]),
-                    agent=str(r.get("agent") or "default"))
+            started = (_started(write.task_id, write.attempt, r)
+                       if result.applied and write.kind == "start" else None)
             results.append((result, started))
         return results
 
@@ -371,6 +360,15 @@ class TaskStore:
 
     def close(self) -> None:
         self.transport.close()
+
+
+def _started(task_id: str, attempt: int, row: Mapping[str, Any]) -> StartedTask:
+    """The task a worker may run, from a start's row (what its handler receives)."""
+    return StartedTask(
+        id=task_id, attempt=attempt, request_payload=row["request_payload"],
+        max_attempts=int(row["max_attempts"]), priority=int(row["priority"]),
+        user_id=_str_or_none(row["user_id"]), enterprise_id=row["enterprise_id"],
+        created_at=_str_or_none(row["created_at"]), agent=str(row.get("agent") or "default"))
 
 
 def _message_row(claimed: Mapping[str, Any]) -> dict[str, Any] | None:
