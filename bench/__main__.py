@@ -28,6 +28,7 @@ import psycopg
 
 from bench import benchmarks as b
 from bench import cost
+from bench.cli import bench_parser, write_json
 from bench.measure import table
 from bench.stack import servers
 
@@ -42,13 +43,11 @@ TARGET_IO_SECONDS = 2.0  # 1,000 tasks that each wait 1 s, on one worker node
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("bench", __doc__)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run (< 2 min)")
     p.add_argument("--only", default="",
                    help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     p.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
-    p.add_argument("--json", type=Path, help="also write every result to this JSON file")
     p.add_argument("--chaos", action="store_true", help="run the chaos run afterwards")
     p.add_argument("--from-json", type=Path, metavar="PATH",
                    help="print the tables of a JSON file written by --json, and exit")
@@ -195,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(report, plan.quick)
     print()
     print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(b.jsonable(report), indent=2))
-        print(f"JSON written to {args.json}")
+    write_json(args.json, b.jsonable(report))
     status = 1 if report["errors"] else 0
     if args.chaos:
         from bench import chaos

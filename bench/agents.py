@@ -19,17 +19,15 @@ fast rows. Slow rows run `bench.handlers:scripted` with a sleep; fast rows sleep
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from bench.benchmarks import DoneListener, latency_run, latency_summary, payload
+from bench.cli import bench_parser, write_json
 from bench.handlers import read_runs
 from bench.measure import table, wait_until
 from bench.stack import BIN, ProcGroup, Servers, base_env, servers
@@ -123,10 +121,8 @@ def run_setup(servers: Servers, name: str, *, shared: bool, flood: bool, n: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.agents", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("bench.agents", __doc__)
     p.add_argument("--n", type=int, default=100, help="fast rows measured in setups 1 and 2")
-    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     results = []
     began = time.monotonic()
@@ -142,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{SLOW_SECONDS:g} s, BRIDGE_MAX_QUEUED={MAX_QUEUED}",
                 ["setup", "n", "p50", "p99", "max"], rows))
     print(f"\n({time.monotonic() - began:.0f} s)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+    write_json(args.json, results)
     return 0
 
 

@@ -27,16 +27,15 @@ from bench.measure import (
     db_snapshot,
     own_process,
     postgres_backends,
+    stats_row,
     summary_ms,
     wait_backends_gone,
     wait_until,
 )
-from bench.stack import BIN, Proc, ProcGroup, Servers, base_env, done_trigger_sql
+from bench.stack import BIN, Proc, ProcGroup, Servers, base_env, done_trigger_sql, transport_env
 from bridge.publisher import Publisher
 from bridge.store import Claim
 from tasks.app import RUN_AGENT
-
-SERVICE_KEY = "bench-service-role-key"
 
 
 @dataclass(frozen=True)
@@ -239,16 +238,8 @@ def bridge_latency(ctx: Context, *, transport: str, pool: str, concurrency: int,
     extra: dict[str, str] = {"AGENT_HANDLER": "bench.handlers:noop"}
     if stages:  # Celery's "received" line is logged at DEBUG only
         extra.update(LOG_FORMAT="json", LOG_LEVEL="DEBUG")
-    stub: Any = None
-    if transport == "supabase":
-        from tests.fakes.postgrest import PostgrestStub
-
-        stub = PostgrestStub(db, service_key=SERVICE_KEY)
-        extra.update(SUPABASE_URL=stub.start(), SUPABASE_SERVICE_KEY=SERVICE_KEY,
-                     BRIDGE_TRANSPORT="supabase")
-        env = base_env(redis_url=servers.redis_url, state_dir=state, **extra)
-    else:
-        env = base_env(db_url=db, redis_url=servers.redis_url, state_dir=state, **extra)
+    env, stub = transport_env(db, transport, redis_url=servers.redis_url, state_dir=state,
+                              **extra)
     group = ProcGroup(workdir, env)
     inserter = Inserter(db)
     listener = DoneListener(db)
@@ -706,14 +697,11 @@ def procrastinate_bench(ctx: Context) -> dict[str, Any]:
 
 def _db_counters(admin_url: str, dbname: str) -> tuple[int, int]:
     """(pg_stat_statements calls, pg_stat_database xact_commit) for one database."""
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute("select pg_stat_force_next_flush()")
-        row = conn.execute(
-            "select coalesce((select sum(calls) from pg_stat_statements s "
-            "  join pg_database d on d.oid = s.dbid where d.datname = %s), 0)::bigint, "
-            "(select xact_commit from pg_stat_database where datname = %s)",
-            [dbname, dbname]).fetchone()
-    assert row is not None
+    row = stats_row(admin_url,
+                    "select coalesce((select sum(calls) from pg_stat_statements s "
+                    "  join pg_database d on d.oid = s.dbid where d.datname = %s), 0)::bigint, "
+                    "(select xact_commit from pg_stat_database where datname = %s)",
+                    [dbname, dbname])
     return int(row[0]), int(row[1] or 0)
 
 

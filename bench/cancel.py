@@ -19,7 +19,6 @@ PostgREST stand-in, CANCEL_POLL_INTERVAL polls):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -30,11 +29,11 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from bench.cli import bench_parser, write_json
 from bench.handlers import note_time
-from bench.measure import summary_ms, table, wait_until
-from bench.stack import ProcGroup, Servers, base_env, servers
+from bench.measure import stats_row, summary_ms, table, wait_until
+from bench.stack import ProcGroup, Servers, servers, transport_env
 
-SERVICE_KEY = "bench-service-role-key"
 STOPPED = "stopped.log"
 STARTED = "started.log"
 
@@ -92,18 +91,9 @@ def _stack(s: Servers, name: str, transport: str, handler: str, concurrency: int
     workdir = s.workdir(f"{name}-{transport}")
     state = workdir / "state"
     state.mkdir()
-    extra: dict[str, Any] = {"AGENT_HANDLER": handler, "BRIDGE_BATCH_SIZE": "200",
+    extra: dict[str, str] = {"AGENT_HANDLER": handler, "BRIDGE_BATCH_SIZE": "200",
                              "BRIDGE_MAX_QUEUED": "400", "POLL_INTERVAL": "0.5"}
-    stub: Any = None
-    if transport == "supabase":
-        from tests.fakes.postgrest import PostgrestStub
-
-        stub = PostgrestStub(db, service_key=SERVICE_KEY)
-        extra.update(SUPABASE_URL=stub.start(), SUPABASE_SERVICE_KEY=SERVICE_KEY,
-                     BRIDGE_TRANSPORT="supabase")
-        env = base_env(redis_url=s.redis_url, state_dir=state, **extra)
-    else:
-        env = base_env(db_url=db, redis_url=s.redis_url, state_dir=state, **extra)
+    env, stub = transport_env(db, transport, redis_url=s.redis_url, state_dir=state, **extra)
     group = ProcGroup(workdir, env)
     group.celery_worker("tasks", pool="threads", concurrency=concurrency)
     group.bridge()
@@ -144,14 +134,11 @@ def stop_latency(s: Servers, transport: str, handler: str, n: int) -> dict[str, 
 
 def _statements(admin_url: str, dbname: str) -> tuple[int, int]:
     """(all statement calls, calls of agent_tasks_cancel_requested) in `dbname`."""
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute("select pg_stat_force_next_flush()")
-        row = conn.execute(
-            "select coalesce(sum(s.calls), 0)::bigint, coalesce(sum(s.calls) filter (where "
-            "s.query like '%%agent_tasks_cancel_requested%%' and s.query not like "
-            "'%%pg_proc%%'), 0)::bigint from pg_stat_statements s join pg_database d "
-            "on d.oid = s.dbid where d.datname = %s", [dbname]).fetchone()
-    assert row is not None
+    row = stats_row(admin_url,
+                    "select coalesce(sum(s.calls), 0)::bigint, coalesce(sum(s.calls) filter "
+                    "(where s.query like '%%agent_tasks_cancel_requested%%' and s.query not "
+                    "like '%%pg_proc%%'), 0)::bigint from pg_stat_statements s join "
+                    "pg_database d on d.oid = s.dbid where d.datname = %s", [dbname])
     return int(row[0]), int(row[1])
 
 
@@ -176,10 +163,8 @@ def load(s: Servers, transport: str, n: int, window: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.cancel", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("bench.cancel", __doc__)
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     n, running, window = (10, 50, 5.0) if args.quick else (40, 200, 15.0)
     stops: list[dict[str, Any]] = []
@@ -199,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(f"SQL statements/s with {running} tasks running, nothing cancelled",
                 ["mode", "all statements/s", "cancel checks/s"],
                 [[r["mode"], r["statements_per_s"], r["cancel_checks_per_s"]] for r in loads]))
-    if args.json:
-        args.json.write_text(json.dumps({"stop": stops, "load": loads}, indent=2))
+    write_json(args.json, {"stop": stops, "load": loads})
     return 0
 
 

@@ -21,10 +21,8 @@ time to drain. Exit status 1 if anything was lost or completed twice.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
-import json
 import random
 import re
 import sys
@@ -38,6 +36,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from bench.cli import bench_parser, write_json
 from bench.handlers import read_runs
 from bench.measure import table
 from bench.stack import Proc, ProcGroup, Servers, base_env, servers
@@ -56,6 +55,12 @@ MAX_ATTEMPTS = 10  # rows may be interrupted several times; 3 (the default) woul
 
 @dataclass
 class ChaosPlan:
+    """When what happens, in seconds from the start: `tasks` rows inserted `batch` at a time
+    every `batch_every`; for `chaos_seconds` a worker killed every `worker_kill_every`, the
+    bridge and Redis killed at their times, PostgreSQL stopped for `postgres_down_seconds`
+    at its time; then every row must end within `drain_deadline` of the last fault.
+    Each task's handler sleeps up to `max_sleep`."""
+
     tasks: int = 300
     batch: int = 20
     batch_every: float = 1.5
@@ -327,14 +332,12 @@ def render(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("bench.chaos", __doc__)
     p.add_argument("--quick", action="store_true", help="100 tasks, ~25 s of faults")
     p.add_argument("--tasks", type=int, help="number of tasks (default 300, quick 100)")
     p.add_argument("--max-queued", type=int,
                    help="BRIDGE_MAX_QUEUED for the bridge (default: the bridge's own, 200)")
     p.add_argument("--seed", type=int, default=7, help="random seed for sleeps and victims")
-    p.add_argument("--json", type=Path, help="also write the result to this JSON file")
     p.add_argument("--workdir", type=Path, help="keep data and logs here (default: temp dir)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
@@ -355,10 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lost rows (id, status, attempts):", result["lost_rows"])
     if result["completed_twice_ids"]:
         print("completed twice:", result["completed_twice_ids"])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
-        print(f"JSON written to {args.json}")
+    write_json(args.json, result)
     return 1 if result["lost"] or result["completed_twice"] else 0
 
 

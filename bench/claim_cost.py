@@ -21,8 +21,6 @@ own) and after it (all migrations), on the same server in the same run.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import statistics
 import tempfile
@@ -33,6 +31,7 @@ from typing import Any
 
 import psycopg
 
+from bench.cli import bench_parser, write_json
 from bench.fairness import plans
 from bench.measure import percentile, table
 from bench.stack import Servers, servers
@@ -205,11 +204,9 @@ def render(results: list[dict[str, Any]], size: Size) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.claim_cost", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("bench.claim_cost", __doc__)
     p.add_argument("--quick", action="store_true", help="smaller sizes: a smoke run")
     p.add_argument("--only", choices=["before", "after"], help="one schema only")
-    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.add_argument("--plans", action="store_true",
                    help="print the plans of the first claim after the arrival (before ANALYZE)")
     args = p.parse_args(argv)
@@ -227,8 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         if r.get("plans"):
             print(f"\nPlans of the first claim of 10 right after the arrival ({r['schema']}):\n")
             print("\n\n".join(r["plans"]))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

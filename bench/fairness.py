@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from bench.cli import bench_parser, write_json
 from bench.handlers import read_runs
 from bench.measure import percentile, table
 from bench.stack import ProcGroup, Servers, base_env, servers
@@ -202,10 +201,8 @@ def wait_started(state: Path, task_id: str, timeout: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.fairness", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("bench.fairness", __doc__)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--json", type=Path)
     p.add_argument("--skip-cost", action="store_true", help="only the latency part")
     args = p.parse_args(argv)
     rows, tenants, n = (10_000, 100, 50) if args.quick else (100_000, 1_000, 300)
@@ -237,8 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\nPlans of one claim (batch 50):\n")
         for plan in cost["plans"]:
             print(plan, "\n")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,16 @@ def db_snapshot(admin_url: str, dbname: str) -> DbSnapshot:
                       calls)
 
 
+def stats_row(admin_url: str, query: str, params: Sequence[Any]) -> tuple[Any, ...]:
+    """The one row of `query` over the statistics views (pg_stat_statements and the like),
+    read on a connection of its own once its own pending counts are flushed."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute("select pg_stat_force_next_flush()")
+        row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
 def wait_backends_gone(admin_url: str, dbname: str, timeout: float = 30.0) -> None:
     """Wait until no backend is connected to `dbname`: an exiting backend flushes its
     statistics, so a snapshot taken after this sees all of them."""

@@ -28,7 +28,6 @@ out. Median of --repeat runs after one warm-up.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -40,80 +39,17 @@ from typing import Any
 
 import psycopg
 
+from bench.cli import bench_parser, write_json
 from bench.measure import table
+from bench.sql import bench_sql
 from bench.stack import servers
 
 TARGET_MS = 50.0  # issue 20: any payload up to the size limit accepted or refused within this
 
 # Schema version 3's payload checks (20261124000000 and 20261130000100), for comparison only.
-OLD_CHECK_REQUEST = """
-create or replace function public.agent_task_requests_check_request()
-returns trigger language plpgsql set search_path = '' as $$
-declare
-    max_bytes bigint := coalesce(
-        nullif(current_setting('agent_bridge.max_request_bytes', true), '')::bigint, 1048576);
-    size_bytes bigint;
-begin
-    if new.request_payload is null or jsonb_typeof(new.request_payload) <> 'object' then
-        raise exception 'request_payload must be a JSON object such as {"prompt": "..."}, got %',
-            coalesce(jsonb_typeof(new.request_payload), 'null') using errcode = '22023';
-    end if;
-    size_bytes := octet_length(new.request_payload::text);
-    if size_bytes > max_bytes then
-        raise exception 'request_payload is % bytes; the limit is % bytes', size_bytes, max_bytes
-            using errcode = '22001';
-    end if;
-    return new;
-end $$;
-"""
-OLD_WALKER_BODY = """
-    level := array[doc];
-    while cardinality(level) > 0 loop
-        depth := depth + 1;
-        if depth > max_depth then
-            RAISE_OR_RETURN;
-        end if;
-        select coalesce(array_agg(c.value), '{}') into level
-          from unnest(level) as v(doc)
-         cross join lateral (
-                select e.value from jsonb_each(
-                    case when jsonb_typeof(v.doc) = 'object' then v.doc end) e
-                union all
-                select a.value from jsonb_array_elements(
-                    case when jsonb_typeof(v.doc) = 'array' then v.doc end) a) c
-         where jsonb_typeof(c.value) in ('object', 'array');
-    end loop;
-"""
-OLD_CHECK_SHAPE = """
-create or replace function public.agent_task_requests_check_shape()
-returns trigger language plpgsql set search_path = '' as $$
-declare
-    max_depth integer := coalesce(
-        nullif(current_setting('agent_bridge.max_request_depth', true), '')::integer, 64);
-    doc jsonb := new.request_payload;
-    level jsonb[];
-    depth integer := 0;
-begin
-    if new.run_at is not null and not isfinite(new.run_at) then
-        raise exception 'run_at must be a finite time, got %', new.run_at using errcode = '22023';
-    end if;
-""" + OLD_WALKER_BODY.replace("RAISE_OR_RETURN", """raise exception
-                'request_payload is nested more than % levels deep; the limit is % levels',
-                max_depth, max_depth using errcode = '22023'""") + """
-    return new;
-end $$;
-"""
-OLD_WALKER = """
-create or replace function public.bench_old_too_deep(doc jsonb, max_depth integer)
-returns boolean language plpgsql set search_path = '' as $$
-declare
-    level jsonb[];
-    depth integer := 0;
-begin
-""" + OLD_WALKER_BODY.replace("RAISE_OR_RETURN", "return true") + """
-    return false;
-end $$;
-"""
+OLD_CHECK_REQUEST = bench_sql("old_check_request")
+OLD_CHECK_SHAPE = bench_sql("old_check_shape")
+OLD_WALKER = bench_sql("old_walker")  # the walker alone: public.bench_old_too_deep(doc, depth)
 NEW_DEPTH = ("""select jsonb_path_exists(p, 'lax $.**{64}.type() ? (@ == "object" || """
              """@ == "array")') from bench_payload""")
 
@@ -321,18 +257,15 @@ def render(results: list[dict[str, Any]], repeat: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.payload_shapes", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("bench.payload_shapes", __doc__)
     p.add_argument("--repeat", type=int, default=5, help="measured runs per figure (default 5)")
-    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     began = time.monotonic()
     results = run(max(1, args.repeat))
     print()
     print(render(results, max(1, args.repeat)))
     print(f"({os.cpu_count()} CPUs; {time.monotonic() - began:.0f} s)")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return 0
 
 

@@ -22,32 +22,20 @@ import psutil
 import psycopg
 import redis
 
+from bench.sql import bench_sql
 from bridge import processes
 from bridge.localstack import LocalPostgres, LocalRedis, with_database
 from bridge.migrate import migrate
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-# Fires when a row finishes, so a waiting benchmark wakes at once instead of polling
-# (added to benchmark databases only; it is not part of agent-bridge).
-DONE_TRIGGER = """
-create or replace function public.bench_notify_done() returns trigger
-language plpgsql as $$
-begin
-    perform pg_notify('bench_done', new.id::text);
-    return null;
-end
-$$;
-drop trigger if exists bench_notify_done on public.{table};
-create trigger bench_notify_done after update of status on public.{table}
-    for each row when (new.status in ({statuses}))
-    execute function public.bench_notify_done();
-"""
-
+SERVICE_KEY = "bench-service-role-key"  # the PostgREST stand-in's, in Supabase mode
 
 def done_trigger_sql(table: str, statuses: Sequence[str]) -> str:
-    return DONE_TRIGGER.format(table=table, statuses=", ".join(f"'{s}'" for s in statuses))
+    """A trigger that fires when a row finishes, so a waiting benchmark wakes at once
+    instead of polling (added to benchmark databases only; not part of agent-bridge)."""
+    return bench_sql("done_trigger").format(
+        table=table, statuses=", ".join(f"'{s}'" for s in statuses))
 
 
 class Proc(processes.Proc):
@@ -166,20 +154,13 @@ class ProcGroup(processes.ProcGroup[Proc]):
 
     def celery_worker(self, app: str, *, pool: str, concurrency: int, wait: bool = True,
                       name: str = "worker", **env: str) -> Proc:
-        n = self.count(name)
-        proc = self.start(name, [
-            str(BIN / "celery"), "-A", app, "worker", "-P", pool, "-c", str(concurrency),
-            "-n", f"{name}{n}-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
-            "--loglevel", self.env.get("LOG_LEVEL", "INFO")], **env)
-        if wait:
-            proc.wait_for_output(" ready.", 90)
-        return proc
+        return self.start_worker(app, pool=pool, concurrency=concurrency,
+                                 node=f"{name}{self.count(name)}", name=name,
+                                 loglevel=self.env.get("LOG_LEVEL", "INFO"),
+                                 ready_within=90 if wait else None, **env)
 
     def bridge(self, *, wait: bool = True, **env: str) -> Proc:
-        proc = self.start("bridge", [str(BIN / "agent-bridge"), "run"], **env)
-        if wait:
-            proc.wait_for_output("ONLINE", 60)
-        return proc
+        return self.start_bridge(ready_within=60 if wait else None, **env)
 
 
 def base_env(*, db_url: str = "", redis_url: str, state_dir: Path | None = None,
@@ -201,3 +182,18 @@ def base_env(*, db_url: str = "", redis_url: str, state_dir: Path | None = None,
         env["BENCH_STATE_DIR"] = str(state_dir)
     env.update(extra)
     return env
+
+
+def transport_env(db_url: str, transport: str, *, redis_url: str, state_dir: Path,
+                  **extra: str) -> tuple[dict[str, str], Any]:
+    """The environment of a run on `transport`, and the PostgREST stand-in it talks to:
+    `postgres` connects to `db_url` (no stand-in: None); `supabase` goes through a stand-in
+    on it, started here for the caller to stop."""
+    if transport != "supabase":
+        return base_env(db_url=db_url, redis_url=redis_url, state_dir=state_dir, **extra), None
+    from tests.fakes.postgrest import PostgrestStub
+
+    stub = PostgrestStub(db_url, service_key=SERVICE_KEY)
+    extra.update(SUPABASE_URL=stub.start(), SUPABASE_SERVICE_KEY=SERVICE_KEY,
+                 BRIDGE_TRANSPORT="supabase")
+    return base_env(redis_url=redis_url, state_dir=state_dir, **extra), stub

@@ -26,7 +26,6 @@ at two answer lengths, to show linear against quadratic growth.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import string
@@ -38,44 +37,16 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from bench.cli import bench_parser, write_json
 from bench.handlers import note_time
 from bench.measure import summary_ms, table, wait_until
+from bench.sql import bench_sql
 from bench.stack import ProcGroup, Servers, base_env, servers
 
 FIRST = "first_token.log"
 REPORT_EVERY = 0.05  # seconds between two reports of the handler (the OpenAI handler: 0.25)
 START_OVER = 5.0  # seconds over which the tasks are inserted (streams start at a steady rate)
 
-# Bench-only: NOTIFY when a task's first partial answer commits (a chunk at seq 0, or the
-# row's first response_payload while it runs), so the bench sees it when Realtime could.
-FIRST_WRITE_TRIGGERS = """
-create or replace function public.bench_first_chunk() returns trigger
-language plpgsql as $$
-begin
-    if new.seq = 0 then
-        perform pg_notify('bench_first', new.task_id::text);
-    end if;
-    return null;
-end
-$$;
-drop trigger if exists bench_first_chunk on public.agent_task_chunks;
-create trigger bench_first_chunk after insert on public.agent_task_chunks
-    for each row execute function public.bench_first_chunk();
-create or replace function public.bench_first_payload() returns trigger
-language plpgsql as $$
-begin
-    perform pg_notify('bench_first', new.id::text);
-    return null;
-end
-$$;
-drop trigger if exists bench_first_payload on public.agent_task_requests;
-create trigger bench_first_payload after update of response_payload on public.agent_task_requests
-    for each row when (new.status = 'processing' and old.response_payload is null
-                       and new.response_payload is not null)
-    execute function public.bench_first_payload();
-alter table public.agent_task_requests set (autovacuum_enabled = false);
-alter table public.agent_task_chunks set (autovacuum_enabled = false);
-"""
 
 
 # The handler (AGENT_HANDLER=bench.streaming:tokens) ------------------------------------
@@ -138,7 +109,7 @@ def _counters(db: str) -> dict[str, int]:
 def run(s: Servers, mode: str, n: int, count: int, seconds: float) -> dict[str, Any]:
     db = s.new_database(f"stream_{mode}")
     with psycopg.connect(db, autocommit=True) as conn:
-        conn.execute(FIRST_WRITE_TRIGGERS.encode())
+        conn.execute(bench_sql("first_write_triggers").encode())  # NOTIFY on first writes
     workdir = s.workdir(f"stream-{mode}-{count}")
     state = workdir / "state"
     state.mkdir()
@@ -203,11 +174,9 @@ def run(s: Servers, mode: str, n: int, count: int, seconds: float) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.streaming", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("bench.streaming", __doc__)
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--tasks", type=int, default=200, help="streams at once (default 200)")
-    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     n = 20 if args.quick else args.tasks
     # (tokens, seconds): the same pace, 133 tokens/s, at two lengths.
@@ -233,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(f"per streamed answer, {n} streams at once (minus a task that streams nothing)",
                 ["mode", "tokens", "chars", "WAL KiB", "row UPDATEs", "chunk INSERTs",
                  "Realtime msgs", "1st partial p50 ms", "p95", "max"], rows))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     return 0
 
 

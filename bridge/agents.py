@@ -13,6 +13,9 @@ optional TOML file with one table per agent:
     model = "gpt-4o-mini"
     system_prompt = "Answer in one short paragraph."
     temperature = 0.2
+    max_tokens = 800      # also what one run may spend (reserved from the tenant's budget)
+    rpm = 60              # this agent's share of the key's requests / tokens per minute
+    tpm = 40000
 
 Only names and strings live here: the bridge routes by name and never imports a
 handler (the worker does, in tasks/).
@@ -27,7 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from bridge.errors import ConfigError
 
@@ -37,7 +40,8 @@ HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 # What a table of AGENTS_FILE may set, and for `openai` what the built-in handler takes.
 LIMITS = ("time_limit", "max_retries", "max_attempts")
-OPENAI_KEYS = {"model": str, "system_prompt": str, "temperature": float}
+OPENAI_KEYS = {"model": str, "system_prompt": str, "temperature": float,
+               "max_tokens": int, "rpm": int, "tpm": int, "tenant_rpm": int}
 
 
 @dataclass(frozen=True)
@@ -84,49 +88,33 @@ def queue_name(base: str, agent: str) -> str:
     return base if agent == DEFAULT else f"{base}.{agent}"
 
 
-class AgentSettings(Protocol):
-    """What `configure` reads of the settings (bridge.config.Settings has it all): a
-    protocol, so this module does not import bridge.config, which imports it."""
-
-    @property
-    def agent_handler(self) -> str: ...
-    @property
-    def agents(self) -> str: ...
-    @property
-    def agents_file(self) -> str: ...
-    @property
-    def celery_queue(self) -> str: ...
-    @property
-    def time_limit(self) -> float: ...
-    @property
-    def max_retries(self) -> int: ...
-
-
 @cache
-def configure(settings: AgentSettings) -> Agents:
-    """The agents of these settings; ConfigError says what is wrong and where. Whether
+def configure(agent_handler: str, agents: str, agents_file: str, *, celery_queue: str,
+              time_limit: float, max_retries: int) -> Agents:
+    """The agents of AGENT_HANDLER, AGENTS and AGENTS_FILE, with the other settings as
+    their defaults (Settings.configured_agents passes them: this module does not import
+    bridge.config, which imports it); ConfigError says what is wrong and where. Whether
     each agent's time limit fits the visibility timeout is Settings.validate's check."""
-    handlers = {DEFAULT: settings.agent_handler, **parse_agents(settings.agents)}
-    tables = read_file(settings.agents_file) if settings.agents_file else {}
+    handlers = {DEFAULT: agent_handler, **parse_agents(agents)}
+    tables = read_file(agents_file) if agents_file else {}
     for name in tables:
         if name not in handlers:
             raise ConfigError(
-                f"AGENTS_FILE={settings.agents_file} configures agent {name!r}, which AGENTS "
+                f"AGENTS_FILE={agents_file} configures agent {name!r}, which AGENTS "
                 f"does not name (agents: {', '.join(sorted(handlers))})")
-    agents: dict[str, Agent] = {}
+    found: dict[str, Agent] = {}
     for name, handler in handlers.items():
         table = tables.get(name, {})
         where = f"AGENTS_FILE [{name}]"
-        agents[name] = Agent(
-            name=name, handler=handler, queue=queue_name(settings.celery_queue, name),
-            time_limit=_number(table, "time_limit", settings.time_limit, where, low=0,
-                               strict=True),
-            max_retries=int(_number(table, "max_retries", settings.max_retries, where, low=0,
+        found[name] = Agent(
+            name=name, handler=handler, queue=queue_name(celery_queue, name),
+            time_limit=_number(table, "time_limit", time_limit, where, low=0, strict=True),
+            max_retries=int(_number(table, "max_retries", max_retries, where, low=0,
                                     integer=True)),
             max_attempts=(None if "max_attempts" not in table else int(
                 _number(table, "max_attempts", 0, where, low=1, integer=True))),
             openai=_openai(table.get("openai", {}), where))
-    return Agents(agents)
+    return Agents(found)
 
 
 def parse_agents(raw: str) -> dict[str, str]:
@@ -193,8 +181,9 @@ def _openai(table: Any, where: str) -> dict[str, Any]:
         if kind is None:
             raise ConfigError(f"{where}.openai: unknown setting {key!r} "
                               f"(known: {', '.join(OPENAI_KEYS)})")
-        if kind is float:
-            options[key] = _number(table, key, 0.0, f"{where}.openai", low=0)
+        if kind is float or kind is int:
+            options[key] = _number(table, key, 0.0, f"{where}.openai", low=0,
+                                   integer=kind is int)
         elif not isinstance(value, str):
             raise ConfigError(f"{where}.openai: {key} must be a string")
         else:

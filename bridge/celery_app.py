@@ -15,7 +15,6 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from bridge.agents import configure
 from bridge.config import Settings
 
 # The task names, the contract between the bridge (which sends them) and the worker
@@ -32,7 +31,7 @@ def create_celery_app(settings: Settings, main: str = "agent_bridge") -> Celery:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    agents = configure(settings)
+    agents = settings.configured_agents()
     longest = max(a.time_limit for a in agents)
     return {
         "broker_url": settings.broker_url,

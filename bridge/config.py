@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from dotenv import find_dotenv, load_dotenv
 
-from bridge.agents import Agent, configure
+from bridge.agents import Agent, Agents, configure
 from bridge.errors import ConfigError as ConfigError  # defined there; imported from here too
 
 # --------------------------------------------------------------------------- one parser
@@ -208,7 +208,9 @@ class Settings:
         "LEASE_SECONDS", 30.0,
         "Lease on a claimed row; workers renew it every third of this while a handler runs.")
     rescue_interval: float = setting(
-        "RESCUE_INTERVAL", 5.0, "Seconds between sweeps that return expired leases to pending.")
+        "RESCUE_INTERVAL", 5.0,
+        "Seconds between sweeps that return expired leases to pending (or end the row "
+        "failed, LeaseExpired, once its attempts are used up).")
     heartbeat_interval: float = setting(
         "HEARTBEAT_INTERVAL", 30.0, "Seconds between the bridge's heartbeat lines.")
     metrics_port: int = setting(
@@ -371,8 +373,14 @@ class Settings:
                               "that many rows, and claimed rows past it would wait for their "
                               "lease; lower BRIDGE_BATCH_SIZE")
         self.check_visibility_timeout()
-        for agent in configure(self):  # AGENTS and AGENTS_FILE, checked here
+        for agent in self.configured_agents():  # AGENTS and AGENTS_FILE, checked here
             self.check_visibility_timeout(agent)
+
+    def configured_agents(self) -> Agents:
+        """The agents of AGENT_HANDLER, AGENTS and AGENTS_FILE (read once per settings)."""
+        return configure(self.agent_handler, self.agents, self.agents_file,
+                         celery_queue=self.celery_queue, time_limit=self.time_limit,
+                         max_retries=self.max_retries)
 
     def require_store(self) -> None:
         """Fail with a one-line fix when no task store is configured."""

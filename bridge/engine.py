@@ -15,7 +15,6 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from bridge.agents import configure
 from bridge.backpressure import QueueGauge
 from bridge.config import Settings
 from bridge.errors import SchemaMissing, StoreError, StoreUnavailable, first_line
@@ -85,7 +84,7 @@ class Bridge:
         self.counts = Counts()
         self.database = Outage("Database" if settings.store_kind == "postgres" else "Supabase")
         self.broker = Outage("Broker")
-        self.agents = configure(settings)
+        self.agents = settings.configured_agents()
         self.registered = False  # AGENTS written to agent_bridge_agents
         self.schema_problem: str | None = None  # said while the schema is missing or old
         # Backpressure is per agent queue: a full queue stops claiming that agent's rows
@@ -227,28 +226,17 @@ class Bridge:
                     self.schema_problem = None
                 self.database.ok()
                 self.broker.ok()
-            except BrokerUnavailable as exc:
-                pause = self.broker.failed(exc)
-                if once:
-                    return RoundFailure("broker", first_line(exc))
-                stop.wait(pause)
-                continue
-            except StoreUnavailable as exc:
-                pause = self.database.failed(exc)
-                if once:
-                    return RoundFailure("database", first_line(exc))
-                stop.wait(pause)
-                continue
             except SchemaMissing as exc:  # not migrated (yet): wait for it, say it once
                 if once:
                     return RoundFailure("schema", str(exc))
                 self._schema_missing(exc)
                 stop.wait(self.settings.poll_interval)
                 continue
-            except StoreError as exc:  # refused
-                pause = self.database.failed(exc)
+            except (BrokerUnavailable, StoreError) as exc:  # unreachable, or refused
+                what, outage = self._outage_of(exc)
+                pause = outage.failed(exc)
                 if once:
-                    return RoundFailure("refused", first_line(exc))
+                    return RoundFailure(what, first_line(exc))
                 stop.wait(pause)
                 continue
             except Exception as exc:
@@ -284,6 +272,12 @@ class Bridge:
         log.info("👋 Bridge stopped.", extra={"action": "stopped"})
         return None
 
+    def _outage_of(self, exc: BrokerUnavailable | StoreError) -> tuple[str, Outage]:
+        """What a failed round says (RoundFailure.what), and whose outage it is."""
+        if isinstance(exc, BrokerUnavailable):
+            return "broker", self.broker
+        return ("database" if isinstance(exc, StoreUnavailable) else "refused"), self.database
+
     def _schema_missing(self, exc: SchemaMissing) -> None:
         """Say once (and again only if it changes) that the database lacks our schema;
         the loop looks again every POLL_INTERVAL and starts once a migration lands."""
@@ -304,6 +298,7 @@ class Bridge:
                 self.metrics.oldest_pending.labels(a.agent).set(a.oldest_due_seconds or 0)
                 self.metrics.processing.labels(a.agent).set(a.processing)
                 self.metrics.failed.labels(a.agent).set(a.failed)
+            self.metrics.spend.totals = self.store.usage_totals()
         except StoreError:
             pass
         log.info("💓 Bridge heartbeat: %s - Still watching for tasks... claimed=%d enqueued=%d "

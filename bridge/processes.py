@@ -16,12 +16,15 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import IO, Generic, TypeVar
 
 from bridge.errors import AgentBridgeError
+
+BIN = Path(sys.executable).parent  # this venv's `celery` and `agent-bridge`
 
 # How long a child gets between SIGTERM and SIGKILL: a Celery worker finishes or
 # requeues what it runs (late acks), the bridge closes its connections.
@@ -147,6 +150,27 @@ class ProcGroup(Generic[P]):
             name = f"{name}{self.count(name)}"
             log_path = self.log_dir / f"{name}.log"
         return self.add(self.proc_type(name, args, {**self.env, **env}, log_path, cwd=self.cwd))
+
+    def start_worker(self, app: str, *, pool: str, concurrency: int, node: str,
+                     loglevel: str = "INFO", queues: str | None = None,
+                     ready_within: float | None = 60, name: str = "worker", **env: str) -> P:
+        """`celery -A <app> worker` as the tests and the bench run it (no mingle or gossip:
+        they only slow the start); waits for its ` ready.` line unless `ready_within` is
+        None."""
+        proc = self.start(name, [
+            str(BIN / "celery"), "-A", app, "worker", "-P", pool, "-c", str(concurrency),
+            "-n", f"{node}-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
+            "--loglevel", loglevel, *(["-Q", queues] if queues else [])], **env)
+        if ready_within is not None:
+            proc.wait_for_output(" ready.", ready_within)
+        return proc
+
+    def start_bridge(self, *, ready_within: float | None = 60, **env: str) -> P:
+        """`agent-bridge run`; waits for its ONLINE line unless `ready_within` is None."""
+        proc = self.start("bridge", [str(BIN / "agent-bridge"), "run"], **env)
+        if ready_within is not None:
+            proc.wait_for_output("ONLINE", ready_within)
+        return proc
 
     def add(self, proc: P) -> P:
         """Track a child started elsewhere, so `stop_all` stops it too."""

@@ -10,16 +10,17 @@ has one name and one definition, shared by both transports.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import NamedTuple
 
 _HEADER = re.compile(r"^-- (\w+) --$", re.MULTILINE)
 _FUNCTION = re.compile(r"\bpublic\.(\w+)\(")
 
 
-@dataclass(frozen=True)
-class Query:
+class Query(NamedTuple):
+    """One named block: what it does, its statement, and the function it calls."""
+
     name: str
     description: str
     sql: str

@@ -63,6 +63,18 @@ create table public.agent_task_requests (
     cancel_requested_at timestamptz,
     -- The row's replica identity (section 2): what a Realtime DELETE event carries.
     replica_key bigint generated always as identity,
+    -- {input_tokens, output_tokens, cost[, unreported_tokens]}: what the task's attempts
+    -- spent, summed; users may read it.
+    usage jsonb,
+    -- {tokens, cost, period, period_start}: what the running attempt's bind reserved;
+    -- private to the service.
+    spend_reserved jsonb,
+    -- attempt * 100000 + run of the last usage report applied: a report is counted once.
+    usage_mark bigint,
+    -- The submitter's key for this request: unique per (user_id, agent) while the row
+    -- exists (agent_task_requests_idempotency_key_idx, and the trigger
+    -- agent_task_requests_0_idempotency, section 5).
+    idempotency_key text,
     constraint agent_task_requests_status_check
         check (status in ('pending', 'processing', 'completed', 'failed')),
     constraint agent_task_requests_attempts_check check (attempts >= 0 and max_attempts >= 1),
@@ -75,7 +87,9 @@ create table public.agent_task_requests (
     constraint agent_task_requests_lease_held_check
         check ((status = 'processing') = (lease_expires_at is not null)),
     -- '-infinity' broke the stats, 'infinity' never ran.
-    constraint agent_task_requests_run_at_check check (isfinite(run_at))
+    constraint agent_task_requests_run_at_check check (isfinite(run_at)),
+    constraint agent_task_requests_idempotency_key_check
+        check (char_length(idempotency_key) between 1 and 200)
 )
 -- The start and the lease renewals change no indexed column: with room left on the page
 -- they are HOT updates, which write no index at all.
@@ -182,6 +196,13 @@ create table public.agent_tenant_limits (
         constraint agent_tenant_limits_max_request_bytes_per_day_check
         check (max_request_bytes_per_day >= 0),
     allowed_agents text[],
+    token_budget bigint
+        constraint agent_tenant_limits_token_budget_check check (token_budget >= 0),
+    cost_budget numeric(20, 6)
+        constraint agent_tenant_limits_cost_budget_check check (cost_budget >= 0),
+    budget_period text
+        constraint agent_tenant_limits_budget_period_check
+        check (budget_period in ('day', 'month')),
     constraint agent_tenant_limits_check check (min_priority <= max_priority)
 );
 
@@ -203,6 +224,15 @@ comment on column public.agent_tenant_limits.max_request_bytes_per_day is
 comment on column public.agent_tenant_limits.allowed_agents is
     'The agents the tenant''s signed-in users may insert rows for (null = as ''*''; null in '
     '''*'' = every agent).';
+
+comment on column public.agent_tenant_limits.token_budget is
+    'Tokens (input + output) the tenant may spend per budget_period (null = as ''*''; null in '
+    '''*'' = no token budget).';
+comment on column public.agent_tenant_limits.cost_budget is
+    'Cost, in the unit handlers report (e.g. USD), the tenant may spend per budget_period '
+    '(null = as ''*''; null in ''*'' = no cost budget).';
+comment on column public.agent_tenant_limits.budget_period is
+    '''day'' or ''month'' (UTC) (null = as ''*''; null in ''*'' = month).';
 
 -- The default row, as the migrations insert it (an operator may change it; later
 -- migrations never overwrite it).
@@ -261,6 +291,59 @@ comment on table agent_bridge.user_day_usage is
     'UTC day (agent_tenant_limits.max_rows_per_day, max_request_bytes_per_day). Delete a row to '
     'give a user their day back.';
 
+-- Whether state changes, streamed pieces and wake-ups also go out as Realtime Broadcast
+-- (issue 24). On where Realtime reads the database (a Supabase project); off on a plain
+-- PostgreSQL, where nothing would deliver or prune realtime.messages (the realtime schema
+-- supabase_compat.sql creates for tests does not count). Operators switch it with
+--   update agent_bridge.realtime_broadcast set enabled = true;   -- or false
+create table agent_bridge.realtime_broadcast (
+    only_row boolean primary key default true check (only_row),
+    enabled boolean not null
+);
+
+comment on table agent_bridge.realtime_broadcast is
+    'Whether state changes, streamed pieces and wake-ups are sent as Realtime Broadcast.';
+
+insert into agent_bridge.realtime_broadcast (enabled)
+select to_regclass('realtime.messages') is not null
+   and to_regprocedure('realtime.send(jsonb,text,text,boolean)') is not null
+   and coalesce(obj_description(to_regnamespace('realtime'), 'pg_namespace'), '')
+       <> 'agent-bridge compat';
+
+-- Spend per tenant and budget period (issue 25); see agent_bridge.reserve_spend.
+create table public.agent_tenant_usage (
+    tenant text not null,
+    period text not null
+        constraint agent_tenant_usage_period_check check (period in ('day', 'month')),
+    period_start date not null,
+    input_tokens bigint not null default 0,
+    output_tokens bigint not null default 0,
+    -- reservations charged whole: attempts that ended without reporting their usage
+    unreported_tokens bigint not null default 0,
+    cost numeric(20, 6) not null default 0,
+    -- held by running attempts
+    reserved_tokens bigint not null default 0,
+    reserved_cost numeric(20, 6) not null default 0,
+    -- attempts whose usage was counted
+    attempts integer not null default 0,
+    updated_at timestamptz not null default now(),
+    primary key (tenant, period, period_start)
+);
+
+comment on table public.agent_tenant_usage is
+    'agent-bridge spend per tenant and budget period (UTC day or month): tokens and cost the '
+    'tenant''s tasks reported, reservations charged whole, and what running attempts hold.';
+
+-- Spend per agent since the start, for the bridge's Prometheus counters
+-- (agent_bridge_tokens_total, agent_bridge_cost_total); written with the tenant's usage.
+create table agent_bridge.agent_usage (
+    agent text primary key,
+    input_tokens bigint not null default 0,
+    output_tokens bigint not null default 0,
+    unreported_tokens bigint not null default 0,
+    cost numeric(20, 6) not null default 0
+);
+
 -- 2. Indexes --------------------------------------------------------------------------------
 
 -- The claim reads these in order and stops after `limit` rows: a tenant's due rows in its
@@ -287,6 +370,11 @@ create index agent_task_requests_user_active_idx
     where status in ('pending', 'processing');
 create index agent_task_requests_user_idx
     on public.agent_task_requests (user_id);
+-- Idempotency keys: one row per (user, agent, key). Rows without user_id (the service's
+-- own inserts) share one key space per agent: nulls not distinct.
+create unique index agent_task_requests_idempotency_key_idx
+    on public.agent_task_requests (user_id, agent, idempotency_key) nulls not distinct
+    where idempotency_key is not null;
 -- The prune: the oldest finished rows first, a short range scan from the left whatever
 -- the table's size. Serves the requeue's failed_since filter too.
 create index agent_task_requests_finished_idx
@@ -578,6 +666,438 @@ begin
             using errcode = '22023';
     end if;
 end
+$$;
+
+-- Security definer: the receive policy evaluates it as the subscriber, who may not read
+-- the flag table.
+create function agent_bridge.broadcasting()
+returns boolean
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+    select coalesce((select enabled from agent_bridge.realtime_broadcast), false)
+       and to_regprocedure('realtime.send(jsonb,text,text,boolean)') is not null
+$$;
+
+-- The receive rule for a task's topic, evaluated as the subscriber (security invoker):
+-- the row must be one the subscriber may select, which the table's own policies decide.
+create function agent_bridge.may_receive(p_topic text)
+returns boolean
+language plpgsql
+stable
+security invoker
+set search_path = ''
+as $$
+begin
+    if p_topic is null
+       or p_topic !~ '^agent_task:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+       or not agent_bridge.broadcasting() then
+        return false;
+    end if;
+    return exists (select 1 from public.agent_task_requests r
+                    where r.id = substr(p_topic, 12)::uuid);
+end
+$$;
+
+-- A row's state as its user may see it, for the `state` event: the columns a user may
+-- select, without request_payload (the user wrote it; it never changes). An answer or
+-- error too big for one message is left out and named in `omitted`: the client reads the
+-- row for it.
+create function agent_bridge.state_message(p_row public.agent_task_requests)
+returns jsonb
+language plpgsql
+stable
+set search_path = ''
+as $$
+declare
+    v_state jsonb := jsonb_build_object(
+        'id', p_row.id, 'status', p_row.status, 'attempts', p_row.attempts,
+        'max_attempts', p_row.max_attempts, 'priority', p_row.priority,
+        'run_at', p_row.run_at, 'lease_expires_at', p_row.lease_expires_at,
+        'started_at', p_row.started_at, 'finished_at', p_row.finished_at,
+        'created_at', p_row.created_at, 'updated_at', p_row.updated_at,
+        'user_id', p_row.user_id, 'enterprise_id', p_row.enterprise_id,
+        'agent', p_row.agent);
+    v_result jsonb := jsonb_build_object('response_payload', p_row.response_payload,
+                                         'error', p_row.error);
+begin
+    if octet_length(v_result::text) > 65536 then
+        return v_state || jsonb_build_object('response_payload', null, 'error', null,
+                                             'omitted', jsonb_build_array('response_payload', 'error'));
+    end if;
+    return v_state || v_result;
+end
+$$;
+
+-- Spend control (issue 25): token and cost budgets per tenant and period, enforced where
+-- they cannot be raced.
+--
+--   insert   refused once the tenant's budget is spent (the admit trigger)
+--   claim    a queued row of a tenant whose budget is spent ends failed / BudgetExceeded
+--            without reaching a worker (public.agent_tasks_claim)
+--   bind     the worker's bind declares what its handler may spend; the bind reserves it
+--            from what is left (less if less is left; refused, and the row failed, when
+--            nothing is), under the tenant's usage row lock, so concurrent tasks cannot
+--            overshoot together (agent_bridge.reserve_spend)
+--   usage    the attempt's real spend, in the transaction of its outcome, fenced like it
+--            and counted once (public.agent_tasks_write kind 'usage'); it replaces the
+--            reservation
+--   end      an attempt that ends, or changes holder, with its reservation unsettled (a
+--            crash, a cancel, a rescue, a handler that reported nothing) is charged the
+--            whole reservation: it may have spent it (agent_task_requests_settle_spend)
+--
+-- Usage is kept per task (agent_task_requests.usage, which users may read) and per tenant
+-- and period (public.agent_tenant_usage, the tenant's own rows readable by its users).
+
+
+-- Whether any tenant has a budget: the checks below are skipped (one probe of a small
+-- table) where none has.
+create function agent_bridge.budgets_exist()
+returns boolean
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    select exists (select 1 from public.agent_tenant_limits l
+                    where l.token_budget is not null or l.cost_budget is not null)
+$$;
+
+-- A tenant's budgets and spend in its current period. `*_left` count reservations as
+-- spent; null where there is no such budget.
+create function agent_bridge.budget_state(p_tenant text)
+returns table (tenant text, period text, period_start date, resets_at timestamptz,
+               token_budget bigint, cost_budget numeric, tokens bigint, cost numeric,
+               reserved_tokens bigint, reserved_cost numeric, tokens_left bigint,
+               cost_left numeric)
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    with l as (
+        select coalesce(max(l.token_budget) filter (where l.tenant = p_tenant),
+                        max(l.token_budget) filter (where l.tenant = '*')) as token_budget,
+               coalesce(max(l.cost_budget) filter (where l.tenant = p_tenant),
+                        max(l.cost_budget) filter (where l.tenant = '*')) as cost_budget,
+               coalesce(max(l.budget_period) filter (where l.tenant = p_tenant),
+                        max(l.budget_period) filter (where l.tenant = '*'),
+                        'month') as period
+          from public.agent_tenant_limits l
+         where l.tenant in (p_tenant, '*')
+    ),
+    p as (
+        select l.*, date_trunc(l.period, now() at time zone 'UTC')::date as period_start
+          from l
+    )
+    select p_tenant, p.period, p.period_start,
+           (p.period_start + case p.period when 'day' then interval '1 day'
+                                           else interval '1 month' end)
+               ::timestamp at time zone 'UTC',
+           p.token_budget, p.cost_budget,
+           coalesce(u.input_tokens + u.output_tokens + u.unreported_tokens, 0),
+           coalesce(u.cost, 0),
+           coalesce(u.reserved_tokens, 0),
+           coalesce(u.reserved_cost, 0),
+           p.token_budget - coalesce(u.input_tokens + u.output_tokens + u.unreported_tokens
+                                     + u.reserved_tokens, 0),
+           p.cost_budget - coalesce(u.cost + u.reserved_cost, 0)
+      from p
+      left join public.agent_tenant_usage u
+        on u.tenant = p_tenant and u.period = p.period and u.period_start = p.period_start
+$$;
+
+-- The error a row gets when its tenant's budget is spent: which budget, how much, and when
+-- it resets. Null while the tenant may still spend. With p_count_reserved, what running
+-- attempts hold counts as spent (a bind's question); without, only what was spent (an
+-- insert's and a claim's: a reservation may yet be given back).
+create function agent_bridge.budget_exceeded(p_tenant text, p_count_reserved boolean)
+returns jsonb
+language plpgsql
+stable
+security invoker
+set search_path = ''
+as $$
+declare
+    s record;
+    v_which text;
+    v_used text;
+    v_reserved text;
+begin
+    select * into s from agent_bridge.budget_state(p_tenant);
+    if s.token_budget is not null
+       and (case when p_count_reserved then s.tokens_left
+                 else s.token_budget - s.tokens end) <= 0 then
+        v_which := 'token';
+        v_used := format('%s of %s tokens', s.tokens, s.token_budget);
+        v_reserved := case when p_count_reserved and s.reserved_tokens > 0
+                           then format(', %s more held by running tasks', s.reserved_tokens) end;
+    elsif s.cost_budget is not null
+          and (case when p_count_reserved then s.cost_left
+                    else s.cost_budget - s.cost end) <= 0 then
+        v_which := 'cost';
+        v_used := format('%s of %s', s.cost::numeric(20, 2), s.cost_budget::numeric(20, 2));
+        v_reserved := case when p_count_reserved and s.reserved_cost > 0
+                           then format(', %s more held by running tasks',
+                                       s.reserved_cost::numeric(20, 2)) end;
+    else
+        return null;
+    end if;
+    return jsonb_build_object(
+        'type', 'BudgetExceeded', 'retryable', false, 'budget', v_which,
+        'period', s.period, 'resets_at', s.resets_at,
+        'message', format('%s budget spent: %s this %s%s; resets at %s', v_which, v_used,
+                          s.period, coalesce(v_reserved, ''),
+                          to_char(s.resets_at at time zone 'UTC', 'YYYY-MM-DD HH24:MI "UTC"')));
+end
+$$;
+
+-- The tenant's usage row for the period, locked: reservations and reports of one tenant
+-- take turns here.
+create function agent_bridge.lock_usage(p_tenant text, p_period text, p_period_start date)
+returns void
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+begin
+    insert into public.agent_tenant_usage (tenant, period, period_start)
+    values (p_tenant, p_period, p_period_start)
+    on conflict do nothing;
+    perform 1 from public.agent_tenant_usage u
+      where u.tenant = p_tenant and u.period = p_period and u.period_start = p_period_start
+        for update;
+end
+$$;
+
+-- A non-negative number from a spend document, or null where absent.
+create function agent_bridge.spend_number(p_doc jsonb, p_key text)
+returns numeric
+language plpgsql
+immutable
+set search_path = ''
+as $$
+declare
+    v_value jsonb := p_doc -> p_key;
+begin
+    if v_value is null or jsonb_typeof(v_value) = 'null' then
+        return null;
+    end if;
+    if jsonb_typeof(v_value) <> 'number' or (v_value #>> '{}')::numeric < 0 then
+        raise exception '% must be a number of 0 or more, got %', p_key, v_value
+            using errcode = '22023';
+    end if;
+    return (v_value #>> '{}')::numeric;
+end
+$$;
+
+-- The binds that applied, with what their handler declared it may spend ({tokens, cost},
+-- p_wants; null: nothing declared, nothing reserved): in write order, each reserves what
+-- it declared, or what is left if less, from its tenant's budget. A bind whose tenant has
+-- nothing left is refused and its row ends failed / BudgetExceeded (p_ords' refusal),
+-- before any handler runs. A row that already holds a reservation for this holder keeps it
+-- (a bind repeated). One row per bind with a declaration: its grant ({tokens, cost}: null
+-- where the tenant has no such budget, i.e. as declared) or its refusal.
+create function agent_bridge.reserve_spend(
+    p_ords integer[], p_ids uuid[], p_attempts integer[], p_workers text[], p_wants jsonb[])
+returns table (ord integer, budget jsonb, refusal jsonb)
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+#variable_conflict use_column
+declare
+    w record;
+    s record;
+    t public.agent_task_requests;
+    v_refusal jsonb;
+    v_tokens bigint;
+    v_cost numeric;
+begin
+    if not agent_bridge.budgets_exist() then
+        return query select u.ord, u.want, null::jsonb
+                       from unnest(p_ords, p_wants) u(ord, want)
+                      where u.want is not null;
+        return;
+    end if;
+    for w in select u.ord, u.id, u.attempt, u.worker, u.want
+               from unnest(p_ords, p_ids, p_attempts, p_workers, p_wants)
+                    u(ord, id, attempt, worker, want)
+              where u.want is not null
+              order by u.ord loop
+        select * into t from public.agent_task_requests r
+         where r.id = w.id and r.attempts = w.attempt and r.worker = w.worker
+           and r.status = 'processing';
+        if not found then
+            continue;
+        end if;
+        if t.spend_reserved is not null then
+            ord := w.ord;
+            budget := t.spend_reserved - 'period' - 'period_start';
+            refusal := null;
+            return next;
+            continue;
+        end if;
+        select * into s from agent_bridge.budget_state(t.tenant);
+        if s.token_budget is null and s.cost_budget is null then
+            ord := w.ord;
+            budget := w.want;
+            refusal := null;
+            return next;
+            continue;
+        end if;
+        perform agent_bridge.lock_usage(t.tenant, s.period, s.period_start);
+        v_refusal := agent_bridge.budget_exceeded(t.tenant, true);
+        if v_refusal is not null then
+            update public.agent_task_requests r
+               set status = 'failed',
+                   error = v_refusal || jsonb_build_object('at', now(), 'attempt', w.attempt),
+                   response_payload = jsonb_build_object('error', v_refusal ->> 'message'),
+                   finished_at = now(),
+                   lease_expires_at = null
+             where r.id = w.id;
+            ord := w.ord;
+            budget := null;
+            refusal := v_refusal;
+            return next;
+            continue;
+        end if;
+        select * into s from agent_bridge.budget_state(t.tenant);  -- under the lock
+        v_tokens := agent_bridge.spend_number(w.want, 'tokens');
+        v_cost := agent_bridge.spend_number(w.want, 'cost');
+        if s.token_budget is not null then
+            v_tokens := least(coalesce(v_tokens, s.tokens_left), s.tokens_left);
+        end if;
+        if s.cost_budget is not null then
+            v_cost := least(coalesce(v_cost, s.cost_left), s.cost_left);
+        end if;
+        update public.agent_tenant_usage u
+           set reserved_tokens = u.reserved_tokens + coalesce(v_tokens, 0),
+               reserved_cost = u.reserved_cost + coalesce(v_cost, 0),
+               updated_at = now()
+         where u.tenant = t.tenant and u.period = s.period and u.period_start = s.period_start;
+        update public.agent_task_requests r
+           set spend_reserved = jsonb_build_object('tokens', v_tokens, 'cost', v_cost,
+                                                   'period', s.period,
+                                                   'period_start', s.period_start)
+         where r.id = w.id;
+        ord := w.ord;
+        budget := jsonb_build_object('tokens', v_tokens, 'cost', v_cost);
+        refusal := null;
+        return next;
+    end loop;
+end
+$$;
+
+-- The usage reports of a batch (p_kinds 'usage', p_docs {input_tokens, output_tokens,
+-- cost}, p_seqs the run of the attempt that reports: Celery's retries + 1): fenced by
+-- (attempt, worker) on a processing row, counted once per (attempt, run). Each adds to the
+-- row's usage and to its tenant's period, and gives back the attempt's reservation. A row
+-- per report applied.
+create function agent_bridge.write_usage(
+    p_kinds text[], p_ids uuid[], p_attempts integer[], p_workers text[], p_docs jsonb[],
+    p_seqs integer[])
+returns setof agent_bridge.write_result
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+declare
+    w record;
+    t public.agent_task_requests;
+    s record;
+    v_in bigint;
+    v_out bigint;
+    v_cost numeric;
+    v_period text;
+    v_start date;
+begin
+    for w in select u.ord::integer as ord, u.id, u.attempt, u.worker, u.doc, u.seq
+               from unnest(p_kinds, p_ids, p_attempts, p_workers, p_docs, p_seqs)
+                    with ordinality u(kind, id, attempt, worker, doc, seq, ord)
+              where u.kind = 'usage'
+              order by u.id, u.ord loop
+        select * into t from public.agent_task_requests r
+         where r.id = w.id and r.status = 'processing' and r.attempts = w.attempt
+           and r.worker = w.worker
+           and w.attempt::bigint * 100000 + coalesce(w.seq, 0) > coalesce(r.usage_mark, 0)
+           for update;
+        if not found then
+            continue;
+        end if;
+        v_in := coalesce(agent_bridge.spend_number(w.doc, 'input_tokens'), 0);
+        v_out := coalesce(agent_bridge.spend_number(w.doc, 'output_tokens'), 0);
+        v_cost := coalesce(agent_bridge.spend_number(w.doc, 'cost'), 0);
+        if t.spend_reserved is not null then
+            v_period := t.spend_reserved ->> 'period';
+            v_start := (t.spend_reserved ->> 'period_start')::date;
+        else
+            select * into s from agent_bridge.budget_state(t.tenant);
+            v_period := s.period;
+            v_start := s.period_start;
+        end if;
+        perform agent_bridge.lock_usage(t.tenant, v_period, v_start);
+        update public.agent_tenant_usage u
+           set input_tokens = u.input_tokens + v_in,
+               output_tokens = u.output_tokens + v_out,
+               cost = u.cost + v_cost,
+               reserved_tokens = greatest(u.reserved_tokens - coalesce(
+                   (t.spend_reserved ->> 'tokens')::bigint, 0), 0),
+               reserved_cost = greatest(u.reserved_cost - coalesce(
+                   (t.spend_reserved ->> 'cost')::numeric, 0), 0),
+               attempts = u.attempts + 1,
+               updated_at = now()
+         where u.tenant = t.tenant and u.period = v_period and u.period_start = v_start;
+        perform agent_bridge.count_agent_usage(t.agent, v_in, v_out, 0, v_cost);
+        update public.agent_task_requests r
+           set usage = agent_bridge.add_usage(r.usage, v_in, v_out, v_cost, 0),
+               spend_reserved = null,
+               usage_mark = w.attempt::bigint * 100000 + coalesce(w.seq, 0)
+         where r.id = w.id;
+        return next row(w.ord, true, 'processing', w.attempt, w.worker, null, null, null,
+                        null, null, null, null)::agent_bridge.write_result;
+    end loop;
+end
+$$;
+
+-- Add spend to an agent's running totals.
+create function agent_bridge.count_agent_usage(
+    p_agent text, p_in bigint, p_out bigint, p_unreported bigint, p_cost numeric)
+returns void
+language sql
+volatile
+security invoker
+set search_path = ''
+as $$
+    insert into agent_bridge.agent_usage as a (agent, input_tokens, output_tokens,
+                                                unreported_tokens, cost)
+    values (p_agent, p_in, p_out, p_unreported, p_cost)
+    on conflict (agent) do update
+       set input_tokens = a.input_tokens + excluded.input_tokens,
+           output_tokens = a.output_tokens + excluded.output_tokens,
+           unreported_tokens = a.unreported_tokens + excluded.unreported_tokens,
+           cost = a.cost + excluded.cost
+$$;
+
+-- A task's usage with more added.
+create function agent_bridge.add_usage(
+    p_usage jsonb, p_in bigint, p_out bigint, p_cost numeric, p_unreported bigint)
+returns jsonb
+language sql
+immutable
+set search_path = ''
+as $$
+    select jsonb_strip_nulls(jsonb_build_object(
+        'input_tokens', coalesce((p_usage ->> 'input_tokens')::bigint, 0) + p_in,
+        'output_tokens', coalesce((p_usage ->> 'output_tokens')::bigint, 0) + p_out,
+        'cost', coalesce((p_usage ->> 'cost')::numeric, 0) + p_cost,
+        'unreported_tokens', nullif(coalesce((p_usage ->> 'unreported_tokens')::bigint, 0)
+                                    + p_unreported, 0)))
 $$;
 
 -- 4. State functions: the only way status changes -------------------------------------------
@@ -911,14 +1431,110 @@ volatile
 security invoker
 set search_path = ''
 as $$
+declare
+    v_claimed jsonb;
+    v_failed uuid[];
 begin
     perform agent_bridge.relax_commit();
-    return query select c.id, c.attempt, c.agent, c.request_payload, c.max_attempts,
-                        c.priority, c.user_id, c.enterprise_id, c.created_at
-                   from agent_bridge.claim_rows(p_limit, p_lease_seconds,
-                                                p_tenant_concurrency, p_agents,
-                                                p_inline_bytes) c;
+    if not agent_bridge.budgets_exist() then
+        return query select c.id, c.attempt, c.agent, c.request_payload, c.max_attempts,
+                            c.priority, c.user_id, c.enterprise_id, c.created_at
+                       from agent_bridge.claim_rows(p_limit, p_lease_seconds,
+                                                    p_tenant_concurrency, p_agents,
+                                                    p_inline_bytes) c;
+        return;
+    end if;
+    -- A row whose tenant's budget is spent ends failed / BudgetExceeded here, before it
+    -- reaches a queue (issue 25). The claim's rows are kept as JSON for a second statement:
+    -- one statement would not see the rows the claim function has just written.
+    select coalesce(jsonb_agg(to_jsonb(c)), '[]') into v_claimed
+      from agent_bridge.claim_rows(p_limit, p_lease_seconds, p_tenant_concurrency, p_agents,
+                                   p_inline_bytes) c;
+    with c as (
+        select x.id, x.attempt, coalesce(nullif(x.enterprise_id, ''), x.user_id::text,
+                                         'shared') as tenant
+          from jsonb_to_recordset(v_claimed) x(id uuid, attempt integer, user_id uuid,
+                                               enterprise_id text)
+    ),
+    spent as (
+        select x.tenant, agent_bridge.budget_exceeded(x.tenant, false) as doc
+          from (select distinct c.tenant from c) x
+    ),
+    failed as (
+        update public.agent_task_requests t
+           set status = 'failed',
+               error = s.doc || jsonb_build_object('at', now(), 'attempt', c.attempt),
+               response_payload = jsonb_build_object('error', s.doc ->> 'message'),
+               finished_at = now(),
+               lease_expires_at = null
+          from c
+          join spent s on s.tenant = c.tenant and s.doc is not null
+         where t.id = c.id and t.attempts = c.attempt
+        returning t.id
+    )
+    select coalesce(array_agg(f.id), '{}') into v_failed from failed f;
+    return query
+    select x.id, x.attempt, x.agent, x.request_payload, x.max_attempts, x.priority,
+           x.user_id, x.enterprise_id, x.created_at
+      from jsonb_to_recordset(v_claimed) x(id uuid, attempt integer, agent text,
+                                           request_payload jsonb, max_attempts integer,
+                                           priority integer, user_id uuid, enterprise_id text,
+                                           created_at timestamptz)
+     where x.id <> all (v_failed);
 end
+$$;
+
+-- Every agent's spend since the start (the bridge's Prometheus counters).
+create function public.agent_tasks_usage_totals()
+returns table (agent text, input_tokens bigint, output_tokens bigint,
+               unreported_tokens bigint, cost numeric)
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    select a.agent, a.input_tokens, a.output_tokens, a.unreported_tokens, a.cost
+      from agent_bridge.agent_usage a
+     order by a.agent
+$$;
+
+-- What a signed-in user's tenant may still spend this period (users read it with
+-- rpc('agent_tenant_budget')).
+create function public.agent_tenant_budget()
+returns table (tenant text, period text, period_start date, resets_at timestamptz,
+               token_budget bigint, cost_budget numeric, tokens bigint, cost numeric,
+               reserved_tokens bigint, reserved_cost numeric, tokens_left bigint,
+               cost_left numeric)
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    select * from agent_bridge.budget_state(coalesce(
+        nullif((select auth.jwt()) -> 'app_metadata' ->> 'enterprise_id', ''),
+        (select auth.uid())::text))
+$$;
+
+-- Every tenant with spend on record or a budget of its own, in its current period
+-- (`agent-bridge usage`).
+create function public.agent_tenants_usage()
+returns table (tenant text, period text, period_start date, resets_at timestamptz,
+               token_budget bigint, cost_budget numeric, tokens bigint, cost numeric,
+               reserved_tokens bigint, reserved_cost numeric, tokens_left bigint,
+               cost_left numeric)
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    select b.*
+      from (select u.tenant from public.agent_tenant_usage u
+            union
+            select l.tenant from public.agent_tenant_limits l
+             where l.tenant <> '*' and (l.token_budget is not null or l.cost_budget is not null)
+           ) x,
+           lateral agent_bridge.budget_state(x.tenant) b
+     order by b.tenant
 $$;
 
 -- 4.2 The worker's attempt ------------------------------------------------------------------
@@ -1190,13 +1806,16 @@ $$;
 -- A worker starts (or, after a Celery retry, restarts) its attempt. Refused when the
 -- attempt is stale, or when another live worker already holds this attempt (a duplicate
 -- broker delivery). Returns the payload the worker needs and the row's `agent` (the
--- worker runs that agent's handler with its limits). The write is agent_bridge.write_bind's.
+-- worker runs that agent's handler with its limits). With p_spend ({tokens, cost}: what
+-- the handler may spend) it reserves that from the tenant's budget and returns the grant
+-- as `budget`; refused, and the row failed, when the budget is spent.
 create function public.agent_task_start(
-    p_id uuid, p_attempt integer, p_worker text, p_lease_seconds double precision)
+    p_id uuid, p_attempt integer, p_worker text, p_lease_seconds double precision,
+    p_spend jsonb default null)
 returns table (
     applied boolean, status text, attempts integer, worker text,
     request_payload jsonb, max_attempts integer, priority integer,
-    user_id uuid, enterprise_id text, created_at timestamptz, agent text)
+    user_id uuid, enterprise_id text, created_at timestamptz, agent text, budget jsonb)
 language plpgsql
 volatile
 security invoker
@@ -1205,6 +1824,9 @@ as $$
 #variable_conflict use_column
 declare
     r public.agent_task_requests;
+    g record;
+    v_applied boolean;
+    v_budget jsonb;
 begin
     if p_id is not null then
         perform agent_bridge.check_seconds('p_lease_seconds', p_lease_seconds, false);
@@ -1219,20 +1841,49 @@ begin
        and t.attempts = p_attempt
        and (t.worker is null or t.worker = p_worker or t.lease_expires_at < now())
     returning t.* into r;
-    if found then
+    v_applied := found;
+    if v_applied and p_spend is not null then
+        select * into g from agent_bridge.reserve_spend(array[1], array[p_id],
+                                                       array[p_attempt], array[p_worker],
+                                                       array[p_spend]);
+        -- the budget is spent: the row is failed, the start refused
+        v_applied := g.refusal is null;
+        v_budget := g.budget;
+    end if;
+    if v_applied then
         return query select true, r.status::text, r.attempts, r.worker,
             r.request_payload, r.max_attempts, r.priority,
-            r.user_id, r.enterprise_id, r.created_at, r.agent;
+            r.user_id, r.enterprise_id, r.created_at, r.agent, v_budget;
     else
         return query select false, t.status::text, t.attempts, t.worker,
             null::jsonb, t.max_attempts, t.priority, t.user_id, t.enterprise_id, t.created_at,
-            t.agent
+            t.agent, null::jsonb
           from public.agent_task_requests t where t.id = p_id;
     end if;
 end
 $$;
 
 -- The row as a fenced write found it, for refused writes.
+-- One usage report: agent_bridge.write_usage for one row.
+create function public.agent_task_report_usage(
+    p_id uuid, p_attempt integer, p_worker text, p_usage jsonb, p_run integer)
+returns setof public.agent_task_write
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+begin
+    if exists (select from agent_bridge.write_usage(array['usage'], array[p_id],
+                                                    array[p_attempt], array[p_worker],
+                                                    array[p_usage], array[p_run])) then
+        return query select true, 'processing'::text, p_attempt, p_worker;
+    else
+        return query select * from public.agent_task_current(p_id);
+    end if;
+end
+$$;
+
 create function public.agent_task_current(p_id uuid)
 returns setof public.agent_task_write
 language sql
@@ -1997,7 +2648,7 @@ create function public.agent_tasks_write(
     p_texts text[])
 returns table (ord integer, applied boolean, status text, attempts integer, worker text,
                request_payload jsonb, max_attempts integer, priority integer, user_id uuid,
-               enterprise_id text, created_at timestamptz, agent text)
+               enterprise_id text, created_at timestamptz, agent text, budget jsonb)
 language plpgsql
 volatile
 security invoker
@@ -2011,6 +2662,8 @@ declare
     v_one public.agent_task_write;
     v_bad record;
     r record;
+    v_budgets jsonb;
+    v_refused integer[];
 begin
     -- The checks are plain expressions where they can be: most calls carry one write (a
     -- prefork child's), and each query here is a statement more per task.
@@ -2039,19 +2692,19 @@ begin
     end if;
     if array_position(v_kinds, null) is not null
        or not v_kinds <@ array['bind', 'start', 'heartbeat', 'append', 'progress', 'complete',
-                               'fail', 'retry', 'cancelled'] then
+                               'fail', 'retry', 'cancelled', 'usage'] then
         select k.ord, k.kind into v_bad
           from unnest(p_kinds) with ordinality k(kind, ord)
          where k.kind is null
             or k.kind not in ('bind', 'start', 'heartbeat', 'append', 'progress', 'complete',
-                              'fail', 'retry', 'cancelled')
+                              'fail', 'retry', 'cancelled', 'usage')
          order by k.ord
          limit 1;
         raise exception 'p_kinds[%] is %, not a kind of write', v_bad.ord,
             coalesce('"' || v_bad.kind || '"', 'null')
             using errcode = '22023',
                   hint = 'The kinds are bind, start, heartbeat, append, progress, complete, '
-                         'fail, retry and cancelled.';
+                         'fail, retry, cancelled and usage.';
     end if;
     -- (a null id is a write to no row, as in the functions: nothing to check)
     if n = 1 then
@@ -2085,10 +2738,10 @@ begin
             select 1, coalesce(s.applied, false), s.status, s.attempts, s.worker,
                    case when p_kinds[1] = 'start' then s.request_payload end,
                    s.max_attempts, s.priority, s.user_id, s.enterprise_id, s.created_at,
-                   s.agent
+                   s.agent, s.budget
               from (select) one
               left join public.agent_task_start(p_ids[1], p_attempts[1], p_workers[1],
-                                                p_seconds[1]) s on true;
+                                                p_seconds[1], p_docs[1]) s on true;
             return;
         end if;
         case p_kinds[1]
@@ -2111,19 +2764,50 @@ begin
                 select * into v_one from public.agent_task_schedule_retry(
                     p_ids[1], p_attempts[1], p_workers[1], p_docs[1], p_delays[1],
                     p_seconds[1]);
+            when 'usage' then
+                select * into v_one from public.agent_task_report_usage(
+                    p_ids[1], p_attempts[1], p_workers[1], p_docs[1], p_seqs[1]);
             else
                 select * into v_one from public.agent_task_cancelled(
                     p_ids[1], p_attempts[1], p_workers[1], p_docs[1]);
         end case;
         return query select 1, coalesce(v_one.applied, false), v_one.status, v_one.attempts,
                             v_one.worker, null::jsonb, null::integer, null::integer,
-                            null::uuid, null::text, null::timestamptz, null::text;
+                            null::uuid, null::text, null::timestamptz, null::text, null::jsonb;
         return;
     end if;
 
     if v_kinds && array['bind', 'start'] then
         v_done := v_done || array(select w from agent_bridge.write_bind(
             p_kinds, p_ids, p_attempts, p_workers, p_seconds) w);
+        -- What the binds' handlers declared they may spend, reserved (issue 25); a bind
+        -- whose tenant has nothing left is refused, its row failed.
+        select jsonb_object_agg(g.ord::text, g.budget),
+               array_agg(g.ord) filter (where g.refusal is not null)
+          into v_budgets, v_refused
+          from agent_bridge.reserve_spend(
+                   array(select d.ord from unnest(v_done) d
+                          where p_kinds[d.ord] in ('bind', 'start')
+                            and p_docs[d.ord] is not null order by d.ord),
+                   array(select p_ids[d.ord] from unnest(v_done) d
+                          where p_kinds[d.ord] in ('bind', 'start')
+                            and p_docs[d.ord] is not null order by d.ord),
+                   array(select p_attempts[d.ord] from unnest(v_done) d
+                          where p_kinds[d.ord] in ('bind', 'start')
+                            and p_docs[d.ord] is not null order by d.ord),
+                   array(select p_workers[d.ord] from unnest(v_done) d
+                          where p_kinds[d.ord] in ('bind', 'start')
+                            and p_docs[d.ord] is not null order by d.ord),
+                   array(select p_docs[d.ord] from unnest(v_done) d
+                          where p_kinds[d.ord] in ('bind', 'start')
+                            and p_docs[d.ord] is not null order by d.ord)) g;
+        if v_refused is not null then
+            v_done := array(select d from unnest(v_done) d where d.ord <> all (v_refused));
+        end if;
+    end if;
+    if 'usage' = any (v_kinds) then
+        v_done := v_done || array(select w from agent_bridge.write_usage(
+            p_kinds, p_ids, p_attempts, p_workers, p_docs, p_seqs) w);
     end if;
     if 'heartbeat' = any (v_kinds) then
         v_done := v_done || array(select w from agent_bridge.write_heartbeat(
@@ -2198,7 +2882,8 @@ begin
            case when d.ord is not null then d.created_at
                 when u.kind in ('bind', 'start') then t.created_at end,
            case when d.ord is not null then d.agent
-                when u.kind in ('bind', 'start') then t.agent end
+                when u.kind in ('bind', 'start') then t.agent end,
+           case when d.ord is not null then v_budgets -> u.ord::text end
       from unnest(p_kinds, p_ids) with ordinality u(kind, id, ord)
       left join unnest(v_done) d on d.ord = u.ord
       left join public.agent_task_requests t on d.ord is null and t.id = u.id
@@ -2209,9 +2894,64 @@ $$;
 -- 5. Triggers -------------------------------------------------------------------------------
 --
 -- Triggers of the same kind fire in name order, which some of these rely on (said where).
--- BEFORE INSERT: admit, check_agent, check_request, check_request_shape.
+-- BEFORE INSERT: 0_idempotency, admit, check_agent, check_request, check_request_shape.
 -- BEFORE UPDATE: cancel_guard, check_agent, check_request, check_request_shape,
 -- stream_end, touch. AFTER: notify, stream_delete, tenants_inserted, tenants_updated.
+
+-- Idempotency keys (issue 26): a second insert with a key in use for the same user and
+-- agent is refused with 23505 (409 through PostgREST), naming the task that has it. First
+-- of the BEFORE INSERT triggers ("0_"), so a refused retry counts against no quota or day
+-- budget, and a user at their active-task limit is told about the task they have. Under a
+-- lock on (user, agent, key): of concurrent inserts with one key, the first commits and
+-- the others then see it; the unique index backs it up (a repeatable read transaction's
+-- snapshot cannot see the first). Rows without user_id share one key space per agent.
+create function public.agent_task_requests_idempotency()
+returns trigger
+language plpgsql
+security invoker
+set search_path = ''
+as $$
+declare
+    v_length integer := char_length(new.idempotency_key);
+    v_task record;
+begin
+    if v_length < 1 or v_length > 200 then
+        raise exception 'idempotency_key must be 1 to 200 characters long, got %', v_length
+            using errcode = '22023',
+                  hint = 'Use one short string per request, such as a UUID.';
+    end if;
+    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(
+        'agent_task_requests idempotency ' || coalesce(new.user_id::text, '-') || ' '
+        || new.agent || ' ' || new.idempotency_key, 0));
+    -- Runs as the inserting user: a user sees their own rows (RLS), the ones that matter.
+    if new.user_id is null then
+        select t.id, t.status, t.created_at into v_task
+          from public.agent_task_requests t
+         where t.user_id is null and t.agent = new.agent
+           and t.idempotency_key = new.idempotency_key;
+    else
+        select t.id, t.status, t.created_at into v_task
+          from public.agent_task_requests t
+         where t.user_id = new.user_id and t.agent = new.agent
+           and t.idempotency_key = new.idempotency_key;
+    end if;
+    if found then
+        raise exception 'idempotency_key "%" is already used by task % (agent "%")',
+            new.idempotency_key, v_task.id, new.agent
+            using errcode = '23505',
+                  detail = format('Task %s has this key: %s, created %s.',
+                                  v_task.id, v_task.status, v_task.created_at),
+                  hint = 'Follow that task instead of submitting again: select it by id, '
+                         'or by agent and idempotency_key.';
+    end if;
+    return new;
+end
+$$;
+
+create trigger agent_task_requests_0_idempotency
+    before insert on public.agent_task_requests
+    for each row when (new.idempotency_key is not null)
+    execute function public.agent_task_requests_idempotency();
 
 -- Admission: what a signed-in user may insert. Users are the roles row-level security
 -- applies to (authenticated); the service role and the database owner bypass RLS and are
@@ -2241,6 +2981,8 @@ declare
     v_rows_used integer;
     v_bytes_used bigint;
     v_reset text;
+    v_budgeted boolean;
+    v_spent jsonb;
 begin
     if (select r.rolbypassrls or r.rolsuper from pg_catalog.pg_roles r
          where r.rolname = current_user) then
@@ -2274,9 +3016,10 @@ begin
            coalesce(max(l.max_request_bytes_per_day) filter (where l.tenant = v_tenant),
                     max(l.max_request_bytes_per_day) filter (where l.tenant = '*'), 52428800),
            coalesce(max(l.allowed_agents) filter (where l.tenant = v_tenant),
-                    max(l.allowed_agents) filter (where l.tenant = '*'))
+                    max(l.allowed_agents) filter (where l.tenant = '*')),
+           bool_or(l.token_budget is not null or l.cost_budget is not null)
       into v_max_active, v_min_priority, v_max_priority, v_horizon, v_max_rows, v_max_bytes,
-           v_agents
+           v_agents, v_budgeted
       from public.agent_tenant_limits l
      where l.tenant in (v_tenant, '*');
 
@@ -2325,6 +3068,19 @@ begin
             using errcode = 'P0001',
                   detail = format('You have %s tasks that are pending or processing.', v_active),
                   hint = 'Wait for a task to finish, or ask the operator to raise max_active.';
+    end if;
+
+    -- The spend budgets (issue 25): refused once spent, saying which and when it resets.
+    if v_budgeted then
+        v_spent := agent_bridge.budget_exceeded(v_tenant, false);
+        if v_spent is not null then
+            raise exception '%', v_spent ->> 'message'
+                using errcode = 'P0001',
+                      detail = format('Tenant %s, %s budget per %s.', v_tenant,
+                                      v_spent ->> 'budget', v_spent ->> 'period'),
+                      hint = 'Wait for the reset, or ask the operator to raise '
+                             || (v_spent ->> 'budget') || '_budget in agent_tenant_limits.';
+        end if;
     end if;
 
     -- The day budgets. Counted before the payload is checked, so a payload later stored as
@@ -2551,16 +3307,25 @@ create trigger agent_task_requests_check_request_shape
     before insert or update of request_payload, run_at on public.agent_task_requests
     for each row execute function public.agent_task_requests_check_shape();
 
--- A row that becomes pending wakes a LISTENing bridge at once. The payload is the
--- row id only; listeners claim through agent_tasks_claim as usual.
+-- A row that becomes pending wakes the bridge at once: a NOTIFY (payload: the row id) for
+-- a LISTENing bridge (direct transport), and at most one `pending` Broadcast per
+-- transaction for the Supabase transport (a bulk insert or a rescue of many rows wakes the
+-- bridge once). Either way the bridge claims through agent_tasks_claim as usual.
 create function public.agent_task_requests_notify()
 returns trigger
 language plpgsql
+security definer
 set search_path = ''
 as $$
 begin
     if new.status = 'pending' then
         perform pg_notify('agent_task_requests', new.id::text);
+        if current_setting('agent_bridge.wakeup_sent', true) is distinct from 'on' then
+            perform set_config('agent_bridge.wakeup_sent', 'on', true);
+            if agent_bridge.broadcasting() then
+                perform realtime.send('{}'::jsonb, 'pending', 'agent_bridge:wakeups', true);
+            end if;
+        end if;
     end if;
     return null;
 end
@@ -2684,6 +3449,111 @@ create trigger agent_task_requests_touch
     before update on public.agent_task_requests
     for each row execute function public.agent_task_requests_touch();
 
+-- The functions that send are security definer: a user's own insert or cancel fires
+-- them, and realtime.send inserts into realtime.messages, which users may not write.
+--
+-- The `state` event: on a change of what a watcher shows (not on lease renewals, which
+-- change only lease_expires_at and updated_at; the trigger's WHEN skips them without a call).
+create function public.agent_task_requests_broadcast_state()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+    if agent_bridge.broadcasting() then
+        perform realtime.send(agent_bridge.state_message(new), 'state',
+                              'agent_task:' || new.id::text, true);
+    end if;
+    return null;
+end
+$$;
+
+create trigger agent_task_requests_broadcast_state
+    after update on public.agent_task_requests
+    for each row
+    when (old.status is distinct from new.status
+          or old.attempts is distinct from new.attempts
+          or old.cancel_requested_at is distinct from new.cancel_requested_at
+          or old.error is distinct from new.error
+          or old.response_payload is distinct from new.response_payload)
+    execute function public.agent_task_requests_broadcast_state();
+
+-- The `chunk` event: one message per piece, one trigger call per insert statement (the
+-- worker writes a batch of pieces in one statement).
+create function public.agent_task_chunks_broadcast()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+    if agent_bridge.broadcasting() then
+        perform realtime.send(
+                    jsonb_build_object('task_id', c.task_id, 'attempt', c.attempt,
+                                       'seq', c.seq, 'answer_offset', c.answer_offset,
+                                       'text', c.text, 'created_at', c.created_at),
+                    'chunk', 'agent_task:' || c.task_id::text, true)
+           from added c
+          order by c.task_id, c.attempt, c.seq;
+    end if;
+    return null;
+end
+$$;
+
+create trigger agent_task_chunks_broadcast
+    after insert on public.agent_task_chunks
+    referencing new table as added
+    for each statement execute function public.agent_task_chunks_broadcast();
+
+-- An attempt that ends, or changes holder, with its reservation unsettled: a holder that
+-- had bound may have spent it all, so the tenant is charged the reservation (its tokens as
+-- unreported_tokens); a row never bound gives it back. Security definer: a user's cancel
+-- fires it, and users may not write agent_tenant_usage.
+create function public.agent_task_requests_settle_spend()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+    v jsonb := old.spend_reserved;
+    v_tokens bigint := coalesce((v ->> 'tokens')::bigint, 0);
+    v_cost numeric := coalesce((v ->> 'cost')::numeric, 0);
+    v_charged boolean := old.worker is not null;
+begin
+    if new.spend_reserved is distinct from old.spend_reserved
+       or (new.status = 'processing' and new.attempts = old.attempts
+           and new.worker is not distinct from old.worker) then
+        return new;  -- set or settled by this very write, or still held
+    end if;
+    perform agent_bridge.lock_usage(old.tenant, v ->> 'period',
+                                    (v ->> 'period_start')::date);
+    update public.agent_tenant_usage u
+       set reserved_tokens = greatest(u.reserved_tokens - v_tokens, 0),
+           reserved_cost = greatest(u.reserved_cost - v_cost, 0),
+           unreported_tokens = u.unreported_tokens
+                               + case when v_charged then v_tokens else 0 end,
+           cost = u.cost + case when v_charged then v_cost else 0 end,
+           attempts = u.attempts + case when v_charged then 1 else 0 end,
+           updated_at = now()
+     where u.tenant = old.tenant and u.period = v ->> 'period'
+       and u.period_start = (v ->> 'period_start')::date;
+    if v_charged then
+        new.usage := agent_bridge.add_usage(new.usage, 0, 0, v_cost, v_tokens);
+        perform agent_bridge.count_agent_usage(old.agent, 0, 0, v_tokens, v_cost);
+    end if;
+    new.spend_reserved := null;
+    return new;
+end
+$$;
+
+create trigger agent_task_requests_settle_spend
+    before update on public.agent_task_requests
+    for each row
+    when (old.spend_reserved is not null)
+    execute function public.agent_task_requests_settle_spend();
+
 -- 6. Row-level security ---------------------------------------------------------------------
 --
 -- RLS is on for every table. The service role bypasses it; signed-in users
@@ -2695,6 +3565,7 @@ alter table public.agent_bridge_agents enable row level security;
 alter table public.agent_tenant_limits enable row level security;
 alter table public.agent_task_tenants enable row level security;
 alter table agent_bridge.user_day_usage enable row level security;
+alter table agent_bridge.agent_usage enable row level security;
 
 -- Users insert their own pending rows, and the failed rows the payload checks make of
 -- them: a user cannot write `error` (no column grant) and no other trigger sets it on
@@ -2735,6 +3606,29 @@ create policy agent_tenant_limits_select_own on public.agent_tenant_limits
         nullif((select auth.jwt()) -> 'app_metadata' ->> 'enterprise_id', ''),
         (select auth.uid())::text));
 
+alter table agent_bridge.realtime_broadcast enable row level security;
+
+-- Who may join a task's topic. Created where realtime.messages exists (a Supabase
+-- project, or the compat schema of the tests); elsewhere there is nothing to join.
+do $$
+begin
+    if to_regclass('realtime.messages') is not null then
+        create policy agent_task_broadcast_receive on realtime.messages
+            for select to authenticated
+            using (extension = 'broadcast'
+                   and (select agent_bridge.may_receive((select realtime.topic()))));
+    end if;
+end
+$$;
+
+alter table public.agent_tenant_usage enable row level security;
+
+create policy agent_tenant_usage_select_own on public.agent_tenant_usage
+    for select to authenticated
+    using (tenant = coalesce(
+        nullif((select auth.jwt()) -> 'app_metadata' ->> 'enterprise_id', ''),
+        (select auth.uid())::text));
+
 -- 7. Grants ---------------------------------------------------------------------------------
 --
 -- Supabase grants anon and authenticated everything on new tables and functions by
@@ -2754,11 +3648,13 @@ revoke all on table public.agent_task_requests from public, anon, authenticated;
 grant select, insert, update, delete on table public.agent_task_requests to service_role;
 grant select (id, status, request_payload, response_payload, created_at, updated_at,
               attempts, max_attempts, priority, run_at, lease_expires_at, started_at,
-              finished_at, error, user_id, enterprise_id, agent, tenant, cancel_requested_at)
+              finished_at, error, user_id, enterprise_id, agent, tenant, cancel_requested_at,
+              idempotency_key)
     on table public.agent_task_requests to authenticated;
 -- Users choose these on insert; not the id (a duplicate would tell them another user's id
 -- exists).
-grant insert (status, request_payload, priority, run_at, user_id, enterprise_id, agent)
+grant insert (status, request_payload, priority, run_at, user_id, enterprise_id, agent,
+              idempotency_key)
     on table public.agent_task_requests to authenticated;
 
 revoke all on table public.agent_task_chunks from public, anon, authenticated;
@@ -2812,7 +3708,7 @@ begin
         'agent_bridge.count_prunable(interval)',
         'agent_bridge.prune_day_usage(integer, boolean)',
         'public.agent_tasks_claim(integer, double precision, integer, text[], integer)',
-        'public.agent_task_start(uuid, integer, text, double precision)',
+        'public.agent_task_start(uuid, integer, text, double precision, jsonb)',
         'public.agent_task_current(uuid)',
         'public.agent_task_heartbeat(uuid, integer, text, double precision)',
         'public.agent_task_progress(uuid, integer, text, jsonb)',
@@ -2856,6 +3752,63 @@ revoke execute on function public.agent_task_requests_cancel_guard() from public
 revoke execute on function public.agent_task_requests_check_agent() from public, anon, authenticated;
 revoke execute on function public.agent_task_requests_check_shape() from public, anon, authenticated;
 revoke execute on function public.agent_task_requests_stream_end() from public, anon, authenticated;
+revoke execute on function public.agent_task_requests_idempotency() from public, anon, authenticated;
+
+revoke all on table agent_bridge.realtime_broadcast from public, anon, authenticated;
+grant select, update on table agent_bridge.realtime_broadcast to service_role;
+revoke execute on function agent_bridge.broadcasting() from public, anon;
+grant execute on function agent_bridge.broadcasting() to authenticated, service_role;
+revoke execute on function agent_bridge.may_receive(text) from public, anon;
+grant execute on function agent_bridge.may_receive(text) to authenticated, service_role;
+revoke execute on function agent_bridge.state_message(public.agent_task_requests)
+    from public, anon, authenticated;
+revoke execute on function public.agent_task_requests_broadcast_state()
+    from public, anon, authenticated;
+revoke execute on function public.agent_task_chunks_broadcast() from public, anon, authenticated;
+
+revoke all on table agent_bridge.agent_usage from public, anon, authenticated;
+grant select, insert, update, delete on table agent_bridge.agent_usage to service_role;
+revoke all on table public.agent_tenant_usage from public, anon, authenticated;
+grant select, insert, update, delete on table public.agent_tenant_usage to service_role;
+grant select on table public.agent_tenant_usage to authenticated;
+grant select (usage) on table public.agent_task_requests to authenticated;
+grant select (token_budget, cost_budget, budget_period)
+    on table public.agent_tenant_limits to authenticated;
+
+do $$
+declare
+    fn text;
+begin
+    -- the admit trigger (as the inserting user) and agent_tenant_budget use these
+    foreach fn in array array[
+        'agent_bridge.budgets_exist()',
+        'agent_bridge.budget_state(text)',
+        'agent_bridge.budget_exceeded(text, boolean)'
+    ] loop
+        execute format('revoke execute on function %s from public, anon', fn);
+        execute format('grant execute on function %s to authenticated, service_role', fn);
+    end loop;
+    foreach fn in array array[
+        'agent_bridge.lock_usage(text, text, date)',
+        'agent_bridge.spend_number(jsonb, text)',
+        'agent_bridge.reserve_spend(integer[], uuid[], integer[], text[], jsonb[])',
+        'agent_bridge.write_usage(text[], uuid[], integer[], text[], jsonb[], integer[])',
+        'agent_bridge.add_usage(jsonb, bigint, bigint, numeric, bigint)',
+        'public.agent_task_requests_settle_spend()',
+        'public.agent_task_start(uuid, integer, text, double precision, jsonb)',
+        'public.agent_task_report_usage(uuid, integer, text, jsonb, integer)',
+        'public.agent_tenants_usage()',
+        'public.agent_tasks_usage_totals()',
+        'agent_bridge.count_agent_usage(text, bigint, bigint, bigint, numeric)',
+        'public.agent_tasks_write(text[], uuid[], integer[], text[], jsonb[], double precision[], double precision[], integer[], integer[], text[])'
+    ] loop
+        execute format('revoke execute on function %s from public, anon, authenticated', fn);
+        execute format('grant execute on function %s to service_role', fn);
+    end loop;
+end
+$$;
+revoke execute on function public.agent_tenant_budget() from public, anon;
+grant execute on function public.agent_tenant_budget() to authenticated, service_role;
 
 -- 8. Publication and schema version ---------------------------------------------------------
 
@@ -2864,16 +3817,27 @@ revoke execute on function public.agent_task_requests_stream_end() from public, 
 alter publication supabase_realtime add table public.agent_task_requests;
 alter publication supabase_realtime add table public.agent_task_chunks;
 
+-- What the bridge asks to choose its wake-up path.
+create function public.agent_bridge_broadcasting()
+returns boolean
+language sql
+stable
+security invoker
+set search_path = ''
+as $$ select agent_bridge.broadcasting() $$;
+
+revoke execute on function public.agent_bridge_broadcasting() from public, anon, authenticated;
+grant execute on function public.agent_bridge_broadcasting() to service_role;
+
 -- What `agent-bridge check` compares with the version the running code expects
--- (bridge.migrate.SCHEMA_VERSION). 5: one commit where there were four (the claim
--- returns what the worker needs; batched writes, public.agent_tasks_write).
+-- (bridge.migrate.SCHEMA_VERSION). 8: idempotency keys.
 create function public.agent_bridge_schema_version()
 returns integer
 language sql
 immutable
 security invoker
 set search_path = ''
-as $$ select 5 $$;
+as $$ select 8 $$;
 
 revoke execute on function public.agent_bridge_schema_version() from public, anon, authenticated;
 grant execute on function public.agent_bridge_schema_version() to service_role;

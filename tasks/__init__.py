@@ -7,6 +7,12 @@ task at once. Every exception agent-bridge defines is an `AgentBridgeError`.
 streams partial output to the task's subscribers; once the
 task is cancelled it raises `Cancelled`, and `cancelled()` returns True.
 `current_agent()` is the agent (AGENTS) whose task the handler runs.
+`report_usage()` adds what the run spent (tokens, cost) to its task and tenant, and
+`@spends(tokens=..., cost=...)` declares what one run may spend, reserved from the
+tenant's budget before it runs (tasks/usage.py).
+`rate_limit()` (`async with rate_limit_async()`) waits for room under a provider's
+requests and tokens per minute, shared by every worker through Redis, and raises
+`RateLimited` (retryable) when the task cannot wait that long (tasks/ratelimit/).
 """
 
 from __future__ import annotations
@@ -22,8 +28,12 @@ from tasks.cancellation import (
 from tasks.errors import InvalidPayload, RetryableError
 from tasks.operator import requeue_failed
 from tasks.progress import report_progress, report_progress_async
+from tasks.ratelimit import RateLimited, rate_limit, rate_limit_async
 from tasks.runner import run_agent
+from tasks.usage import BudgetExceeded, report_usage, report_usage_async, spends
 
 __all__ = [
-    "AgentBridgeError", "Cancelled", "InvalidPayload", "RetryableError", "app", "cancelled",
-    "current_agent", "report_progress", "report_progress_async", "requeue_failed", "run_agent"]
+    "AgentBridgeError", "BudgetExceeded", "Cancelled", "InvalidPayload", "RateLimited",
+    "RetryableError", "app", "cancelled", "current_agent", "rate_limit", "rate_limit_async",
+    "report_progress", "report_progress_async", "report_usage", "report_usage_async",
+    "requeue_failed", "run_agent", "spends"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 
-from bridge.agents import DEFAULT, Agent, Agents, configure
+from bridge.agents import DEFAULT, Agent, Agents
 from bridge.errors import AgentBridgeError
 from tasks.app import settings
 from tasks.handlers import Handler, load_handler
@@ -23,7 +23,7 @@ class UnknownAgent(AgentBridgeError, LookupError):
 
 
 def agents() -> Agents:
-    return configure(settings)
+    return settings.configured_agents()
 
 
 def agent_for(name: str) -> Agent:

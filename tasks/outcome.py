@@ -75,6 +75,7 @@ class Outcome:
         self.agent: Agent | None = None  # the row's, once started
         self.partial: dict[str, Any] | None = None  # the last progress the handler reported
         self.failure: dict[str, Any] | None = None  # the error written, if it failed the row
+        self.usage: dict[str, Any] | None = None  # what the run reported spending (tasks/usage.py)
 
     def keep_partial(self, response: Mapping[str, Any]) -> None:
         """Remember the handler's last partial output (kept if the task is cancelled)."""
@@ -108,6 +109,12 @@ class Outcome:
         return (f"the handler ran longer than agent {self.agent.name!r}'s time_limit="
                 f"{self.agent.time_limit:g}s")
 
+    @property
+    def run(self) -> int:
+        """Which run of the attempt this is (Celery's retries + 1): a usage report is
+        counted once per (attempt, run)."""
+        return int(self.celery_task.request.retries or 0) + 1
+
     def retry(self, holding: Holding, delay: float, exc: RetryableError) -> str:
         retries = self.celery_task.request.retries + 1
         error = error_body("RetryableError", public_message(exc), retryable=True,
@@ -115,7 +122,8 @@ class Outcome:
         writer, lease_seconds = self.runtime.writer, self.runtime.settings.lease_seconds
         try:
             result = self.write(holding, lambda: writer.schedule_retry(
-                self.task_id, self.attempt, self.worker, error, delay, lease_seconds))
+                self.task_id, self.attempt, self.worker, error, delay, lease_seconds,
+                self.usage, self.run))
         except WriteRefused as refused:
             return self.fail(holding, error_body(
                 "RetryableError",
@@ -149,7 +157,7 @@ class Outcome:
                 size=size, limit=limit))
         try:
             result = self.write(holding, lambda: self.runtime.writer.complete(
-                self.task_id, self.attempt, self.worker, response))
+                self.task_id, self.attempt, self.worker, response, self.usage, self.run))
         except WriteRefused as refused:
             return self.fail(holding, error_body(
                 "ResponseRejected", f"the database refused the handler's result: {refused}"))
@@ -166,7 +174,7 @@ class Outcome:
     def cancelled(self, holding: Holding) -> str:
         """End the attempt as cancelled, keeping the last partial answer it reported."""
         result = self.write(holding, lambda: self.runtime.writer.cancelled(
-            self.task_id, self.attempt, self.worker, self.partial))
+            self.task_id, self.attempt, self.worker, self.partial, self.usage, self.run))
         if result is None or not result.applied:
             return "stale"
         log.warning("🛑 Task %s cancelled; its partial answer is kept", self.task_id,
@@ -181,14 +189,14 @@ class Outcome:
         writer = self.runtime.writer
         try:
             result = self.write(holding, lambda: writer.fail(
-                self.task_id, self.attempt, self.worker, error))
+                self.task_id, self.attempt, self.worker, error, self.usage, self.run))
         except WriteRefused as refused:
             # Still refused for its content: a minimal error, plain ASCII, instead.
             error = error_body(_plain_name(str(error.get("type"))),
                                f"the task failed, but its error could not be stored: {refused}")
             try:
                 result = self.write(holding, lambda: writer.fail(
-                    self.task_id, self.attempt, self.worker, error))
+                    self.task_id, self.attempt, self.worker, error, self.usage, self.run))
             except WriteRefused as again:
                 log.error("❌ Task %s: the database refused to fail it: %s", self.task_id, again,
                           extra={"action": "fail_refused", **self.fields})

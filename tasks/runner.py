@@ -21,6 +21,7 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from celery import Task
@@ -31,7 +32,7 @@ from bridge.errors import StoreUnavailable
 from bridge.logs import escape_controls
 from bridge.store import StartedTask, WriteResult
 from tasks import agent as agent_context
-from tasks import cancellation, progress
+from tasks import cancellation, progress, ratelimit, usage
 from tasks.agent import UnknownAgent, agent_for, handler_of
 from tasks.app import app
 from tasks.cancellation import Cancelled
@@ -134,11 +135,21 @@ class Execution:
         nothing; else it returns the payload."""
         writer, lease = self.runtime.writer, self.runtime.settings.lease_seconds
         if self.task is None:
-            return writer.start(self.task_id, self.attempt, self.worker, lease)
-        found = writer.bind(self.task_id, self.attempt, self.worker, lease)
+            started, found = writer.start(self.task_id, self.attempt, self.worker, lease)
+            if started is None:
+                return started, found
+            # The handler is known only now: its reservation is a second write.
+            spend = _declared_spend(started.agent, started.as_handler_input())
+            if spend is None:
+                return started, found
+            found = writer.bind(self.task_id, self.attempt, self.worker, lease, spend)
+            return (replace(started, budget=found.budget) if found.applied else None), found
+        spend = _declared_spend(str(self.task.get("agent") or "default"), self.task)
+        found = writer.bind(self.task_id, self.attempt, self.worker, lease, spend)
         if not found.applied:
             return None, found
-        return StartedTask.from_message(self.task_id, self.attempt, self.task), found
+        started = StartedTask.from_message(self.task_id, self.attempt, self.task)
+        return replace(started, budget=found.budget), found
 
     def _run_handler(self, started: StartedTask, holding: Holding) -> str:
         outcome = self.outcome
@@ -155,6 +166,9 @@ class Execution:
             token = progress.bind(reporter)
             scope = cancellation.bind(holding.cancel)
             bound = agent_context.bind(agent)
+            deadline = ratelimit.bind_deadline(agent.time_limit)  # rate-limit waits end here
+            meter = usage.UsageMeter()
+            metered = usage.bind(meter)
             try:
                 response = call_handler(handler, started.as_handler_input(), agent.time_limit)
             except BaseException as exc:
@@ -162,6 +176,9 @@ class Execution:
                     raise Cancelled() from exc
                 raise
             finally:
+                outcome.usage = meter.totals()  # written with the outcome, whatever it is
+                usage.unbind(metered)
+                ratelimit.unbind_deadline(deadline)
                 agent_context.unbind(bound)
                 cancellation.unbind(scope)
                 progress.unbind(token)
@@ -196,3 +213,20 @@ class Execution:
                                 detail=str(exc) or repr(exc))
         # Outside the except blocks: Celery's Retry must not be caught above.
         return outcome.retry(holding, *retry)
+
+
+def _declared_spend(agent_name: str, task: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the agent's handler declared one run of `task` may spend (tasks/usage.py), with
+    the agent bound as while it runs. None also when the handler cannot be had, or its
+    declaration fails: the run then fails the row for that (UnknownAgent, a bad payload)
+    once it holds the attempt, as without a declaration."""
+    try:
+        agent = agent_for(agent_name)
+        handler = handler_of(agent)
+        bound = agent_context.bind(agent)
+        try:
+            return usage.declared_spend(handler, task)
+        finally:
+            agent_context.unbind(bound)
+    except Exception:
+        return None

@@ -10,8 +10,11 @@ write came back, that is after its commit: a task is acknowledged after its outc
 committed, as before. Outcomes make the commit wait for the disk; a call without one is
 relaxed (see agent_bridge.relax_commit).
 
+Writes handed over together (an outcome and the usage of the run that produced it) are a
+group: they always travel in one call, so they commit or fail together.
+
 A call the database refuses for what one write holds (a value it cannot store) fails as a
-whole; the writer then sends each of its writes alone, so only that write is refused. A
+whole; the writer then sends each of its groups alone, so only that group is refused. A
 call that cannot reach the database fails every write in it; their callers retry as they
 did one by one.
 
@@ -32,6 +35,7 @@ from bridge.store import StartedTask, TaskStore, Write, WriteResult
 from tasks.process_thread import ProcessThread
 
 Answer = tuple[WriteResult, StartedTask | None]
+Item = tuple[Write, "Future[Answer]", int]  # a write, its caller's future, its group
 
 MAX_BATCH = 500  # writes per call: one call's arrays stay far below any request limit
 
@@ -42,7 +46,8 @@ class GroupWriter:
     def __init__(self, store: TaskStore, max_batch: int = MAX_BATCH) -> None:
         self._store = store
         self._max_batch = max_batch
-        self._waiting: list[tuple[Write, Future[Answer]]] = []
+        self._waiting: list[Item] = []
+        self._groups = 0
         self._cond = threading.Condition()
         self._thread = ProcessThread(self._run, "group-writer")
         self.calls = 0  # calls sent, for the tests and the bench
@@ -52,28 +57,47 @@ class GroupWriter:
     def submit(self, write: Write) -> Future[Answer]:
         """Queue `write`; the future holds its answer once the call that carries it
         returned."""
-        future: Future[Answer] = Future()
+        return self.submit_group([write])[0]
+
+    def submit_group(self, writes: list[Write]) -> list[Future[Answer]]:
+        """Queue `writes` to travel in one call (one transaction), in this order."""
+        futures: list[Future[Answer]] = [Future() for _ in writes]
         with self._cond:
-            self._waiting.append((write, future))
+            self._groups += 1
+            self._waiting += [(w, f, self._groups) for w, f in zip(writes, futures, strict=True)]
             self._thread.ensure()
             self._cond.notify()
-        return future
+        return futures
 
     def write(self, write: Write) -> Answer:
         return self.submit(write).result()
 
+    def write_with_usage(self, write: Write, usage: Mapping[str, Any] | None, run: int
+                         ) -> WriteResult:
+        """An outcome, with what the run spent (a `usage` write of run `run`) in the same
+        transaction when it reported any: counted once, and only if the outcome can be."""
+        if usage is None:
+            return self.write(write)[0]
+        report = Write("usage", write.task_id, write.attempt, write.worker, doc=usage, seq=run)
+        futures = self.submit_group([report, write])
+        return futures[1].result()[0]
+
     # The store's worker calls, through the writer ------------------------------------
-    def start(self, task_id: str, attempt: int, worker: str, lease_seconds: float
+    def start(self, task_id: str, attempt: int, worker: str, lease_seconds: float,
+              spend: Mapping[str, Any] | None = None
               ) -> tuple[StartedTask | None, WriteResult]:
-        """Take the attempt and read the row's payload (a message that did not carry it)."""
-        result, started = self.write(Write("start", task_id, attempt, worker,
+        """Take the attempt and read the row's payload (a message that did not carry it);
+        with `spend`, reserve it from the tenant's budget (tasks/usage.py)."""
+        result, started = self.write(Write("start", task_id, attempt, worker, doc=spend,
                                            seconds=lease_seconds))
         return started, result
 
-    def bind(self, task_id: str, attempt: int, worker: str, lease_seconds: float
-             ) -> WriteResult:
-        """Take the attempt, reading nothing (the message carried the payload)."""
-        return self.write(Write("bind", task_id, attempt, worker, seconds=lease_seconds))[0]
+    def bind(self, task_id: str, attempt: int, worker: str, lease_seconds: float,
+             spend: Mapping[str, Any] | None = None) -> WriteResult:
+        """Take the attempt, reading nothing (the message carried the payload); with
+        `spend`, reserve it from the tenant's budget (the result's `budget`)."""
+        return self.write(Write("bind", task_id, attempt, worker, doc=spend,
+                                seconds=lease_seconds))[0]
 
     def heartbeats(self, held: list[tuple[str, int, str]], lease_seconds: float
                    ) -> list[WriteResult]:
@@ -91,22 +115,29 @@ class GroupWriter:
                  ) -> WriteResult:
         return self.write(Write("progress", task_id, attempt, worker, doc=response))[0]
 
-    def complete(self, task_id: str, attempt: int, worker: str, response: Mapping[str, Any]
-                 ) -> WriteResult:
-        return self.write(Write("complete", task_id, attempt, worker, doc=response))[0]
+    # The outcomes: each with the run's usage (`usage`, run `run`) when it reported any.
+    def complete(self, task_id: str, attempt: int, worker: str, response: Mapping[str, Any],
+                 usage: Mapping[str, Any] | None = None, run: int = 1) -> WriteResult:
+        return self.write_with_usage(Write("complete", task_id, attempt, worker, doc=response),
+                                     usage, run)
 
-    def fail(self, task_id: str, attempt: int, worker: str, error: Mapping[str, Any]
-             ) -> WriteResult:
-        return self.write(Write("fail", task_id, attempt, worker, doc=error))[0]
+    def fail(self, task_id: str, attempt: int, worker: str, error: Mapping[str, Any],
+             usage: Mapping[str, Any] | None = None, run: int = 1) -> WriteResult:
+        return self.write_with_usage(Write("fail", task_id, attempt, worker, doc=error),
+                                     usage, run)
 
     def schedule_retry(self, task_id: str, attempt: int, worker: str, error: Mapping[str, Any],
-                       delay_seconds: float, lease_seconds: float) -> WriteResult:
-        return self.write(Write("retry", task_id, attempt, worker, doc=error,
-                                delay=delay_seconds, seconds=lease_seconds))[0]
+                       delay_seconds: float, lease_seconds: float,
+                       usage: Mapping[str, Any] | None = None, run: int = 1) -> WriteResult:
+        return self.write_with_usage(Write("retry", task_id, attempt, worker, doc=error,
+                                           delay=delay_seconds, seconds=lease_seconds),
+                                     usage, run)
 
     def cancelled(self, task_id: str, attempt: int, worker: str,
-                  partial: Mapping[str, Any] | None) -> WriteResult:
-        return self.write(Write("cancelled", task_id, attempt, worker, doc=partial))[0]
+                  partial: Mapping[str, Any] | None,
+                  usage: Mapping[str, Any] | None = None, run: int = 1) -> WriteResult:
+        return self.write_with_usage(Write("cancelled", task_id, attempt, worker, doc=partial),
+                                     usage, run)
 
     # The writer's thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -114,32 +145,38 @@ class GroupWriter:
             with self._cond:
                 while not self._waiting:
                     self._cond.wait()
-                batch = self._waiting[:self._max_batch]
-                del self._waiting[:self._max_batch]
+                cut = min(self._max_batch, len(self._waiting))
+                while cut < len(self._waiting) and \
+                        self._waiting[cut][2] == self._waiting[cut - 1][2]:
+                    cut += 1  # a group is never split
+                batch = self._waiting[:cut]
+                del self._waiting[:cut]
             try:
                 self._send(batch)
             except BaseException as exc:  # no caller may wait forever on a dead writer
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(exc)
                 raise
 
-    def _send(self, batch: list[tuple[Write, Future[Answer]]]) -> None:
+    def _send(self, batch: list[Item]) -> None:
         self.calls += 1
         self.writes += len(batch)
         try:
-            answers = self._store.write_batch([write for write, _ in batch])
+            answers = self._store.write_batch([write for write, _, _ in batch])
         except StoreUnavailable as exc:
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.set_exception(exc)
             return
         except Exception as exc:
-            if len(batch) == 1:
-                batch[0][1].set_exception(exc)
+            groups = sorted({group for _, _, group in batch})
+            if len(groups) == 1:
+                for _, future, _ in batch:
+                    future.set_exception(exc)
                 return
-            # Refused for what one of them holds: alone, each is answered for itself.
-            for item in batch:
-                self._send([item])
+            # Refused for what one of them holds: alone, each group is answered for itself.
+            for group in groups:
+                self._send([item for item in batch if item[2] == group])
             return
-        for (_, future), answer in zip(batch, answers, strict=True):
+        for (_, future, _), answer in zip(batch, answers, strict=True):
             future.set_result(answer)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -22,11 +23,23 @@ from bridge.migrate import migrate
 from bridge.store import TaskStore
 from bridge.store.postgres import PostgresTransport
 from bridge.store.supabase import SupabaseTransport
-from tests.db import PgServer
+from tests.db import PgServer, forget_connection, sql
 from tests.fakes.gateway import StandIns
 from tests.fakes.postgrest import SERVICE_KEY, PostgrestStub
 from tests.stack import Stack
 from tests.supabase_cli import SUPABASE_CLI
+
+T = TypeVar("T")
+
+
+@contextmanager
+def running(start: Callable[[], T], stop: Callable[[], object]) -> Iterator[T]:
+    """A server's `start` (what it returns) for the block, then its `stop`."""
+    started = start()
+    try:
+        yield started
+    finally:
+        stop()
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +58,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
     try:
         yield PgServer(url, local)
     finally:
+        forget_connection()
         local.stop()
 
 
@@ -58,8 +72,7 @@ def db_url(pg_server: PgServer) -> str:
 
 @pytest.fixture
 def clean_db(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("truncate public.agent_task_requests, public.agent_task_chunks")
+    sql(db_url, "truncate public.agent_task_requests, public.agent_task_chunks")
     return db_url
 
 
@@ -78,11 +91,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield external
         return
     server = LocalRedis(Path(tmp_path_factory.mktemp("redis")))
-    server.start()
-    try:
+    with running(server.start, server.stop):
         yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -95,22 +105,16 @@ def clean_redis(redis_url: str) -> str:
 def own_redis(tmp_path: Path) -> Iterator[LocalRedis]:
     """A Redis of this test's own, to kill or misconfigure."""
     server = LocalRedis(tmp_path / "own-redis")
-    server.start()
-    try:
+    with running(server.start, server.stop):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
 def postgrest(db_url: str) -> Iterator[str]:
     """A PostgREST-compatible RPC endpoint on the test database; yields SUPABASE_URL."""
     stub = PostgrestStub(db_url, service_key=SERVICE_KEY)
-    url = stub.start()
-    try:
+    with running(stub.start, stub.stop) as url:
         yield url
-    finally:
-        stub.stop()
 
 
 @pytest.fixture(params=["postgres", "supabase"])
@@ -151,11 +155,8 @@ def stack(clean_db: str, clean_redis: str, tmp_path: Path) -> Iterator[Stack]:
 def standins(clean_db: str) -> Iterator[StandIns]:
     """The PostgREST and Realtime stand-ins behind one gateway, on an empty table."""
     s = StandIns(clean_db)
-    s.start()
-    try:
+    with running(s.start, s.stop):
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="session")
@@ -198,12 +199,25 @@ SERVICE_FIXTURES = {"pg_server", "redis_url", "own_redis"}
 PROCESS_FIXTURES = {"stack", "standins", "own_redis", "supabase_cli"}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """`-n N` (pytest-xdist) gives each worker a PostgreSQL and a Redis of its own; servers
+    of your own would be shared by the workers, which empty each other's tables."""
+    external = [v for v in ("TEST_DATABASE_URL", "TEST_REDIS_URL") if os.environ.get(v)]
+    if external and getattr(config.option, "numprocesses", None):
+        raise pytest.UsageError(f"{' and '.join(external)} set: run without -n (its workers "
+                                "would share the servers)")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         layer = item.path.parent.name
         fixtures = set(getattr(item, "fixturenames", ()))
+        module = getattr(item, "module", None)
         if layer == "acceptance":
             item.add_marker(pytest.mark.acceptance)
+        elif module is not None and any(v is Stack for v in vars(module).values()):
+            raise pytest.UsageError(f"{item.nodeid} runs the bridge and workers (tests.stack."
+                                    "Stack); move it to tests/acceptance/")
         elif layer == "unit" and fixtures & SERVICE_FIXTURES:
             raise pytest.UsageError(f"{item.nodeid} is a unit test but uses a server: "
                                     f"{sorted(fixtures & SERVICE_FIXTURES)}; move it to tests/sql/")

@@ -5,6 +5,7 @@ does."""
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ class PgServer:
 
     def drop_database(self, url: str) -> None:
         name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+        forget_connection(url)
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f'drop database if exists "{name}" with (force)')
 
@@ -44,9 +46,49 @@ class PgServer:
         return self.local
 
 
+# The main thread's connection to each database, kept between helper calls: a new backend
+# costs a fork and cold caches (milliseconds), and the suite makes thousands of calls.
+_kept: dict[str, psycopg.Connection[Any]] = {}
+
+
+@contextmanager
+def owner_connection(db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection as the database owner, for statements that leave no session
+    state behind: the main thread's is kept and checked before reuse (a restarted server or
+    a dropped database costs a reconnect, not an error); other threads get one of their own."""
+    if threading.current_thread() is not threading.main_thread():
+        with psycopg.connect(db_url, autocommit=True) as own:
+            yield own
+        return
+    conn = _kept.get(db_url)
+    if conn is None or not _usable(conn):
+        # No server-side prepared statements: a kept plan would break on a changed table.
+        conn = _kept[db_url] = psycopg.connect(db_url, autocommit=True, prepare_threshold=None)
+    yield conn
+
+
+def _usable(conn: psycopg.Connection[Any]) -> bool:
+    if conn.closed or conn.broken:
+        return False
+    try:
+        conn.execute("")
+    except psycopg.Error:
+        conn.close()
+        return False
+    return True
+
+
+def forget_connection(db_url: str | None = None) -> None:
+    """Close the kept connection to `db_url` (all of them with None)."""
+    for url in [db_url] if db_url is not None else list(_kept):
+        conn = _kept.pop(url, None)
+        if conn is not None:
+            conn.close()
+
+
 def sql(db_url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
     """Plain SQL as the database owner, for setting up and inspecting rows."""
-    with psycopg.connect(db_url, autocommit=True) as conn:
+    with owner_connection(db_url) as conn:
         cur = conn.execute(query, params)
         return cur.fetchall() if cur.description else []
 
@@ -67,7 +109,7 @@ def insert_task(db_url: str, payload: object = None, **columns: object) -> str:
     names = ["status", "request_payload", *columns]
     values = ["pending", Jsonb(payload), *columns.values()]
     placeholders = ", ".join(["%s"] * len(values))
-    with psycopg.connect(db_url, autocommit=True) as conn:
+    with owner_connection(db_url) as conn:
         row = conn.execute(
             f"insert into public.agent_task_requests ({', '.join(names)}) "
             f"values ({placeholders}) returning id", values).fetchone()
@@ -75,11 +117,27 @@ def insert_task(db_url: str, payload: object = None, **columns: object) -> str:
     return str(row[0])
 
 
+def nested(depth: int) -> str:
+    """A JSON object nested `depth` levels deep: {"a": {"a": ... 1}}."""
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+def insert_undecodable(db_url: str) -> str:
+    """A row nested 1,200 levels deep, as one stored before the depth check (or with the
+    limit raised): Python's JSON decoder fails on it (RecursionError); returns its id."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("set agent_bridge.max_request_depth = '5000'")
+        found = conn.execute("insert into public.agent_task_requests (request_payload) "
+                             "values (%s::jsonb) returning id::text", [nested(1200)]).fetchone()
+    assert found is not None
+    return str(found[0])
+
+
 def fetch_task(db_url: str, task_id: str) -> dict[str, object]:
     """The row as the database owner sees it."""
-    with psycopg.connect(db_url, row_factory=dict_row) as conn:
-        row = conn.execute("select * from public.agent_task_requests where id = %s",
-                           [task_id]).fetchone()
+    with owner_connection(db_url) as conn, conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute("select * from public.agent_task_requests where id = %s",
+                          [task_id]).fetchone()
     assert row is not None
     return dict(row)
 
@@ -117,3 +175,15 @@ def streamed(db_url: str, task_id: str) -> Any:
     """The row's response_payload with its streamed answer folded in, as readers see it."""
     return sql(db_url, "select agent_bridge.streamed_payload(id, attempts, response_payload) "
                        "from public.agent_task_requests where id = %s", [task_id])[0][0]
+
+
+@contextmanager
+def broadcasting(db_url: str, on: bool = True) -> Iterator[None]:
+    """Realtime Broadcast switched on (or off) in the database for the block, then back
+    to what it was: the flag is shared by every test of the session's database."""
+    (before,), = sql(db_url, "select enabled from agent_bridge.realtime_broadcast")
+    sql(db_url, "update agent_bridge.realtime_broadcast set enabled = %s", [on])
+    try:
+        yield
+    finally:
+        sql(db_url, "update agent_bridge.realtime_broadcast set enabled = %s", [before])

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
 # The integration guide's table, exactly as users created it before agent-bridge.
-GUIDE_TABLE = """
-CREATE TABLE agent_task_requests (
-    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
-    status VARCHAR(50) NOT NULL DEFAULT 'pending'
-        CHECK (status IN ('pending', 'processing', 'completed', 'failed')),
-    request_payload JSONB NOT NULL DEFAULT '{}'::jsonb,
-    response_payload JSONB DEFAULT NULL,
-    created_at TIMESTAMPTZ DEFAULT NOW(),
-    updated_at TIMESTAMPTZ DEFAULT NOW()
-);
-"""
+GUIDE_TABLE = (Path(__file__).parent / "guide_table.sql").read_text(encoding="utf-8")
 
 
 def schema_dump(url: str) -> dict[str, list[tuple[Any, ...]]]:

@@ -63,20 +63,12 @@ class Stack(processes.ProcGroup[Proc]):
     def worker(self, *, pool: str = "prefork", concurrency: int = 2, wait: bool = True,
                queues: str | None = None, **env: str) -> Proc:
         """A worker; `queues` is Celery's -Q (default: every agent's queue)."""
-        n = self.count("worker")
-        proc = self.start("worker", [
-            str(BIN / "celery"), "-A", "tasks", "worker", "-P", pool, "-c", str(concurrency),
-            "-n", f"w{n}-{os.getpid()}@%h", "--without-mingle", "--without-gossip",
-            "--loglevel", "INFO", *(["-Q", queues] if queues else [])], **env)
-        if wait:
-            proc.wait_for_output(" ready.", 60)
-        return proc
+        return self.start_worker("tasks", pool=pool, concurrency=concurrency,
+                                 node=f"w{self.count('worker')}", queues=queues,
+                                 ready_within=60 if wait else None, **env)
 
     def bridge(self, *, wait: bool = True, **env: str) -> Proc:
-        proc = self.start("bridge", [str(BIN / "agent-bridge"), "run"], **env)
-        if wait:
-            proc.wait_for_output("ONLINE", 30)
-        return proc
+        return self.start_bridge(ready_within=30 if wait else None, **env)
 
     # Database views ----------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:

@@ -16,7 +16,8 @@ from bridge.commands import (
     show,
     status,
     submit,
+    usage,
 )
 
 COMMANDS: list[ModuleType] = [run, dev, migrate, migrations, submit, status, show, check, retry,
-                              cancel, prune]
+                              cancel, prune, usage]

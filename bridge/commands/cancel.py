@@ -1,8 +1,13 @@
-"""`agent-bridge cancel ID...`: stop tasks, as the frontend's Stop button does.
+"""`agent-bridge cancel ID...`: cancel tasks: pending ones at once, running ones are stopped.
 
-Runs `cancel_agent_task` (as the service role, so for any row): a pending row ends
-`failed` / Cancelled at once; a running row's worker is asked to stop and ends it,
-keeping the partial answer; finished rows are left as they are.
+Cancel tasks by id. A pending task ends failed (Cancelled) at once; a running task's
+worker stops its handler and ends it failed (Cancelled), keeping the partial answer;
+finished tasks are left as they are. Exit 1 if an id was not found.
+
+Like the frontend's Stop button, it runs `cancel_agent_task` (as the service role, so
+for any row): a pending row ends `failed` / Cancelled at once; a running row's worker is
+asked to stop and ends it, keeping the partial answer; finished rows are left as they
+are.
 """
 
 from __future__ import annotations
@@ -12,26 +17,22 @@ import sys
 import time
 from typing import Any
 
+from bridge.commands.parsers import Subparsers, add_command
 from bridge.commands.retry import resolve_all, task_id
 from bridge.config import Settings
 from bridge.store import open_store
 
+EPILOG = "example: agent-bridge cancel 3f1c… 9a2e… --wait"
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "cancel", help="cancel tasks: pending ones at once, running ones are stopped",
-        description="Cancel tasks by id. A pending task ends failed (Cancelled) at once; a "
-                    "running task's worker stops its handler and ends it failed (Cancelled), "
-                    "keeping the partial answer; finished tasks are left as they are. Exit "
-                    "1 if an id was not found.",
-        epilog="example: agent-bridge cancel 3f1c… 9a2e… --wait")
+
+def register(sub: Subparsers) -> None:
+    p = add_command(sub, "cancel", run, __doc__, EPILOG)
     p.add_argument("ids", nargs="+", type=task_id, metavar="ID",
                    help="task ids to cancel (or their first 8 characters or more)")
     p.add_argument("--wait", action="store_true",
                    help="wait until each running task has stopped")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="longest wait with --wait (default: 30)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

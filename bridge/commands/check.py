@@ -1,11 +1,18 @@
-"""`agent-bridge check`: is everything in place? One ✅ or ❌ line per dependency,
-each ❌ with the fix. Exit 0 only when every line is ✅."""
+"""`agent-bridge check`: check configuration, database, schema, Redis and workers.
+
+Check every dependency in turn and say how to fix what is missing: configuration, the
+database or Supabase (and the key), the table and functions at the expected schema
+version, Redis, and a worker online. Exit 0 only when all pass.
+
+Is everything in place? One ✅ or ❌ line per dependency, each ❌ with the fix.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from bridge.commands.parsers import Subparsers, add_command
 from bridge.commands.status import probe_broker, probe_workers
 from bridge.config import ConfigError, Settings
 from bridge.errors import MISSING_CODES, SchemaMissing, StoreError, StoreRejected, first_line
@@ -32,14 +39,8 @@ class Report:
               flush=True)
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "check", help="check configuration, database, schema, Redis and workers",
-        description="Check every dependency in turn and say how to fix what is missing: "
-                    "configuration, the database or Supabase (and the key), the table and "
-                    "functions at the expected schema version, Redis, and a worker online. "
-                    "Exit 0 only when all pass.")
-    p.set_defaults(func=run)
+def register(sub: Subparsers) -> None:
+    add_command(sub, "check", run, __doc__)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,11 @@
-"""`agent-bridge migrate`: apply the migrations to DATABASE_URL."""
+"""`agent-bridge migrate`: create or upgrade the table and its functions (DATABASE_URL).
+
+Apply the migrations the package ships (the repository's supabase/migrations/*.sql) to
+DATABASE_URL and record them in supabase_migrations.schema_migrations as the Supabase
+CLI does, so `supabase db push` and `supabase migration list` agree. On a plain
+PostgreSQL it first creates the roles and auth.uid() Supabase would provide. Versions
+already recorded are skipped.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +14,17 @@ from pathlib import Path
 
 import psycopg
 
+from bridge.commands.parsers import Subparsers, add_command
 from bridge.config import ConfigError, Settings, check_database_url
 from bridge.errors import StoreRejected, StoreUnavailable, first_line
 from bridge.migrate import MIGRATIONS_DIR, migrate
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "migrate", help="create or upgrade the table and its functions (DATABASE_URL)",
-        description="Apply the migrations the package ships (the repository's "
-                    "supabase/migrations/*.sql) to DATABASE_URL and record them in "
-                    "supabase_migrations.schema_migrations as the Supabase CLI does, so "
-                    "`supabase db push` and `supabase migration list` agree. On a plain "
-                    "PostgreSQL it first creates the roles and auth.uid() Supabase would "
-                    "provide. Versions already recorded are skipped.")
+def register(sub: Subparsers) -> None:
+    p = add_command(sub, "migrate", run, __doc__)
     p.add_argument("--database-url", help="default: $DATABASE_URL")
     p.add_argument("--dir", type=Path, default=MIGRATIONS_DIR,
                    help="migrations directory (default: the package's)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

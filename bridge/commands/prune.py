@@ -1,7 +1,13 @@
-"""`agent-bridge prune`: delete finished tasks older than an age, as the bridge's retention does.
+"""`agent-bridge prune`: delete finished tasks older than an age (default AGENT_RETENTION_DAYS).
 
-Batches of short transactions (`agent_tasks_prune`) that lock only finished rows and
-skip any another transaction holds, so it is safe while the bridge claims.
+Delete completed and failed tasks whose finished_at is older than --older-than, with
+their streamed chunks (and per-user day counters of days before yesterday), in batches
+of short transactions that never hold up a claim. Pending and processing tasks are never
+deleted. The bridge does this by itself every few minutes unless AGENT_RETENTION_DAYS=0.
+
+As the bridge's retention does it: batches of short transactions (`agent_tasks_prune`)
+that lock only finished rows and skip any another transaction holds, so it is safe while
+the bridge claims.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import argparse
 import re
 from datetime import timedelta
 
+from bridge.commands.parsers import Subparsers, add_command
 from bridge.config import Settings
 from bridge.retention import BATCH, describe, prune
 from bridge.store import open_store
@@ -19,16 +26,12 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 MAX_BATCH = 10000  # agent_tasks_prune's own bound: one batch stays one short transaction
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "prune", help="delete finished tasks older than an age (default AGENT_RETENTION_DAYS)",
-        description="Delete completed and failed tasks whose finished_at is older than "
-                    "--older-than, with their streamed chunks (and per-user day counters of "
-                    "days before yesterday), in batches of short transactions that never hold "
-                    "up a claim. Pending and processing tasks are never deleted. The bridge "
-                    "does this by itself every few minutes unless AGENT_RETENTION_DAYS=0.",
-        epilog="examples: agent-bridge prune --dry-run  |  agent-bridge prune --older-than 7d"
-               "  |  agent-bridge prune --older-than 12h")
+EPILOG = ("examples: agent-bridge prune --dry-run  |  agent-bridge prune --older-than 7d"
+          "  |  agent-bridge prune --older-than 12h")
+
+
+def register(sub: Subparsers) -> None:
+    p = add_command(sub, "prune", run, __doc__, EPILOG)
     p.add_argument("--older-than", type=age, metavar="AGE",
                    help="an age such as 7d, 12h, 30m (a bare number is days); "
                         "default: AGENT_RETENTION_DAYS")
@@ -36,7 +39,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="count what would be deleted; delete nothing")
     p.add_argument("--batch", type=batch_size, default=BATCH, metavar="N",
                    help=f"rows per transaction (default: {BATCH}, at most {MAX_BATCH:,})")
-    p.set_defaults(func=run)
 
 
 def age(text: str) -> timedelta:

@@ -1,4 +1,11 @@
-"""`agent-bridge show ID`: one task's status, attempts, error, answer and timings."""
+"""`agent-bridge show ID`: one task: status, attempts, error, answer and timings;
+--follow streams its answer.
+
+Print one row of agent_task_requests: its status, attempts, agent, error, answer and
+timings (created, run at, started, finished). The id may be shortened to its first 8
+characters or more. With --follow, then print its answer as it streams in. Exit 1 when
+there is no such task.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
+from bridge.commands.parsers import Subparsers, add_command
 from bridge.commands.retry import resolve, task_id
 from bridge.commands.submit import (
     EXIT_COMPLETED,
@@ -25,15 +33,8 @@ from bridge.store import open_store
 EXIT_FOUND, EXIT_MISSING = 0, 1
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "show", help="one task: status, attempts, error, answer and timings; --follow "
-                     "streams its answer",
-        description="Print one row of agent_task_requests: its status, attempts, agent, "
-                    "error, answer and timings (created, run at, started, finished). "
-                    "The id may be shortened to its first 8 characters or more. With "
-                    "--follow, then print its answer as it streams in. Exit 1 when there "
-                    "is no such task.")
+def register(sub: Subparsers) -> None:
+    p = add_command(sub, "show", run, __doc__)
     p.add_argument("id", type=task_id, metavar="ID",
                    help="the task id, or its first 8 characters or more")
     p.add_argument("--json", action="store_true", help="print the row as one JSON object")
@@ -42,7 +43,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "0 completed, 1 failed, 2 timed out)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="with --follow: give up after S seconds (default: 300)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
 
-from bridge.agents import configure, queue_name
+from bridge.agents import queue_name
 from bridge.celery_app import RUN_AGENT, create_celery_app
 from bridge.commands.submit import error_of
 from bridge.config import Settings
@@ -94,7 +94,7 @@ def probe_workers(settings: Settings, broker: Broker) -> Workers:
 def agent_rows(settings: Settings, store_agents: list[AgentStats] | None, workers: Workers,
                broker: Broker) -> list[dict[str, Any]]:
     """One entry per agent: the configured ones, and any other that has rows."""
-    agents = configure(settings)
+    agents = settings.configured_agents()
     counts = {a.agent: a for a in store_agents or []}
     names = [*agents.names, *sorted(set(counts) - set(agents.names))]
     publisher = (Publisher(celery_app(settings), settings.celery_queue, RUN_AGENT)

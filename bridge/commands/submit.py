@@ -1,4 +1,17 @@
-"""`agent-bridge submit`: insert a request the way the frontend does, and maybe follow it."""
+"""`agent-bridge submit`: insert a task request (as the frontend does); --wait or
+--follow follows it.
+
+Insert a pending row {prompt, context} into agent_task_requests and print its id. With
+--wait, print each status change until the task ends, then the answer; with --follow,
+print the answer as it streams in. Exit codes with --wait or --follow: 0 completed, 1
+failed, 2 timed out; without it: 0, or 1 when the task was stored failed (a payload over
+the size or depth limit).
+
+With --idempotency-key, a second submit with the same key (and agent) stores nothing: it
+prints the id of the task that has the key, says so on stderr, and --wait or --follow
+follow that task. The CLI inserts as the service, without a user: its keys are unique per
+agent among the rows without user_id (a user's keys are their own).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +23,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bridge.commands.parsers import Subparsers, add_command
 from bridge.config import ConfigError, Settings
-from bridge.errors import StoreUnavailable
+from bridge.errors import StoreRejected, StoreUnavailable
 from bridge.store import TaskStore, open_store, request_payload
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2
@@ -19,16 +33,8 @@ POSTGRES_POLL = 0.2  # seconds between two reads of the row while waiting (Postg
 ICONS = {"pending": "⏳", "processing": "⚙️ ", "completed": "✅", "failed": "❌"}
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "submit", help="insert a task request (as the frontend does); --wait or --follow "
-                       "follows it",
-        description="Insert a pending row {prompt, context} into agent_task_requests and "
-                    "print its id. With --wait, print each status change until the task "
-                    "ends, then the answer; with --follow, print the answer as it streams "
-                    "in. Exit codes with --wait or --follow: 0 completed, 1 failed, "
-                    "2 timed out; without it: 0, or 1 when the task was stored failed "
-                    "(a payload over the size or depth limit).")
+def register(sub: Subparsers) -> None:
+    p = add_command(sub, "submit", run, __doc__)
     p.add_argument("prompt", nargs="?",
                    help="the request_payload.prompt; `-` reads it from stdin")
     p.add_argument("--file", "-f", type=Path, metavar="PATH",
@@ -40,6 +46,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="higher runs first (default: 0)")
     p.add_argument("--agent", default="default", metavar="NAME",
                    help="the agent that runs it, one of AGENTS (default: default)")
+    p.add_argument("--idempotency-key", metavar="KEY",
+                   help="submit at most once per KEY and agent (1 to 200 characters): "
+                        "with a key in use, follow the task that has it")
     p.add_argument("--wait", action="store_true",
                    help="follow the row until it completes or fails")
     p.add_argument("--follow", action="store_true",
@@ -47,7 +56,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "changes go to stderr); exit codes as with --wait")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="with --wait or --follow: give up after S seconds (default: 300)")
-    p.set_defaults(func=run)
 
 
 def parse_context(raw: str) -> dict[str, Any]:
@@ -90,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     store = open_store(settings, pool=False)
     try:
-        task_id = store.insert(request_payload(prompt, context), args.priority,
-                               args.agent)
+        task_id = insert_once(store, request_payload(prompt, context), args.priority,
+                              args.agent, args.idempotency_key)
         print(task_id, flush=True)
         if not (args.wait or args.follow):
             return failed_at_insert(store, task_id)
@@ -101,6 +109,26 @@ def run(args: argparse.Namespace) -> int:
         return follow(store, task_id, args.timeout, interval)
     finally:
         store.close()
+
+
+def insert_once(store: TaskStore, payload: dict[str, Any], priority: int, agent: str,
+                key: str | None) -> str:
+    """Insert the row; with a key already used (23505), the id of the row that has it.
+    A row deleted between the refusal and the read (a prune) frees its key: insert again."""
+    if key is not None and not 1 <= len(key) <= 200:
+        raise ConfigError(f"--idempotency-key must be 1 to 200 characters long, got {len(key)}")
+    for _ in range(3):
+        try:
+            return store.insert(payload, priority, agent, idempotency_key=key)
+        except StoreRejected as exc:
+            if key is None or exc.code != "23505":
+                raise
+        existing = store.keyed_task(agent, key)
+        if existing is not None:
+            print(f"task {existing} already has idempotency key {key!r} (agent {agent}): "
+                  f"nothing submitted; that task is the one", file=sys.stderr, flush=True)
+            return existing
+    raise StoreRejected(f"idempotency key {key!r} is in use but its task cannot be read", "23505")
 
 
 def poll_interval(settings: Settings) -> float:

@@ -9,7 +9,7 @@ select * from public.agent_tasks_claim(p_limit => %(p_limit)s::integer, p_lease_
 
 -- start --
 -- A worker takes its attempt: fenced; returns the request payload.
-select * from public.agent_task_start(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_lease_seconds => %(p_lease_seconds)s::double precision)
+select * from public.agent_task_start(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_lease_seconds => %(p_lease_seconds)s::double precision, p_spend => %(p_spend)s::jsonb)
 
 -- heartbeat --
 -- The holder renews its lease while the handler runs.
@@ -71,6 +71,18 @@ select public.cancel_agent_task(task_id => %(task_id)s::uuid) as cancel_agent_ta
 -- Cancel one attempt (Celery revoke); p_holder_gone ends it now. The status after.
 select public.agent_task_request_cancel(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_holder_gone => %(p_holder_gone)s::boolean) as agent_task_request_cancel
 
+-- report_usage --
+-- What one run of the attempt spent ({input_tokens, output_tokens, cost}), counted once per (attempt, run); gives back the bind's reservation.
+select * from public.agent_task_report_usage(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_usage => %(p_usage)s::jsonb, p_run => %(p_run)s::integer)
+
+-- tenants_usage --
+-- Every tenant with spend on record or a budget of its own, in its current period: budgets, spend, reservations, what is left.
+select * from public.agent_tenants_usage()
+
+-- usage_totals --
+-- Every agent's spend since the start: tokens in, out and charged unreported, and cost (the bridge's Prometheus counters).
+select * from public.agent_tasks_usage_totals()
+
 -- cancelled --
 -- The holder ends a cancelled attempt: processing -> failed (Cancelled), partial answer kept.
 select * from public.agent_task_cancelled(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_response => %(p_response)s::jsonb)
@@ -82,6 +94,10 @@ select * from public.agent_tasks_cancel_requested(p_ids => %(p_ids)s::uuid[], p_
 -- schema_version --
 -- The schema version the migration installed.
 select public.agent_bridge_schema_version() as agent_bridge_schema_version
+
+-- broadcasting --
+-- Whether the database sends Realtime Broadcast (state changes, streamed pieces, the bridge's wake-ups).
+select public.agent_bridge_broadcasting() as agent_bridge_broadcasting
 
 -- prune --
 -- Retention: at most p_batch finished rows older than p_older_than deleted (chunks too), and old day counters; p_dry_run counts all instead.

@@ -30,3 +30,11 @@ select id from public.agent_task_requests where id >= %(low)s::uuid and id <= %(
 -- get_chunks --
 -- The chunks of one attempt's streamed answer after seq `after`, in order (at most `limit`), for `--follow`.
 select seq, answer_offset, text from public.agent_task_chunks where task_id = %(id)s::uuid and attempt = %(attempt)s::integer and seq > %(after)s::integer order by seq limit %(limit)s::integer
+
+-- insert_keyed_task --
+-- Insert a request as insert_task does, with an idempotency key: a key in use (this agent, the service's rows or the user's) is refused with 23505.
+insert into public.agent_task_requests (status, request_payload, priority, agent, idempotency_key) values ('pending', %(request_payload)s::jsonb, %(priority)s::integer, %(agent)s::text, %(idempotency_key)s::text) returning id
+
+-- keyed_task --
+-- The row of the service's own (no user_id) that has this agent and idempotency key, for `submit --idempotency-key`.
+select id from public.agent_task_requests where user_id is null and agent = %(agent)s::text and idempotency_key = %(idempotency_key)s::text

@@ -19,21 +19,23 @@ from bridge.migrate import SCHEMA_VERSION
 from bridge.names import CANCEL_CHANNEL, WAKE_CHANNEL
 from bridge.queries import load_all
 from bridge.store.records import (
+    AgentSpend,
     AgentStats,
     Claim,
     Pruned,
     Rescued,
     StartedTask,
     Stats,
+    TenantSpend,
     Write,
     WriteResult,
     request_payload,
 )
 from bridge.store.transport import Transport
 
-__all__ = ["CANCEL_CHANNEL", "WAKE_CHANNEL", "AgentStats", "Claim", "Pruned", "Rescued",
-           "StartedTask", "Stats", "TaskStore", "Write", "WriteResult", "open_store",
-           "request_payload"]
+__all__ = ["CANCEL_CHANNEL", "WAKE_CHANNEL", "AgentSpend", "AgentStats", "Claim", "Pruned",
+           "Rescued", "StartedTask", "Stats", "TaskStore", "TenantSpend", "Write", "WriteResult",
+           "open_store", "request_payload"]
 
 
 class TaskStore:
@@ -71,8 +73,7 @@ class TaskStore:
         rows = self._call(name, **params)
         if not rows:
             return WriteResult(False, None, None, None)
-        row = rows[0]
-        return WriteResult(bool(row["applied"]), row["status"], row["attempts"], row["worker"])
+        return _write_result(rows[0])
 
     # Bridge -------------------------------------------------------------------
     def claim(self, limit: int, lease_seconds: float, *, tenant_concurrency: int = 0,
@@ -111,14 +112,18 @@ class TaskStore:
         return max(1, min(limit, cap) if cap is not None else limit)
 
     # Worker -------------------------------------------------------------------
-    def start(self, task_id: str, attempt: int, worker: str, lease_seconds: float
+    def start(self, task_id: str, attempt: int, worker: str, lease_seconds: float,
+              spend: Mapping[str, Any] | None = None
               ) -> tuple[StartedTask | None, WriteResult]:
+        """Take the attempt; with `spend` (what the handler may spend: {tokens, cost}),
+        reserve it from the tenant's budget (refused, and the row failed, when spent)."""
         rows = self._call("start", p_id=task_id, p_attempt=attempt, p_worker=worker,
-                          p_lease_seconds=lease_seconds)
+                          p_lease_seconds=lease_seconds,
+                          p_spend=dict(spend) if spend is not None else None)
         if not rows:
             return None, WriteResult(False, None, None, None)
         r = rows[0]
-        result = WriteResult(bool(r["applied"]), r["status"], r["attempts"], r["worker"])
+        result = _write_result(r)
         if not result.applied:
             return None, result
         return _started(task_id, attempt, r), result
@@ -146,7 +151,7 @@ class TaskStore:
             if r is None:
                 results.append((WriteResult(False, None, None, None), None))
                 continue
-            result = WriteResult(bool(r["applied"]), r["status"], r["attempts"], r["worker"])
+            result = _write_result(r)
             started = (_started(write.task_id, write.attempt, r)
                        if result.applied and write.kind == "start" else None)
             results.append((result, started))
@@ -156,8 +161,12 @@ class TaskStore:
         """One write through its single-row function (see write_batch)."""
         doc = dict(w.doc) if w.doc is not None else None
         if w.kind in ("bind", "start"):
-            started, result = self.start(w.task_id, w.attempt, w.worker, _seconds(w.seconds))
+            started, result = self.start(w.task_id, w.attempt, w.worker, _seconds(w.seconds),
+                                         doc)
             return result, started if w.kind == "start" else None
+        if w.kind == "usage":
+            return self._write("report_usage", p_id=w.task_id, p_attempt=w.attempt,
+                               p_worker=w.worker, p_usage=doc, p_run=w.seq), None
         if w.kind == "heartbeat":
             return self.heartbeat(w.task_id, w.attempt, w.worker, _seconds(w.seconds)), None
         if w.kind == "append":
@@ -297,16 +306,46 @@ class TaskStore:
                           p_batch=batch, p_dry_run=dry_run)
         return Pruned(int(rows[0]["tasks"]), int(rows[0]["day_usage"]))
 
+    def tenants_usage(self) -> list[TenantSpend]:
+        """Every tenant with spend on record or a budget of its own, in its current period."""
+        def number(value: Any) -> float | None:
+            return None if value is None else float(value)
+        return [TenantSpend(
+            tenant=str(r["tenant"]), period=str(r["period"]),
+            period_start=str(r["period_start"]), resets_at=str(r["resets_at"]),
+            token_budget=r["token_budget"], cost_budget=number(r["cost_budget"]),
+            tokens=int(r["tokens"]), cost=float(r["cost"]),
+            reserved_tokens=int(r["reserved_tokens"]), reserved_cost=float(r["reserved_cost"]),
+            tokens_left=r["tokens_left"], cost_left=number(r["cost_left"]))
+            for r in self._call("tenants_usage")]
+
+    def usage_totals(self) -> list[AgentSpend]:
+        """Every agent's spend since the start."""
+        return [AgentSpend(str(r["agent"]), int(r["input_tokens"]), int(r["output_tokens"]),
+                           int(r["unreported_tokens"]), float(r["cost"]))
+                for r in self._call("usage_totals")]
+
     def schema_version(self) -> int:
         return int(self._call("schema_version")[0]["agent_bridge_schema_version"])
 
     # Rows (the CLI) -----------------------------------------------------------
-    def insert(self, payload: Mapping[str, Any], priority: int = 0, agent: str = "default"
-               ) -> str:
-        """Insert a pending request the way the frontend does; returns its id."""
-        rows = self._call("insert_task", request_payload=dict(payload), priority=priority,
-                          agent=agent)
+    def insert(self, payload: Mapping[str, Any], priority: int = 0, agent: str = "default",
+               idempotency_key: str | None = None) -> str:
+        """Insert a pending request the way the frontend does; returns its id. With an
+        idempotency key in use (this agent, the service's rows) it raises StoreRejected
+        with code 23505 and stores nothing: keyed_task finds the row that has it."""
+        if idempotency_key is None:
+            rows = self._call("insert_task", request_payload=dict(payload),
+                              priority=priority, agent=agent)
+        else:
+            rows = self._call("insert_keyed_task", request_payload=dict(payload),
+                              priority=priority, agent=agent, idempotency_key=idempotency_key)
         return str(rows[0]["id"])
+
+    def keyed_task(self, agent: str, idempotency_key: str) -> str | None:
+        """The id of the service's own row (no user_id) for `agent` that has this key."""
+        rows = self._call("keyed_task", agent=agent, idempotency_key=idempotency_key)
+        return str(rows[0]["id"]) if rows else None
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         """The row's id, status, attempts, response_payload and error; None if absent."""
@@ -362,13 +401,19 @@ class TaskStore:
         self.transport.close()
 
 
+def _write_result(row: Mapping[str, Any]) -> WriteResult:
+    return WriteResult(bool(row["applied"]), row["status"], row["attempts"], row["worker"],
+                       row.get("budget"))
+
+
 def _started(task_id: str, attempt: int, row: Mapping[str, Any]) -> StartedTask:
     """The task a worker may run, from a start's row (what its handler receives)."""
     return StartedTask(
         id=task_id, attempt=attempt, request_payload=row["request_payload"],
         max_attempts=int(row["max_attempts"]), priority=int(row["priority"]),
         user_id=_str_or_none(row["user_id"]), enterprise_id=row["enterprise_id"],
-        created_at=_str_or_none(row["created_at"]), agent=str(row.get("agent") or "default"))
+        created_at=_str_or_none(row["created_at"]), agent=str(row.get("agent") or "default"),
+        budget=row.get("budget"))
 
 
 def _message_row(claimed: Mapping[str, Any]) -> dict[str, Any] | None:

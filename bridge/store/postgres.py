@@ -113,30 +113,10 @@ class PostgresTransport:
 
     # LISTEN/NOTIFY ------------------------------------------------------------
     def wait_for_wakeup(self, timeout: float) -> bool:
-        """Wait for a NOTIFY on the table's channel, in short slices so that
-        interrupt() is seen quickly. A (re)connected listener returns True at once:
+        """Wait for a NOTIFY on the table's channel (what is queued behind it is swallowed:
+        one claim round serves them all). A (re)connected listener returns True at once:
         notifications sent while it was away are lost, so the caller should look."""
-        if not self._listen:
-            self._interrupted.wait(timeout)
-            return False
-        try:
-            if self._listener is None or self._listener.closed:
-                self._listener = psycopg.connect(
-                    self._conninfo, autocommit=True, connect_timeout=int(self._connect_timeout))
-                self._listener.execute(sql.SQL("listen {}").format(self._channel))
-                return True
-            remaining = timeout
-            while remaining > 0 and not self._interrupted.is_set():
-                slice_ = min(remaining, 0.25)
-                # (The generator holds the connection's lock: drain after leaving it.)
-                if any(True for _ in self._listener.notifies(timeout=slice_, stop_after=1)):
-                    self._drain()
-                    return True
-                remaining -= slice_
-            return False
-        except psycopg.Error as exc:
-            self._close_listener()
-            raise classify(exc) from exc
+        return self.wait_for_notifications(timeout) != []
 
     def wait_for_notifications(self, timeout: float) -> list[str] | None:
         """The payloads of NOTIFYs on the channel within `timeout`, in short slices so
@@ -154,29 +134,28 @@ class PostgresTransport:
             remaining = timeout
             while remaining > 0 and not self._interrupted.is_set():
                 slice_ = min(remaining, 0.25)
+                # (The generator holds the connection's lock: read the queue after it.)
                 payloads = [n.payload for n in self._listener.notifies(timeout=slice_,
                                                                       stop_after=1)]
                 if payloads:
-                    pgconn = self._listener.pgconn  # and what is already queued, at once
-                    pgconn.consume_input()
-                    while (queued := pgconn.notifies()) is not None:
-                        payloads.append(queued.extra.decode())
-                    return payloads
+                    return payloads + self._queued()
                 remaining -= slice_
             return []
         except psycopg.Error as exc:
             self._close_listener()
             raise classify(exc) from exc
 
-    def _drain(self) -> None:
-        """Swallow notifications already queued: one claim round serves them all."""
+    def _queued(self) -> list[str]:
+        """The payloads of notifications already queued, at once: notifies(timeout=...)
+        would block at least one poll, and timeout=0 means "forever" to psycopg; libpq's
+        own queue answers without waiting."""
         assert self._listener is not None
-        # Without waiting: notifies(timeout=...) would block at least one poll, and
-        # timeout=0 means "forever" to psycopg. libpq's own queue answers at once.
         pgconn = self._listener.pgconn
         pgconn.consume_input()
-        while pgconn.notifies() is not None:
-            pass
+        payloads = []
+        while (queued := pgconn.notifies()) is not None:
+            payloads.append(queued.extra.decode())
+        return payloads
 
     def interrupt(self) -> None:
         self._interrupted.set()

@@ -1,6 +1,13 @@
 """Realtime wake-ups for the Supabase transport: the bridge hears a row become pending
 through Supabase Realtime (supabase-py's realtime client) instead of waiting for its poll.
 
+Where the database broadcasts (schema 6, agent_bridge.realtime_broadcast on), the bridge
+joins the private topic `agent_bridge:wakeups`, on which the insert trigger sends one
+`pending` message per transaction that makes a row pending: Realtime does no per-change
+work for it. Elsewhere (broadcasting off, an older schema, the question failed) it
+subscribes to postgres_changes on the table as before. The choice is made again for each
+session, so switching the flag takes effect at the next reconnect.
+
 realtime-py's client is asyncio-only, so it runs on a daemon thread with its own loop and
 sets a threading.Event on each INSERT of a pending row (and each UPDATE to `pending`:
 rescue, release, operator retry). Outages are silent by design: the poll keeps the bridge
@@ -16,12 +23,13 @@ import contextlib
 import logging
 import random
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
 from realtime import RealtimePostgresChangesListenEvent as Event
 
-from bridge.names import TABLE
+from bridge.names import TABLE, WAKEUP_EVENT, WAKEUP_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +38,13 @@ MAX_BACKOFF = 30.0
 
 
 class RealtimeWakeups:
-    def __init__(self, supabase_url: str, key: str, wake: threading.Event) -> None:
+    def __init__(self, supabase_url: str, key: str, wake: threading.Event,
+                 broadcasting: Callable[[], bool] = lambda: False) -> None:
         self._url = supabase_url.rstrip("/") + "/realtime/v1"
         self._key = key
         self._wake = wake
+        self._broadcasting = broadcasting
+        self.path: str | None = None  # "broadcast" or "postgres_changes" once a session is live
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -91,26 +102,43 @@ class RealtimeWakeups:
         states: asyncio.Queue[tuple[RealtimeSubscribeStates, Exception | None]] = \
             asyncio.Queue()
         try:
+            broadcast = await asyncio.to_thread(self._asks_broadcast)
             await client.connect()
-            channel = client.channel("agent-bridge-wakeups")
-            for event in (Event.Insert, Event.Update):
-                channel.on_postgres_changes(event, self._on_change, table=TABLE,
-                                            schema="public", filter="status=eq.pending")
+            if broadcast:
+                channel = client.channel(WAKEUP_TOPIC, {"config": {
+                    "private": True, "broadcast": {"ack": False, "self": False},
+                    "presence": {"key": "", "enabled": False}}})
+                channel.on_broadcast(WAKEUP_EVENT, self._on_change)
+            else:
+                channel = client.channel("agent-bridge-wakeups")
+                for event in (Event.Insert, Event.Update):
+                    channel.on_postgres_changes(event, self._on_change, table=TABLE,
+                                                schema="public", filter="status=eq.pending")
             await channel.subscribe(lambda state, err: states.put_nowait((state, err)))
             while True:
                 state, err = await states.get()
                 if state == RealtimeSubscribeStates.SUBSCRIBED:
+                    self.path = "broadcast" if broadcast else "postgres_changes"
                     self.subscribed.set()
                     self._wake.set()  # catch up on what arrived while we were away
                     if not self._announced:
                         self._announced = True
-                        log.info("⚡ Waking on Supabase Realtime (polling stays as fallback)",
-                                 extra={"action": "realtime_up"})
+                        log.info("⚡ Waking on Supabase Realtime %s (polling stays as fallback)",
+                                 "Broadcast" if broadcast else "postgres_changes",
+                                 extra={"action": "realtime_up", "path": self.path})
                     continue
                 raise ConnectionError(f"channel {state.value}" + (f": {err}" if err else ""))
         finally:
             with contextlib.suppress(Exception):
                 await client.close()
+
+    def _asks_broadcast(self) -> bool:
+        try:
+            return self._broadcasting()
+        except Exception as exc:  # an older schema or an outage: the table's changes
+            log.debug("Broadcast wake-ups unavailable (%s: %s); using postgres_changes",
+                      type(exc).__name__, exc, extra={"action": "realtime_path"})
+            return False
 
     def _on_change(self, payload: Any) -> None:
         self._wake.set()

@@ -27,7 +27,7 @@ class Claim:
 
 
 WriteKind = Literal["bind", "start", "heartbeat", "append", "progress", "complete", "fail",
-                   "retry", "cancelled"]
+                   "retry", "cancelled", "usage"]
 OUTCOMES: frozenset[WriteKind] = frozenset({"complete", "fail", "retry", "cancelled"})
 
 
@@ -35,7 +35,8 @@ OUTCOMES: frozenset[WriteKind] = frozenset({"complete", "fail", "retry", "cancel
 class Write:
     """One fenced write of attempt (`task_id`, `attempt`) held by `worker`, as
     public.agent_tasks_write takes it: `doc` is the response (complete, progress), the
-    error (fail, retry) or the partial answer kept (cancelled); `seconds` the lease
+    error (fail, retry), the partial answer kept (cancelled), what the handler may spend
+    (bind, start: {tokens, cost}) or what it spent (usage; `seq` is the run); `seconds` the lease
     (bind, start, heartbeat, retry); `delay` the retry's backoff; `seq`, `offset` and
     `text` a streamed piece (append)."""
 
@@ -59,6 +60,8 @@ class WriteResult:
     status: Status | None  # None: no such row
     attempts: int | None
     worker: str | None
+    # What an applied bind or start reserved from the tenant's budget ({tokens, cost}).
+    budget: Mapping[str, Any] | None = None
 
     def refusal(self, attempt: int) -> str:
         """Why a fenced write changed nothing, in words for a log line."""
@@ -84,6 +87,8 @@ class StartedTask:
     enterprise_id: str | None
     created_at: str | None
     agent: str = "default"
+    # What the bind reserved for the handler ({tokens, cost}); None: nothing declared.
+    budget: Mapping[str, Any] | None = None
 
     @classmethod
     def from_message(cls, task_id: str, attempt: int, row: Mapping[str, Any]) -> StartedTask:
@@ -105,6 +110,7 @@ class StartedTask:
             "enterprise_id": self.enterprise_id,
             "created_at": self.created_at,
             "agent": self.agent,
+            **({"budget": dict(self.budget)} if self.budget is not None else {}),
         }
 
 
@@ -145,3 +151,35 @@ class Pruned:
 
     tasks: int  # finished rows of agent_task_requests, with their chunks
     day_usage: int  # per-user day counters of days before yesterday
+
+
+@dataclass(frozen=True)
+class TenantSpend:
+    """One tenant's budgets and spend in its current period (public.agent_tenants_usage).
+    Budgets and what is left are None where the tenant has no such budget; what is left
+    counts what running attempts hold as spent."""
+
+    tenant: str
+    period: str  # 'day' or 'month' (UTC)
+    period_start: str
+    resets_at: str
+    token_budget: int | None
+    cost_budget: float | None
+    tokens: int
+    cost: float
+    reserved_tokens: int
+    reserved_cost: float
+    tokens_left: int | None
+    cost_left: float | None
+
+
+@dataclass(frozen=True)
+class AgentSpend:
+    """One agent's spend since the start (public.agent_tasks_usage_totals)."""
+
+    agent: str
+    input_tokens: int
+    output_tokens: int
+    unreported_tokens: int  # reservations charged whole: runs that did not report
+    cost: float
+

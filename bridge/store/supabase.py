@@ -27,7 +27,7 @@ from bridge.errors import (
     is_transient,
 )
 from bridge.names import TABLE
-from bridge.queries import Query
+from bridge.queries import Query, load
 from bridge.store.realtime import RealtimeWakeups
 from supabase import Client, ClientOptions, create_client
 
@@ -163,7 +163,13 @@ class SupabaseTransport:
         self._interrupted = threading.Event()
         # Set by a Realtime event (or interrupt); the bridge's wait returns at once.
         self._wake = threading.Event()
-        self._realtime = RealtimeWakeups(url, service_key, self._wake) if realtime else None
+        self._realtime = (RealtimeWakeups(url, service_key, self._wake, self._broadcasting)
+                          if realtime else None)
+
+    def _broadcasting(self) -> bool:
+        """Whether the database sends the wake-up as Realtime Broadcast (schema 6)."""
+        rows = self.call(load()["broadcasting"], {})
+        return bool(rows[0]["agent_bridge_broadcasting"])
 
     def _get_client(self) -> Client:
         if self._client is None or self._pid != os.getpid():
@@ -235,6 +241,22 @@ def _insert_task(client: Client, params: Mapping[str, Any]) -> list[dict[str, An
     return [{"id": rows[0]["id"]}]
 
 
+def _insert_keyed_task(client: Client, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    row = {"status": "pending", "request_payload": params["request_payload"],
+           "priority": params["priority"], "agent": params["agent"],
+           "idempotency_key": params["idempotency_key"]}
+    rows = _rows(client.table(TABLE).insert(row).execute().data)
+    if not rows or "id" not in rows[0]:
+        raise StoreRejected("Supabase stored the row but returned no id")
+    return [{"id": rows[0]["id"]}]
+
+
+def _keyed_task(client: Client, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    query = (client.table(TABLE).select("id,user_id").eq("agent", params["agent"])
+             .eq("idempotency_key", params["idempotency_key"]))
+    return [{"id": r["id"]} for r in _rows(query.execute().data) if r.get("user_id") is None]
+
+
 def _get_task(client: Client, params: Mapping[str, Any]) -> list[dict[str, Any]]:
     columns = "id,status,attempts,response_payload,error"
     return _rows(client.table(TABLE).select(columns).eq("id", params["id"]).execute().data)
@@ -274,4 +296,6 @@ _ROW_OPERATIONS: dict[str, Callable[[Client, Mapping[str, Any]], list[dict[str, 
     "latest_failures": _latest_failures,
     "find_ids": _find_ids,
     "get_chunks": _get_chunks,
+    "insert_keyed_task": _insert_keyed_task,
+    "keyed_task": _keyed_task,
 }

@@ -7,9 +7,13 @@ Realtime, not found by a poll.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from tests.db import insert_task
+import pytest
+
+from tests.db import broadcasting, insert_task
 from tests.fakes.gateway import StandIns
 from tests.stack import Proc, Stack
 
@@ -21,17 +25,29 @@ def supabase_stack(db: str, redis: str, tmp: Path, standins: StandIns, **env: st
                  SUPABASE_SERVICE_KEY=standins.service_key, DATABASE_URL="", **env)
 
 
+@contextmanager
+def stack_stopped(stack: Stack) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        stack.stop_all()
+
+
 def wait_subscribed(bridge: Proc) -> None:
     bridge.wait_for_output("Waking on Supabase Realtime", 30)
 
 
+@pytest.mark.parametrize("path", ["Broadcast", "postgres_changes"])
 def test_bridge_wakes_on_realtime_and_recovers(clean_db: str, clean_redis: str, tmp_path: Path,
-                                               standins: StandIns) -> None:
+                                               standins: StandIns, path: str) -> None:
+    """With the database broadcasting, the bridge joins the service-only wake-up topic;
+    without, it follows the table's changes. Either way a drop is recovered quietly."""
     stack = supabase_stack(clean_db, clean_redis, tmp_path, standins, POLL_INTERVAL=SLOW_POLL)
-    try:
+    with broadcasting(clean_db, on=path == "Broadcast"), stack_stopped(stack):
         stack.worker()
         bridge = stack.bridge()
         wait_subscribed(bridge)
+        assert f"Waking on Supabase Realtime {path}" in bridge.output
         first = insert_task(clean_db, {"prompt": "woken"})
         stack.wait_for("the first task", lambda: stack.row(first)["status"] == "completed", 30)
         # Realtime drops every socket: the bridge rejoins by itself, and says nothing loud.
@@ -42,8 +58,6 @@ def test_bridge_wakes_on_realtime_and_recovers(clean_db: str, clean_redis: str, 
         second = insert_task(clean_db, {"prompt": "woken again"})
         stack.wait_for("the second task", lambda: stack.row(second)["status"] == "completed", 30)
         assert "Traceback" not in bridge.output and "ERROR" not in bridge.output
-    finally:
-        stack.stop_all()
 
 
 def test_poll_is_the_fallback_when_realtime_refuses(clean_db: str, clean_redis: str,

@@ -10,7 +10,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import psycopg
@@ -31,12 +34,6 @@ def start_dev(data_dir: Path, log: Path, *extra: str, flower_port: int = 0
                              "--flower-port", str(flower_port), *extra],
                             cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
-
-
-
-
-
-
 
 
 def family(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
@@ -157,9 +154,7 @@ def test_dev_gives_a_second_shell_its_variables_keeps_ports_and_stops_when_redis
     finally:
         assert interrupt(proc) == 0
 
-    proc = start_dev(data_dir, log, flower_port=flower)
-    try:
-        again = wait_for(log, "Ctrl-C stops everything", proc)
+    with running_dev(data_dir, log, flower_port=flower) as (proc, again):
         assert dict(re.findall(r"^export (\w+)=(\S+)$", env_file.read_text(), re.M)) == exported
         assert f"export REDIS_URL={exported['REDIS_URL']}" in again  # the same port
         port = exported["REDIS_URL"].rsplit(":", 1)[1].split("/")[0]
@@ -169,32 +164,40 @@ def test_dev_gives_a_second_shell_its_variables_keeps_ports_and_stops_when_redis
                             and f":{port}" in " ".join(p.info["cmdline"] or []))
         redis_server.kill()
         assert proc.wait(60) == 1
-    finally:
-        if proc.poll() is None:
-            interrupt(proc)
-    out = log.read_text()
-    assert re.search(r"❌ Redis \(port \d+\) died with code -9; see .*redis\.log; "
-                     r"stopping everything", out), out
-    assert "Everything stopped" in out.rsplit("Ctrl-C stops everything", 1)[1]
-    assert leftovers(data_dir) == []
+    said_and_stopped(log, data_dir, r"❌ Redis \(port \d+\) died with code -9; see "
+                                    r".*redis\.log; stopping everything")
 
 
 def test_dev_stops_when_its_postgres_dies(tmp_path: Path) -> None:
     """Its own PostgreSQL killed under it: dev says so and stops everything, exit 1."""
     data_dir = tmp_path / "stack"
     log = tmp_path / "dev.log"
-    proc = start_dev(data_dir, log)
-    try:
-        wait_for(log, "Ctrl-C stops everything", proc)
+    with running_dev(data_dir, log) as (proc, _):
         pid = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
         os.kill(pid, signal.SIGKILL)
         assert proc.wait(60) == 1
+    said_and_stopped(log, data_dir, r"❌ PostgreSQL \(.*postgres\) is no longer running; see "
+                                    r"its log in .*; stopping everything")
+
+
+@contextmanager
+def running_dev(data_dir: Path, log: Path, **options: Any
+                ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """dev, started and ready (its log so far), for a test to kill one of its servers;
+    interrupted afterwards if it is still running."""
+    proc = start_dev(data_dir, log, **options)
+    try:
+        yield proc, wait_for(log, "Ctrl-C stops everything", proc)
     finally:
         if proc.poll() is None:
             interrupt(proc)
+
+
+def said_and_stopped(log: Path, data_dir: Path, message: str) -> None:
+    """dev, one of whose servers died, said so (`message`, a pattern) and then stopped
+    everything it had started, leaving nothing of its data dir running."""
     out = log.read_text()
-    assert re.search(r"❌ PostgreSQL \(.*postgres\) is no longer running; see its log in .*; "
-                     r"stopping everything", out), out
-    assert "Everything stopped" in out
+    assert re.search(message, out), out
+    assert "Everything stopped" in out.rsplit("Ctrl-C stops everything", 1)[1]
     assert leftovers(data_dir) == []
 

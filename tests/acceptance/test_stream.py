@@ -16,41 +16,28 @@ from tests.stack import Stack
 INTERVAL = 0.2  # AGENT_PROGRESS_INTERVAL of the pipeline tests
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --------------------------------------------------------------------------- a real worker
 
 
-def test_a_streamed_answer_is_appended_linear_and_capped(
-        store: TaskStore, stack: Stack, env: dict[str, Any]) -> None:
+def held_stream(stack: Stack, env: dict[str, Any], **context: Any) -> tuple[str, str]:
+    """A bridge and a worker running tests.stream_handler:tokens, and one task of `context`
+    whose handler waits at its end until `release`: (the task's id, its hold)."""
     stack.worker(pool="threads", concurrency=2, AGENT_HANDLER="tests.stream_handler:tokens",
                  AGENT_PROGRESS_INTERVAL=str(INTERVAL), **env)
     stack.bridge(**env)
     hold = f"hold-{uuid.uuid4()}"
-    task_id = insert_task(stack.db_url, {"prompt": "p", "context": {
-        "tokens": 150, "delay": 0.01, "hold": hold, "settle": INTERVAL + 0.05}})
+    return insert_task(stack.db_url, {"prompt": "p", "context": {**context, "hold": hold}}), hold
+
+
+def release(stack: Stack, task_id: str, hold: str) -> None:
+    """Let a held task's handler return, and wait for the row to complete."""
+    (stack.state_dir / hold).write_text("go")
+    stack.wait_for("completion", lambda: stack.row(task_id)["status"] == "completed")
+
+
+def test_a_streamed_answer_is_appended_linear_and_capped(
+        store: TaskStore, stack: Stack, env: dict[str, Any]) -> None:
+    task_id, hold = held_stream(stack, env, tokens=150, delay=0.01, settle=INTERVAL + 0.05)
     seen: list[Any] = []  # the answer as a reader polling the database sees it
     stop = threading.Event()
 
@@ -89,25 +76,18 @@ def test_a_streamed_answer_is_appended_linear_and_capped(
     assert fetch_task(stack.db_url, task_id)["response_payload"] is None
     assert all(b.startswith(a) for a, b in itertools.pairwise(seen))
 
-    (stack.state_dir / hold).write_text("go")
-    stack.wait_for("completion", lambda: stack.row(task_id)["status"] == "completed")
+    release(stack, task_id, hold)
     assert stack.row(task_id)["response_payload"] == {"answer": expected}
     assert chunks(stack.db_url, task_id) == []
 
 
 def test_other_shapes_rewrite_the_row_as_before(
         store: TaskStore, stack: Stack, env: dict[str, Any]) -> None:
-    stack.worker(pool="threads", concurrency=2, AGENT_HANDLER="tests.stream_handler:tokens",
-                 AGENT_PROGRESS_INTERVAL=str(INTERVAL), **env)
-    stack.bridge(**env)
-    hold = f"hold-{uuid.uuid4()}"
-    task_id = insert_task(stack.db_url, {"prompt": "p", "context": {
-        "tokens": 5, "delay": 0.3, "hold": hold, "shape": "full"}})
+    task_id, hold = held_stream(stack, env, tokens=5, delay=0.3, shape="full")
     stack.wait_for("the last partial in the row", lambda: (
         stack.row(task_id)["response_payload"] or {}).get("tokens") == 5)
     assert chunks(stack.db_url, task_id) == []
-    (stack.state_dir / hold).write_text("go")
-    stack.wait_for("completion", lambda: stack.row(task_id)["status"] == "completed")
+    release(stack, task_id, hold)
 
 
 def test_a_failed_stream_ends_as_before(store: TaskStore, stack: Stack,

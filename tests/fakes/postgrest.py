@@ -113,7 +113,9 @@ class PostgrestStub:
             self._listener.execute("listen pgrst")
             threading.Thread(target=self._listen, daemon=True).start()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        # A short poll: stopping waits at most this long (the default, 0.5 s, per stop).
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def stop(self) -> None:
@@ -374,6 +376,9 @@ def _picked(query: list[tuple[str, str]]) -> list[str] | None:
 def _handler(stub: PostgrestStub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as httpx expects
+        # Headers and body leave in two writes: without this, Nagle's algorithm holds the
+        # second until the client's delayed ACK (~40 ms a request on loopback).
+        disable_nagle_algorithm = True
 
         def _serve(self) -> None:
             url = urlsplit(self.path)

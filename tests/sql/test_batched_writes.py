@@ -20,7 +20,7 @@ from psycopg import errors
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from tests.db import as_role, insert_task, sql
+from tests.db import as_role, chunks, insert_task, owner_connection, sql
 from tests.fakes.jwt import role_key
 from tests.fakes.postgrest import SERVICE_KEY
 
@@ -29,7 +29,8 @@ KINDS = ["bind", "start", "heartbeat", "append", "progress", "complete", "fail",
          "cancelled"]
 OUTCOMES = {"complete", "fail", "retry", "cancelled"}
 COLUMNS = ["ord", "applied", "status", "attempts", "worker", "request_payload",
-           "max_attempts", "priority", "user_id", "enterprise_id", "created_at", "agent"]
+           "max_attempts", "priority", "user_id", "enterprise_id", "created_at", "agent",
+           "budget"]
 CALL = ("select * from public.agent_tasks_write(%s::text[], %s::uuid[], %s::integer[], "
         "%s::text[], %s::jsonb[], %s::double precision[], %s::double precision[], "
         "%s::integer[], %s::integer[], %s::text[])")
@@ -106,8 +107,8 @@ def started(db: str, n: int, worker: str = "w1", payload: Any = None) -> list[tu
 def row(db: str, task_id: str) -> dict[str, Any]:
     """The columns a write decides, comparable between two rows: times as facts (set or
     not) or as the lease's length from the last update; the error without its time."""
-    with psycopg.connect(db, row_factory=dict_row) as conn:
-        got = conn.execute(
+    with owner_connection(db) as conn, conn.cursor(row_factory=dict_row) as cur:
+        got = cur.execute(
             "select status, response_payload, error - 'at' as error, attempts, max_attempts, "
             "       worker, started_at is not null as started, finished_at is not null as "
             "       finished, round(extract(epoch from lease_expires_at - updated_at)) as lease,"
@@ -115,11 +116,6 @@ def row(db: str, task_id: str) -> dict[str, Any]:
             "  from public.agent_task_requests where id = %s", [task_id]).fetchone()
     assert got is not None
     return dict(got)
-
-
-def chunks(db: str, task_id: str) -> list[tuple[Any, ...]]:
-    return sql(db, "select attempt, seq, answer_offset, text from public.agent_task_chunks "
-                   "where task_id = %s order by attempt, seq", [task_id])
 
 
 def commit_mode(conn: psycopg.Connection[Any]) -> str:

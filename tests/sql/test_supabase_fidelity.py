@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from postgrest.exceptions import APIError
 
@@ -19,11 +17,11 @@ from bridge.migrate import migrate
 from bridge.queries import load
 from bridge.store import TaskStore
 from bridge.store.supabase import KEY_FIX, SupabaseTransport, make_client
-from tests.db import PgServer, fetch_task, insert_task, sql
+from tests.db import PgServer, insert_task, sql
 from tests.fakes.jwt import role_key
 from tests.fakes.postgrest import SERVICE_KEY, PostgrestStub
-from tests.stack import Stack
 
+Started = tuple[PostgrestStub, str]  # a started stand-in and its URL
 SECRET_KEY = "sb_secret_N7UND0UgjKTVK-Uodkm0Hg_xSvEMPvz"  # the shape of Supabase's secret keys
 
 
@@ -38,17 +36,34 @@ def own_db(pg_server: PgServer) -> Iterator[str]:
 
 @pytest.fixture
 def empty_db(own_db: str) -> str:
-    with psycopg.connect(own_db, autocommit=True) as conn:
-        conn.execute("truncate public.agent_task_requests")
+    sql(own_db, "truncate public.agent_task_requests")
     return own_db
 
 
+@pytest.fixture(scope="module")
+def shared_stub(own_db: str) -> Iterator[Started]:
+    """The stand-in with PostgREST's defaults, started once for the module's tests that
+    need nothing else (a stand-in's stop waits for its server loop to notice)."""
+    stub = PostgrestStub(own_db, service_key=SERVICE_KEY)
+    url = stub.start()
+    yield stub, url
+    stub.stop()
+
+
 @pytest.fixture
-def stub_factory(own_db: str) -> Iterator[Callable[..., tuple[PostgrestStub, str]]]:
+def default_stub(shared_stub: Started) -> Iterator[Started]:
+    """The shared stand-in and its URL; left answering normally after each test."""
+    yield shared_stub
+    shared_stub[0].clear_fault()
+
+
+@pytest.fixture
+def stub_factory(own_db: str) -> Iterator[Callable[..., Started]]:
+    """Stand-ins with other options (a row cap, a schema cache, a recording subclass)."""
     started: list[PostgrestStub] = []
 
     def start(stub_class: type[PostgrestStub] = PostgrestStub, **options: Any
-              ) -> tuple[PostgrestStub, str]:
+              ) -> Started:
         options.setdefault("service_key", SERVICE_KEY)
         stub = stub_class(own_db, **options)
         started.append(stub)
@@ -57,8 +72,6 @@ def stub_factory(own_db: str) -> Iterator[Callable[..., tuple[PostgrestStub, str
     yield start
     for stub in started:
         stub.stop()
-
-
 
 
 def store_on(url: str, key: str = SERVICE_KEY, **options: Any) -> TaskStore:
@@ -87,12 +100,12 @@ GATEWAY_ANSWERS = [
 
 @pytest.mark.parametrize(("status", "body", "content_type"), GATEWAY_ANSWERS,
                          ids=[f"{s}-{t.split('/')[1]}" for s, _, t in GATEWAY_ANSWERS])
-def test_gateway_and_proxy_errors_are_transient(stub_factory: Callable[..., Any], status: int,
+def test_gateway_and_proxy_errors_are_transient(default_stub: Started, status: int,
                                                 body: str, content_type: str) -> None:
     """Before: a 502 page or a JSON 429 without `code` became StoreRejected, and a worker
     dropped a finished result. Now they are StoreUnavailable, retried like connection loss,
     with the status and a one-line summary of the body."""
-    stub, url = stub_factory()
+    stub, url = default_stub
     store = store_on(url)
     try:
         stub.gateway_error(status, body, content_type)
@@ -112,11 +125,11 @@ def test_gateway_and_proxy_errors_are_transient(stub_factory: Callable[..., Any]
 
 
 def test_a_gateway_401_invalid_api_key_is_a_configuration_error(
-        stub_factory: Callable[..., Any]) -> None:
+        default_stub: Started) -> None:
     """Supabase's gateway answers a wrong key with 401 {"message": "Invalid API key"} (no
     PostgREST code): a configuration error naming the one-line fix, never a rejected call
     that would fail the row."""
-    stub, url = stub_factory()
+    stub, url = default_stub
     store = store_on(url)
     try:
         stub.gateway_error(401, '{"message":"Invalid API key","hint":"Double check your '
@@ -134,41 +147,6 @@ def test_a_gateway_401_invalid_api_key_is_a_configuration_error(
             wrong.stats()
     finally:
         wrong.close()
-
-
-def test_a_worker_keeps_its_finished_result_through_a_gateway_outage(
-        stub_factory: Callable[..., Any], empty_db: str, clean_redis: str, tmp_path: Path
-        ) -> None:
-    """A Supabase-mode worker whose `complete` meets Cloudflare's 522 page (before: "Supabase
-    refused the call (522)", and the finished result was dropped) retries the write: the
-    row ends completed, the handler (a paid LLM call) having run once."""
-    stub, url = stub_factory()
-    stack = Stack(empty_db, clean_redis, tmp_path, LEASE_SECONDS="10")
-    try:
-        stack.worker(BRIDGE_TRANSPORT="supabase", SUPABASE_URL=url,
-                     SUPABASE_SERVICE_KEY=SERVICE_KEY, DATABASE_URL="", SUPABASE_REALTIME="false")
-        stack.bridge()
-        task_id = insert_task(empty_db, {"prompt": "through the outage",
-                                         "context": {"sleep": 1.5}})
-        stack.wait_for("the worker started the row",
-                       lambda: fetch_task(empty_db, task_id)["started_at"] is not None)
-        stub.gateway_error(522, CLOUDFLARE_522)
-        spans = stack.state_dir / f"{task_id}.spans.runs"
-        stack.wait_for("the handler finished", spans.exists)
-        hits = stub.fault_hits
-        stack.wait_for("the worker tried to write the outcome", lambda: stub.fault_hits > hits)
-        assert fetch_task(empty_db, task_id)["status"] == "processing"
-        stub.clear_fault()
-        stack.wait_for("the row completed",
-                       lambda: fetch_task(empty_db, task_id)["status"] == "completed")
-        response = fetch_task(empty_db, task_id)["response_payload"]
-        assert isinstance(response, dict)
-        assert response["answer"] == "Agent processed: through the outage"
-        assert len(stack.runs(task_id)) == 1
-        assert "Traceback" not in stack.logs()
-    finally:
-        stub.clear_fault()
-        stack.stop_all()
 
 
 # db-max-rows --------------------------------------------------------------------------
@@ -224,15 +202,13 @@ def test_rescue_and_requeue_go_in_pages_under_max_rows(
         store.close()
 
 
-
-
 # Read-only STABLE functions, PGRST203, the schema cache --------------------------------
 
-def test_stable_functions_run_read_only(stub_factory: Callable[..., Any], own_db: str) -> None:
+def test_stable_functions_run_read_only(default_stub: Started, own_db: str) -> None:
     """PostgREST runs a STABLE or IMMUTABLE function READ ONLY, even on POST: one that
     writes gets 25006 (HTTP 405). Every state function the store calls that writes must
     therefore be VOLATILE, and the STABLE ones it calls must work read-only."""
-    _, url = stub_factory()
+    _, url = default_stub
     sql(own_db, """
         create sequence if not exists public.fidelity_seq;
         grant usage on sequence public.fidelity_seq to service_role;
@@ -263,12 +239,12 @@ def test_stable_functions_run_read_only(stub_factory: Callable[..., Any], own_db
         store.close()
 
 
-def test_an_overloaded_function_name_fails_with_pgrst203(stub_factory: Callable[..., Any],
+def test_an_overloaded_function_name_fails_with_pgrst203(default_stub: Started,
                                                           own_db: str) -> None:
     """Two signatures of one name: PostgREST refuses to choose (300, PGRST203), so a
     migration that changes a signature must drop the old one (test_migration checks
     that none is left)."""
-    _, url = stub_factory()
+    _, url = default_stub
     sql(own_db, """
         create function public.fidelity_twice(p_x integer default 0) returns integer
             language sql immutable as 'select 1';
@@ -360,11 +336,9 @@ def test_a_secret_api_key_goes_in_the_apikey_header_only(
                for h in stub2.seen)
 
 
-
-
-def test_rejected_by_classification_stays_permanent(stub_factory: Callable[..., Any]) -> None:
+def test_rejected_by_classification_stays_permanent(default_stub: Started) -> None:
     """A PostgREST error with a SQLSTATE (here: no such row id type) is still permanent."""
-    _, url = stub_factory()
+    _, url = default_stub
     store = store_on(url)
     try:
         with pytest.raises(StoreRejected) as raised:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from bridge.agents import configure
 from bridge.config import ConfigError, Settings
 
 CHAT = "chat=tests.agent_handlers:chat"
@@ -28,8 +27,8 @@ def write(path: Path, text: str) -> str:
 def test_agents_their_handlers_and_queues() -> None:
     """`default` keeps CELERY_QUEUE and AGENT_HANDLER; agent X gets CELERY_QUEUE.X. Only
     names: a handler the bridge could not import is fine."""
-    agents = configure(settings(AGENTS=" chat=tasks.handlers.openai_chat:handler, "
-                                       "research=myapp.research:run ,"))
+    agents = settings(AGENTS=" chat=tasks.handlers.openai_chat:handler, "
+                                       "research=myapp.research:run ,").configured_agents()
     assert [(a.name, a.handler, a.queue) for a in agents] == [
         ("default", "tasks.handlers.simulated:process_task", "agent_tasks"),
         ("chat", "tasks.handlers.openai_chat:handler", "agent_tasks.chat"),
@@ -38,10 +37,10 @@ def test_agents_their_handlers_and_queues() -> None:
     assert agents.registration() == {
         "chat": {"queue": "agent_tasks.chat", "max_attempts": None},
         "research": {"queue": "agent_tasks.research", "max_attempts": None}}
-    other = configure(settings(AGENTS="chat=a.b:c", CELERY_QUEUE="jobs"))
+    other = settings(AGENTS="chat=a.b:c", CELERY_QUEUE="jobs").configured_agents()
     assert [a.queue for a in other] == ["jobs", "jobs.chat"]
     assert other.for_queue("jobs.chat") is other.get("chat")
-    assert configure(settings()).names == ["default"]
+    assert settings().configured_agents().names == ["default"]
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -71,8 +70,8 @@ model = "gpt-4o-mini"
 system_prompt = "Answer in one short paragraph."
 temperature = 0.2
 """)
-    agents = configure(settings(AGENTS=f"{CHAT},{RESEARCH}", AGENTS_FILE=path,
-                                AGENT_MAX_RETRIES="4"))
+    agents = settings(AGENTS=f"{CHAT},{RESEARCH}", AGENTS_FILE=path,
+                                AGENT_MAX_RETRIES="4").configured_agents()
     default, chat, research = agents
     assert (default.time_limit, default.max_retries, default.max_attempts) == (120, 4, None)
     assert (chat.time_limit, chat.max_retries) == (600, 4)
@@ -115,7 +114,7 @@ def test_openai_handler_takes_the_running_agents_options() -> None:
 
     base = OpenAISettings(api_key="k")
     assert for_agent(base) is base  # outside a task
-    chat = configure(settings(AGENTS=CHAT)).by_name["chat"]
+    chat = settings(AGENTS=CHAT).configured_agents().by_name["chat"]
     token = agent_context.bind(
         type(chat)(**{**chat.__dict__, "openai": {"model": "small", "temperature": 0.1}}))
     try:

@@ -81,7 +81,7 @@ def test_hook_snippets_pass_enterprise_id_only_in_the_enterprise_variant() -> No
 def parameters_read_by_the_example() -> set[str]:
     source = EXAMPLE_SOURCE.read_text(encoding="utf-8")
     assert "new URLSearchParams(window.location.search)" in source
-    return set(re.findall(r"""\bparams\.get\(\s*['"]([A-Za-z_]+)['"]\s*\)""", source))
+    return set(re.findall(r"""\bparams\.(?:get|has)\(\s*['"]([A-Za-z_]+)['"]\s*\)""", source))
 
 
 def parameters_in_the_readme() -> tuple[set[str], set[str]]:

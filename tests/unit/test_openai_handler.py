@@ -8,10 +8,10 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 import traceback
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -241,25 +241,17 @@ def test_tasks_share_one_client_and_its_kept_alive_connections(
     width, rounds = 20, 2
     for i in range(width * rounds):
         fake.respond(f"answer {i}", delay=0.2)
-    clients: set[int] = set()
-    errors: list[BaseException] = []
-    lock = threading.Lock()
 
-    def run() -> None:
-        try:
-            for _ in range(rounds):
-                assert openai_chat.handler(task())["answer"].startswith("answer ")
-                with lock:
-                    clients.add(id(openai_client._client))
-        except BaseException as exc:
-            errors.append(exc)
+    def run(_: int) -> set[int]:
+        """One thread's tasks, one after the other: the clients they used."""
+        used: set[int] = set()
+        for _ in range(rounds):
+            assert openai_chat.handler(task())["answer"].startswith("answer ")
+            used.add(id(openai_client._client))
+        return used
 
-    threads = [threading.Thread(target=run) for _ in range(width)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert errors == []
+    with ThreadPoolExecutor(width) as pool:  # `width` threads, each running `rounds` tasks
+        clients: set[int] = set().union(*pool.map(run, range(width), timeout=30))
     assert len(fake.requests) == width * rounds
     assert len(clients) == 1
     assert fake.connections <= width  # not one per request
@@ -564,7 +556,8 @@ def test_defaults_match_variables() -> None:
     defaults = {name: default for name, default, _ in openai_chat.variables()}
     assert set(defaults) == {"OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL",
                              "OPENAI_TEMPERATURE", "OPENAI_SYSTEM_PROMPT", "OPENAI_STREAM",
-                             "OPENAI_TIMEOUT", "OPENAI_PROGRESS_INTERVAL"}
+                             "OPENAI_TIMEOUT", "OPENAI_PROGRESS_INTERVAL", "OPENAI_MAX_TOKENS",
+                             "OPENAI_RPM", "OPENAI_TPM", "OPENAI_TENANT_RPM"}
     assert all(help_text for _, _, help_text in openai_chat.variables())
     bare = Settings.from_env({"OPENAI_API_KEY": "k"})
     explicit = Settings.from_env({**{n: str(d) for n, d in defaults.items()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -27,15 +28,18 @@ time.sleep(600)
 
 
 def gone(pid: int) -> bool:
-    """The process is dead (SIGKILL reaches another process asynchronously: wait a bit)."""
-    try:
-        process = psutil.Process(pid)
-        process.wait(10)
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.TimeoutExpired:
-        return bool(process.status() == psutil.STATUS_ZOMBIE)
-    return True
+    """The process is dead: reaped, or a zombie (SIGKILL reaches another process
+    asynchronously: wait a bit). A killed grandchild is reaped by init whenever init gets
+    to it, so waiting for it to vanish would time init, not the stop."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def pids(proc: Proc) -> list[int]:

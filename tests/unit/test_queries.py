@@ -13,7 +13,10 @@ import bridge.store.supabase
 from bridge.queries import load, load_rows
 
 QUERIES = load()
-STORE_SOURCE = Path(bridge.store.__file__).read_text(encoding="utf-8")
+# The store package: the transports run a few queries of their own (the Supabase
+# transport's Broadcast question).
+STORE_SOURCE = "".join(p.read_text(encoding="utf-8")
+                       for p in sorted(Path(bridge.store.__file__).parent.glob("*.py")))
 
 
 
@@ -24,7 +27,8 @@ def test_every_query_loaded() -> None:
                             "schedule_retry", "release", "rescue", "requeue", "stats",
                             "schema_version", "cancel", "request_cancel", "cancelled",
                             "cancel_requested", "register_agents", "agent_stats", "prune",
-                            "write_batch"}
+                            "write_batch", "broadcasting", "report_usage", "tenants_usage",
+                            "usage_totals"}
     for q in QUERIES.values():
         assert q.description and not q.description.startswith("select")
         assert q.sql.startswith("select ") and ";" not in q.sql
@@ -45,7 +49,8 @@ def test_row_operations_loaded_and_used() -> None:
     """The row operations of sql/rows.sql: plain SQL, no rpc() name, each run by the store
     and (but for the catalog read) by the Supabase transport's table API too."""
     assert set(ROWS) == {"insert_task", "get_task", "installed", "show_task",
-                         "latest_failures", "find_ids", "get_chunks"}
+                         "latest_failures", "find_ids", "get_chunks", "insert_keyed_task",
+                         "keyed_task"}
     supabase_source = Path(bridge.store.supabase.__file__).read_text(encoding="utf-8")
     for q in ROWS.values():
         assert q.description and q.function == ""

@@ -5,14 +5,14 @@
  *   const supabase = createClient<Database>(url, anonKey)
  *   const { data } = await supabase.from('agent_task_requests').select(TASK_COLUMNS).eq('id', id)
  *
- * Only what users may do is here: `Row` is the columns they may select (TASK_COLUMNS,
- * CHUNK_COLUMNS; the operator's, such as `worker`, are not), `Insert` the columns they may
+ * Only what users may do is here: `Row` is the columns they may select (TASK_COLUMNS and
+ * `idempotency_key`, CHUNK_COLUMNS; the operator's, such as `worker`, are not), `Insert` the columns they may
  * insert (a `pending` row), `Update` nothing (status changes are the database's functions),
  * and the one function they may call. Merge it into your own generated types if you have them
  * (`Database['public']['Tables']['agent_task_requests']`).
  */
 import type {
-  AgentTaskRequest, AgentTaskRow, AgentTaskStatus,
+  AgentTaskChunk, AgentTaskRequest, AgentTaskRow, AgentTaskStatus,
 } from './types.js'
 
 export type { AgentTaskRow } from './types.js'
@@ -29,23 +29,23 @@ export type AgentTaskInsert = {
   user_id?: string | null
   enterprise_id?: string | null
   agent?: string
+  /** At most one row per user, agent and key (1 to 200 characters): a second insert with a
+   * key in use is refused with 23505 (HTTP 409), the message naming the task that has it. */
+  idempotency_key?: string | null
 }
 
+/** A row of `agent_task_requests` as a user may select it: TASK_COLUMNS' columns, and the
+ * idempotency key the row was inserted with (so an app can look a task up by it). */
+export type AgentTaskTableRow = AgentTaskRow & { idempotency_key: string | null }
+
 /** One row of `agent_task_chunks` as a user may select it (CHUNK_COLUMNS). */
-export type AgentTaskChunkRow = {
-  task_id: string
-  attempt: number
-  seq: number
-  answer_offset: number
-  text: string
-  created_at: string
-}
+export type AgentTaskChunkRow = AgentTaskChunk
 
 export type Database = {
   public: {
     Tables: {
       agent_task_requests: {
-        Row: AgentTaskRow
+        Row: AgentTaskTableRow
         Insert: AgentTaskInsert
         Update: NoColumns
         Relationships: []

@@ -49,7 +49,7 @@ export type {
 } from './types.js'
 export { AgentTaskStore } from './store.js'
 export type { AgentTaskState, AgentTaskStoreOptions, AgentTaskStoreStatus } from './store.js'
-export type { AgentTaskChunkRow, AgentTaskInsert, AgentTaskRow, Database } from './database.js'
+export type { AgentTaskChunkRow, AgentTaskInsert, AgentTaskRow, AgentTaskTableRow, Database } from './database.js'
 /** The columns a signed-in user may read, for apps that read the tables themselves
  * (`select('*')` is refused: some columns are the operator's). */
 export { CHUNK_COLUMNS, TASK_COLUMNS } from './types.js'

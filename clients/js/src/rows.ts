@@ -1,5 +1,5 @@
 /** Reading rows: shape checks and the order of two states of one row. */
-import type { AgentTask, AgentTaskStatus } from './types.js'
+import { TASK_COLUMNS, type AgentTask, type AgentTaskStatus } from './types.js'
 
 const STATUSES: readonly AgentTaskStatus[] = ['pending', 'processing', 'completed', 'failed']
 
@@ -34,4 +34,21 @@ export function isNewer(next: AgentTask, shown: AgentTask | null): boolean {
   // The same instant is the same write seen twice (a read and an event), unless the
   // status moved on within one transaction.
   return RANK[next.status] > RANK[shown.status]
+}
+
+/** The columns a Broadcast `state` message carries: the row's, but request_payload. */
+const STATE_COLUMNS = TASK_COLUMNS.split(',').filter((c) => c !== 'request_payload')
+
+/**
+ * The row a state of it shows: a whole row as it is; a Broadcast `state` message (the row
+ * without request_payload, which never changes) over the row shown. Null when the row must
+ * be read: none is shown yet, or the message left out the answer and error (`omitted`).
+ */
+export function rowOf(state: unknown, shown: AgentTask | null): AgentTask | null {
+  if (!isAgentTask(state) || 'omitted' in state) return null
+  if ('request_payload' in state) return state
+  if (shown === null) return null
+  const row: Record<string, unknown> = { ...shown }
+  for (const column of STATE_COLUMNS) if (column in state) row[column] = state[column as keyof AgentTask]
+  return row as AgentTask
 }

@@ -59,7 +59,7 @@ const IDLE = stateOf('idle', null, null, null)
  * does not hide createAgentTasks' default). */
 function callOptions(options: AgentTaskStoreOptions): SubmitOptions {
   const out: Record<string, unknown> = {}
-  for (const key of ['agent', 'enterpriseId', 'timeout', 'pollInterval', 'rejoinDelay'] as const) {
+  for (const key of ['agent', 'enterpriseId', 'timeout', 'pollInterval', 'rejoinDelay', 'debug'] as const) {
     if (options[key] !== undefined) out[key] = options[key]
   }
   return out

@@ -33,10 +33,11 @@ export class StreamedAnswer {
   answer: string | null = null
   /** A chunk is missing before the latest ones: read them. */
   missing = false
+  /** The seq the answer is rebuilt up to (-1: none): a read asks for the chunks after it. */
+  last = -1
   private chunks = new Map<number, AgentTaskChunk>()
   private floor = Number.NEGATIVE_INFINITY
   private length = 0 // of `answer`, in code points
-  private last = -1 // the seq `answer` is rebuilt up to
 
   /** Forget every chunk: a newer attempt, or the row's own payload replaced them (chunks
    * created at or before `floor`, microseconds, are ignored from now on). */
@@ -57,7 +58,7 @@ export class StreamedAnswer {
     const at = micros(chunk.created_at)
     if (at <= this.floor) return false
     const had = this.chunks.get(chunk.seq)
-    if (had && (had.created_at === chunk.created_at || micros(had.created_at) > at)) return false
+    if (had && micros(had.created_at) >= at) return false // the same piece again (an event and a read)
     if (chunk.answer_offset === 0) {
       // A start: what was written before it is replaced.
       for (const [seq, c] of this.chunks) {
@@ -81,17 +82,6 @@ export class StreamedAnswer {
     let first: AgentTaskChunk | undefined
     for (const c of this.chunks.values()) if (!first || c.seq < first.seq) first = c
     return first?.answer_offset === 0 ? first : undefined
-  }
-
-  /** Replace every chunk with `chunks` (a read, which is the whole truth as of its start)
-   * and then `later` (events that arrived while it ran); true when the answer changed. */
-  replace(attempt: number, chunks: AgentTaskChunk[], later: AgentTaskChunk[]): boolean {
-    const before = this.answer
-    const floor = attempt === this.attempt ? this.floor : Number.NEGATIVE_INFINITY
-    this.reset(attempt, floor)
-    for (const c of chunks) this.add(c)
-    for (const c of later) this.add(c)
-    return this.answer !== before
   }
 
   private append(chunk: AgentTaskChunk): void {

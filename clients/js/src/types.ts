@@ -71,6 +71,10 @@ export interface WatchOptions {
   pollInterval?: number
   /** First wait before rejoining a failed channel, ms (default 250; doubles to 10000). */
   rejoinDelay?: number
+  /** Say what the watch does (off by default): which path it follows the task by (Broadcast,
+   * or postgres_changes after a refused join), and each rejoin. `true` writes to
+   * console.debug; a function gets each line. */
+  debug?: boolean | ((message: string) => void)
 }
 
 export interface SubmitInput {
@@ -80,6 +84,10 @@ export interface SubmitInput {
   agent?: string
   /** The tenant; must be the signed-in user's own (the database checks). */
   enterpriseId?: string
+  /** Submit at most once per key (1 to 200 characters; e.g. a UUID made when the form
+   * opens): a second submit with a key the user already used for this agent stores nothing
+   * and resolves with the first task instead (the `idempotency_key` column). */
+  idempotencyKey?: string
 }
 
 export interface SubmitOptions extends WatchOptions {
@@ -104,7 +112,7 @@ enterprise_id,agent` as const
  * answer is `answer.slice(0, answer_offset) + text` (offsets in characters, i.e. Unicode
  * code points) applied in `seq` order. The client rebuilds it; apps see it as the row's
  * `response_payload` `{ answer, partial: true }`. */
-export interface AgentTaskChunk {
+export type AgentTaskChunk = {
   task_id: string
   attempt: number
   seq: number

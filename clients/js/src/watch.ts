@@ -8,19 +8,25 @@
  * backoff. A slow poll covers a Realtime that is silent without saying so; a page coming
  * back to the foreground or online reads at once.
  *
+ * The channel is the task's private Broadcast topic first (`agent_task:<id>`: the database
+ * sends each state and streamed piece there), and `postgres_changes` on the tables when
+ * Realtime refuses that join (broadcasting off, an older schema without the policy, or not
+ * the user's task); both go through the same reads and the same order (channel.ts).
+ *
  * A streamed answer is not written into the row: the worker appends it in pieces
- * (`agent_task_chunks`, one INSERT per write). The same channel follows them; every read of
- * a processing row reads its attempt's chunks too, and so does a missing piece. The answer
- * they rebuild is shown as the row's `response_payload` `{ answer, partial: true }`, as if
- * the row held it; the row's own final state replaces it.
+ * (`agent_task_chunks`, one INSERT per write), which come on the same channel; every read of
+ * a processing row reads its attempt's chunks after the last one held too, and so does a
+ * missing piece. The answer they rebuild is shown as the row's `response_payload`
+ * `{ answer, partial: true }`, as if the row held it; the row's own final state replaces it.
  */
-import type { PostgrestError, RealtimeChannel, SupabaseClient } from '@supabase/supabase-js'
+import type { PostgrestError, SupabaseClient } from '@supabase/supabase-js'
 
+import { listen, refused, topicOf, type Path } from './channel.js'
 import { TaskNotFoundError, TaskTimeoutError, failureOf } from './errors.js'
-import { isAgentTask, isFinal, isNewer, micros } from './rows.js'
+import { isAgentTask, isFinal, isNewer, micros, rowOf } from './rows.js'
 import { isChunk, StreamedAnswer } from './stream.js'
-import { CHUNK_COLUMNS, CHUNKS_TABLE, TABLE, TASK_COLUMNS, type AgentTask, type AgentTaskChunk,
-  type OnUpdate, type WatchOptions } from './types.js'
+import { CHUNK_COLUMNS, CHUNKS_TABLE, TABLE, TASK_COLUMNS, type AgentTask, type OnUpdate,
+  type WatchOptions } from './types.js'
 
 const DEFAULT_POLL_MS = 20_000
 const DEFAULT_REJOIN_MS = 250
@@ -28,16 +34,11 @@ const MAX_REJOIN_MS = 10_000
 const CHUNK_PAGE = 1000 // Supabase's default max rows; a read pages on until a page is empty
 const MAX_CHUNK_PAGES = 100
 
-let channelSeq = 0
-
-interface ChangePayload {
-  new?: unknown
-  errors?: unknown
-}
-
-interface SystemPayload {
-  extension?: unknown
-  status?: unknown
+/** The debug option as a function (or nothing). */
+function logger(debug: WatchOptions['debug'], taskId: string): (message: string) => void {
+  if (typeof debug === 'function') return (message) => debug(`agent-bridge: task ${taskId}: ${message}`)
+  if (debug) return (message) => console.debug(`agent-bridge: task ${taskId}: ${message}`)
+  return () => undefined
 }
 
 /** Resolves with the `completed` row; rejects with TaskFailedError / TaskCancelledError for a
@@ -52,6 +53,7 @@ export function watchAgentTask(
   return new Promise<AgentTask>((resolve, reject) => {
     const pollMs = options.pollInterval ?? DEFAULT_POLL_MS
     const firstRejoinMs = options.rejoinDelay ?? DEFAULT_REJOIN_MS
+    const log = logger(options.debug, taskId)
     let shown: AgentTask | null = null // the latest state of the row itself
     let lastView: AgentTask | null = null // what onUpdate was last called with
     let lastRow: AgentTask | null = null // the row it was made from
@@ -59,9 +61,9 @@ export function watchAgentTask(
     const stream = new StreamedAnswer()
     let chunkRead: Promise<void> | null = null
     let readAgain = false
-    let arrived: AgentTaskChunk[] | null = null // chunk events during a chunk read
     let done = false
-    let channel: RealtimeChannel | null = null
+    let path: Path = 'broadcast' // until Realtime refuses the join
+    let stopListening: (() => void) | null = null
     let failures = 0
     let rejoinTimer: ReturnType<typeof setTimeout> | undefined
     let timeoutTimer: ReturnType<typeof setTimeout> | undefined
@@ -117,13 +119,20 @@ export function watchAgentTask(
       else if (isFinal(row)) finish(() => reject(failureOf(row)))
     }
 
+    /** A state from the channel: a whole row, or a Broadcast `state` over the row shown. */
+    const onState = (state: unknown): void => {
+      if (done) return
+      const row = rowOf(state, shown)
+      if (row === null) void read()
+      else apply(row)
+    }
+
     const onChunk = (chunk: unknown): void => {
       if (done) return
       if (!isChunk(chunk) || chunk.task_id !== taskId) {
         void readChunks()
         return
       }
-      arrived?.push(chunk)
       if (!stream.add(chunk) && !stream.missing) return
       if (stream.missing) void readChunks()
       // A piece of an attempt the row does not show yet: the row's event was lost.
@@ -132,8 +141,8 @@ export function watchAgentTask(
       else show(shown)
     }
 
-    /** The chunks of the attempt shown, in pages by seq; one read at a time (and one more
-     * if asked for meanwhile). */
+    /** The chunks of the attempt shown after the last one the answer holds, in pages by
+     * seq; one read at a time (and one more if asked for meanwhile). */
     const readChunks = (): Promise<void> => {
       if (chunkRead) {
         readAgain = true
@@ -147,7 +156,6 @@ export function watchAgentTask(
           } while (readAgain && !done)
         } finally {
           chunkRead = null
-          arrived = null
         }
       })()
       return chunkRead
@@ -156,24 +164,20 @@ export function watchAgentTask(
     const readChunksOnce = async (): Promise<void> => {
       if (done || shown === null || shown.status !== 'processing') return
       const attempt = shown.attempts
-      arrived = []
-      const found: AgentTaskChunk[] = []
-      let next = 0
+      let after = attempt === undefined || attempt === stream.attempt ? stream.last : -1
+      let changed = false
       for (let page = 0; page < MAX_CHUNK_PAGES; page++) {
         let query = supabase.from(CHUNKS_TABLE).select(CHUNK_COLUMNS).eq('task_id', taskId)
         if (attempt !== undefined) query = query.eq('attempt', attempt)
         const { data, error }: { data: unknown; error: PostgrestError | null } =
-          await query.gte('seq', next).order('attempt').order('seq').limit(CHUNK_PAGE)
-        if (done || error || !Array.isArray(data)) return // transient: the next trigger reads
+          await query.gt('seq', after).order('attempt').order('seq').limit(CHUNK_PAGE)
+        if (done || error || !Array.isArray(data)) break // transient: the next trigger reads
         const rows = data.filter(isChunk)
         if (rows.length === 0) break
-        found.push(...rows)
-        next = Math.max(...rows.map((c) => c.seq)) + 1
+        for (const chunk of rows) changed = stream.add(chunk) || changed
+        after = Math.max(...rows.map((c) => c.seq))
       }
-      const newest = found.reduce((a, c) => Math.max(a, c.attempt), attempt ?? -1)
-      if (newest < stream.attempt) return
-      if (stream.replace(newest, found.filter((c) => c.attempt === newest), arrived ?? []) &&
-          shown !== null) show(shown)
+      if (changed && !done && shown !== null) show(shown)
     }
 
     const read = async (): Promise<void> => {
@@ -191,51 +195,45 @@ export function watchAgentTask(
     }
 
     const leave = (): void => {
-      const old = channel
-      channel = null
-      if (old) void supabase.removeChannel(old).catch(() => undefined)
+      stopListening?.()
+      stopListening = null
+    }
+
+    const onStatus = (status: string, err?: Error): void => {
+      if (done) return
+      if (status === 'SUBSCRIBED') {
+        failures = 0
+        log(path === 'broadcast' ? `following by Broadcast on ${topicOf(path, taskId)}`
+          : 'following by postgres_changes')
+        void read()
+        return
+      }
+      leave()
+      if (path === 'broadcast' && refused(err)) {
+        // The other path at once; it reads once joined.
+        path = 'postgres_changes'
+        log(`Broadcast join refused (${err?.message ?? status}); falling back to postgres_changes`)
+        join()
+        return
+      }
+      // CHANNEL_ERROR, TIMED_OUT or CLOSED: catch up by reading, then join a fresh channel
+      // after a backoff (realtime-js' own rejoin does not always recover).
+      void read()
+      const delay = Math.min(MAX_REJOIN_MS, firstRejoinMs * 2 ** failures)
+      failures += 1
+      log(`channel ${status}${err ? ` (${err.message})` : ''}; joining again in ${Math.round(delay)} ms`)
+      clearTimeout(rejoinTimer)
+      rejoinTimer = setTimeout(join, delay * (0.75 + Math.random() * 0.5))
     }
 
     const join = (): void => {
       if (done) return
-      channelSeq += 1
-      const ch = supabase.channel(`agent-task-${taskId}-${channelSeq}`)
-      channel = ch
-      ch.on('postgres_changes',
-        { event: 'UPDATE', schema: 'public', table: TABLE, filter: `id=eq.${taskId}` },
-        (payload: ChangePayload) => {
-          // Realtime drops columns from oversized or unauthorised records: read the row.
-          if (Array.isArray(payload.errors) && payload.errors.length > 0) void read()
-          else if (isAgentTask(payload.new)) apply(payload.new)
-          else void read()
-        })
-        .on('postgres_changes',
-          { event: 'INSERT', schema: 'public', table: CHUNKS_TABLE, filter: `task_id=eq.${taskId}` },
-          (payload: ChangePayload) => {
-            if (Array.isArray(payload.errors) && payload.errors.length > 0) void readChunks()
-            else onChunk(payload.new)
-          })
-        .on('system', {}, (payload: SystemPayload) => {
-          // "Subscribed to PostgreSQL": changes flow from here on; anything committed
-          // between the join reply and this moment was not sent, so read again.
-          if (payload.extension === 'postgres_changes' && payload.status === 'ok') void read()
-        })
-        .subscribe((status) => {
-          if (done || channel !== ch) return
-          if (String(status) === 'SUBSCRIBED') {
-            failures = 0
-            void read()
-          } else {
-            // CHANNEL_ERROR, TIMED_OUT or CLOSED: catch up by reading, then rejoin on a
-            // fresh channel after a backoff (realtime-js' own rejoin does not always recover).
-            void read()
-            leave()
-            const delay = Math.min(MAX_REJOIN_MS, firstRejoinMs * 2 ** failures)
-            failures += 1
-            clearTimeout(rejoinTimer)
-            rejoinTimer = setTimeout(join, delay * (0.75 + Math.random() * 0.5))
-          }
-        })
+      stopListening = listen(supabase, path, taskId, {
+        status: onStatus,
+        state: onState,
+        chunk: onChunk,
+        read: (what) => void (what === 'row' ? read() : readChunks()),
+      })
     }
 
     const onAbort = (): void => {

@@ -53,6 +53,16 @@ export async function database(): Promise<void> {
   await supabase.from('agent_task_requests').insert({ request_payload: { prompt: 'hi' }, status: 'completed' })
   // @ts-expect-error -- not a column users may write
   await supabase.from('agent_task_requests').insert({ request_payload: { prompt: 'hi' }, worker: 'me' })
+  // An idempotency key on insert, and a lookup by it.
+  await supabase.from('agent_task_requests').insert({ request_payload: { prompt: 'hi' }, idempotency_key: 'k1' })
+  // @ts-expect-error -- the key is text
+  await supabase.from('agent_task_requests').insert({ request_payload: { prompt: 'hi' }, idempotency_key: 1 })
+  const { data: _keyed } = await supabase.from('agent_task_requests').select('id,idempotency_key')
+    .eq('agent', 'default').eq('idempotency_key', 'k1')
+  expectType<Equal<typeof _keyed, { id: string; idempotency_key: string | null }[] | null>>()
+  // @ts-expect-error -- the key is given as input's idempotencyKey, a string
+  void createAgentTasks(supabase).submitAgentTask({ prompt: 'hi', idempotencyKey: 7 })
+  void createAgentTasks(supabase).submitAgentTask({ prompt: 'hi', idempotencyKey: 'k1' })
   // @ts-expect-error -- the request is required
   await supabase.from('agent_task_requests').insert({ agent: 'default' })
   // @ts-expect-error -- status changes are the database's functions, not an UPDATE

@@ -11,12 +11,13 @@ import {
   TaskNotFoundError, TaskTimeoutError, type AgentTask,
 } from 'agent-bridge-client'
 
-import { closeAll, HAS_CANCEL, holdName, newUser, realtime, release, serviceClient, until } from './helpers.js'
+import {
+  assertFollowed, closeAll, HAS_CANCEL, holdName, Journal, live, newUser, newWatcher, partial, realtime, release,
+  serviceClient, submitHeld, until, words,
+} from './helpers.js'
 
 after(closeAll)
 afterEach(async () => { await realtime('reset') })
-
-const partial = (t: AgentTask): boolean => t.response_payload?.partial === true
 
 /** Every state shown is at least as new as the one before it. */
 function assertInOrder(seen: AgentTask[]): void {
@@ -26,18 +27,19 @@ function assertInOrder(seen: AgentTask[]): void {
   }
 }
 
+/** No answer shown steps back: each grows the one before it (the final one too). */
+function assertGrowing(seen: AgentTask[]): void {
+  const answers = seen.map((t) => t.response_payload?.answer).filter((a) => typeof a === 'string')
+  for (let i = 1; i < answers.length; i++) {
+    assert.ok(answers[i]?.startsWith(answers[i - 1] ?? ''), `answer ${i} stepped back: ${answers.join(' | ')}`)
+  }
+}
+
 test('partial answers stream in order and the final answer replaces them', async () => {
-  const { supabase } = newUser()
-  const tasks = createAgentTasks(supabase)
-  const hold = holdName()
-  const seen: AgentTask[] = []
-  const finished = tasks.submitAgentTask(
-    { prompt: 'one two three four five', context: { chunks: 5, hold } }, (t) => seen.push(t))
-  await until('the first partial answer', () => seen.some(partial))
-  const id = seen[0]?.id ?? ''
-  await until('the live subscription', async () =>
-    (await realtime('stats')).active_topics.some((topic) => topic.includes(id)))
-  release(hold)
+  const { tasks, journal } = newWatcher()
+  const { id, seen, finished, release } = await submitHeld(tasks, 'one two three four five')
+  await until('the live subscription', () => live(journal, id))
+  release()
   const done = await finished
   assert.equal(done.status, 'completed')
   assert.equal(done.response_payload?.answer, 'one two three four five (done)')
@@ -45,8 +47,11 @@ test('partial answers stream in order and the final answer replaces them', async
   assert.equal(seen[0]?.status, 'pending')
   assert.deepEqual(seen.at(-1), done)
   assertInOrder(seen)
+  assertFollowed(journal, id)
   // The worker's host and process are the operator's: never in a read or an event.
   assert.ok(seen.every((t) => !('worker' in t) && !('replica_key' in t)))
+  // The request is the row's own: a Broadcast state, which leaves it out, keeps it.
+  assert.ok(seen.every((t) => t.request_payload.prompt === 'one two three four five'))
   // Once subscribed, every partial answer arrives, each growing the one before; the last
   // may be replaced by the final answer before it shows (its chunk is deleted with the
   // row's end, and Realtime sends nothing for a row gone by the time it looks).
@@ -89,42 +94,67 @@ test("the guide's race: a task finished before the channel is joined is still se
   // ...while watching joins, then reads, and sees the end; a slow join changes nothing.
   await realtime('delay_join', { seconds: 1 })
   const seen: AgentTask[] = []
-  const done = await tasks.watchAgentTask(task.id, (t) => seen.push(t))
+  const journal = new Journal()
+  const done = await tasks.watchAgentTask(task.id, (t) => seen.push(t), { debug: journal.debug })
   await subscribed
   assert.equal(done.status, 'completed')
   assert.equal(seen.length, 1)
   assert.equal(guideEvents, 0)
+  assertFollowed(journal, task.id)
 })
 
 test('a dropped socket mid-task: rejoin, read again, end completed, never step back', async () => {
-  const { supabase } = newUser()
-  const tasks = createAgentTasks(supabase, { rejoinDelay: 100 })
-  const hold = holdName()
-  const seen: AgentTask[] = []
-  const finished = tasks.submitAgentTask({ prompt: 'a b c d', context: { chunks: 4, hold } },
-    (t) => seen.push(t))
-  await until('the first partial answer', () => seen.some(partial))
+  const { tasks, journal } = newWatcher({ rejoinDelay: 100 })
+  const { id, seen, finished, release } = await submitHeld(tasks, 'a b c d')
+  await until('the live subscription', () => live(journal, id))
   const before = await realtime('stats')
   assert.ok((await realtime('drop')).open >= 0)
-  release(hold) // the rest streams while the socket is down
+  release() // the rest streams while the socket is down
   const done = await finished
   assert.equal(done.response_payload?.answer, 'a b c d (done)')
   assertInOrder(seen)
+  assertGrowing(seen)
   const stats = await realtime('stats')
   assert.ok(stats.joins > before.joins, 'the client joined again')
+  assertFollowed(journal, id)
+})
+
+test('a rejoin after lost events reads what was missed, and the answer goes on from there', async () => {
+  const { tasks, journal } = newWatcher({ rejoinDelay: 100 })
+  const prompt = words(30)
+  const { id, seen, finished, release } = await submitHeld(tasks, prompt, { delay: 0.25 })
+  await until('the live subscription', () => live(journal, id))
+  // Realtime loses what is sent from here, while five more pieces are written...
+  await realtime('lose_events', { count: 1000 })
+  release()
+  const service = serviceClient()
+  await until('five more pieces on the server', async () => {
+    const { data } = await service.from('agent_task_chunks').select('seq').eq('task_id', id)
+    return Array.isArray(data) && data.length >= 6
+  })
+  assert.ok((await realtime('stats')).lost >= 1)
+  // ...then the socket drops: the client reads them back when it rejoins, and the rest
+  // streams in as events again.
+  await realtime('reset')
+  const joins = journal.paths(id).length
+  await realtime('drop')
+  await until('the rejoin', () => journal.paths(id).length > joins)
+  const done = await finished
+  assert.equal(done.response_payload?.answer, `${prompt} (done)`)
+  assertInOrder(seen)
+  assertGrowing(seen)
+  assertFollowed(journal, id)
+  const answers = seen.filter(partial).map((t) => String(t.response_payload?.answer))
+  assert.ok(answers.some((a) => a.split(' ').length >= 6), answers.join(' | '))
 })
 
 test('a socket gone silent (no heartbeat replies) is replaced, and the task still ends', async () => {
   const { supabase } = newUser() // heartbeats every 2 s
   const tasks = createAgentTasks(supabase, { rejoinDelay: 100 })
-  const hold = holdName()
-  const seen: AgentTask[] = []
-  const finished = tasks.submitAgentTask({ prompt: 'm n o', context: { chunks: 3, hold } },
-    (t) => seen.push(t))
-  await until('the first partial answer', () => seen.some(partial))
+  const { seen, finished, release } = await submitHeld(tasks, 'm n o')
   const before = await realtime('stats')
   await realtime('stall', { seconds: 8 }) // a hung network: the socket stays open, says nothing
-  release(hold)
+  release()
   const done = await finished
   assert.equal(done.response_payload?.answer, 'm n o (done)')
   // The end came while Realtime still said nothing: the heartbeat timeout made the client read.
@@ -136,13 +166,9 @@ test('a socket gone silent (no heartbeat replies) is replaced, and the task stil
 test('events lost after SUBSCRIBED: the slow poll still brings the end', async () => {
   const { supabase } = newUser()
   const tasks = createAgentTasks(supabase, { pollInterval: 300 })
-  const hold = holdName()
-  const seen: AgentTask[] = []
-  const finished = tasks.submitAgentTask({ prompt: 'x y', context: { chunks: 2, hold } },
-    (t) => seen.push(t))
-  await until('the first partial answer', () => seen.some(partial))
+  const { seen, finished, release } = await submitHeld(tasks, 'x y')
   await realtime('lose_events', { count: 1000 }) // Realtime goes silent without saying so
-  release(hold)
+  release()
   const done = await finished
   assert.equal(done.response_payload?.answer, 'x y (done)')
   assert.ok((await realtime('stats')).lost >= 1)
@@ -155,13 +181,9 @@ test('a join refused (CHANNEL_ERROR) or unanswered (TIMED_OUT) is retried with b
   const before = await realtime('stats')
   await realtime('fail_join', { count: 2 })
   await realtime('delay_join', { seconds: 4 }) // past the client's 3 s join timeout
-  const hold = holdName()
-  const seen: AgentTask[] = []
-  const finished = tasks.submitAgentTask({ prompt: 'p q', context: { chunks: 3, hold } },
-    (t) => seen.push(t))
+  const { seen, finished, release } = await submitHeld(tasks, 'p q', { chunks: 3 })
   await until('a channel that joined', async () => (await realtime('stats')).joins >= before.joins + 3)
-  await until('the first partial answer', () => seen.some(partial))
-  release(hold)
+  release()
   const done = await finished
   assert.equal(done.status, 'completed')
   assertInOrder(seen)
@@ -216,15 +238,10 @@ test('cancel: a running task stops, ends Cancelled, keeps its partial answer', a
     return
   }
   const tasks = createAgentTasks(newUser().supabase)
-  const hold = holdName()
-  const seen: AgentTask[] = []
-  const finished = tasks.submitAgentTask({ prompt: 'never finished', context: { chunks: 5, hold } },
-    (t) => seen.push(t))
-  await until('the first partial answer', () => seen.some(partial))
-  const id = seen[0]?.id ?? ''
+  const { id, finished, release } = await submitHeld(tasks, 'never finished', { chunks: 5 })
   const status = await tasks.cancelAgentTask(id)
   assert.ok(status === 'processing' || status === 'failed')
-  release(hold)
+  release()
   const err = await finished.then(() => null, (e: unknown) => e)
   assert.ok(err instanceof TaskCancelledError, String(err))
   assert.equal(err.type, 'Cancelled')
@@ -232,17 +249,30 @@ test('cancel: a running task stops, ends Cancelled, keeps its partial answer', a
   assert.match(String(err.task.response_payload?.answer), /^never/)
 })
 
-test("another user's task is not found, and none of its changes reach them", async () => {
-  const owner = createAgentTasks(newUser().supabase)
+test("another user's task: its topic is refused, it is not found, none of its changes reach them", async () => {
+  const { tasks: owner, journal: ownerLog } = newWatcher()
   const other = newUser()
-  const hold = holdName()
-  const seen: AgentTask[] = []
-  const finished = owner.submitAgentTask({ prompt: 'mine only', context: { chunks: 2, hold } },
-    (t) => seen.push(t))
-  await until('the first partial answer', () => seen.some(partial))
-  const id = seen[0]?.id ?? ''
-  const err = await createAgentTasks(other.supabase).watchAgentTask(id).then(() => null, (e: unknown) => e)
+  const { id, finished, release } = await submitHeld(owner, 'mine only', { chunks: 2 })
+  await until('the live subscription', () => live(ownerLog, id))
+  assertFollowed(ownerLog, id)
+  // Their watch is refused the task's topic, falls back, and finds no such task...
+  const journal = new Journal()
+  const err = await createAgentTasks(other.supabase).watchAgentTask(id, undefined, { debug: journal.debug })
+    .then(() => null, (e: unknown) => e)
   assert.ok(err instanceof TaskNotFoundError)
+  assert.ok(journal.refused(id), journal.lines.join('\n'))
+  assert.ok(!journal.paths(id).includes('broadcast'))
+  // ...and leaves no channel behind.
+  await until('no channel left', () => other.supabase.getChannels().length === 0)
+  // Joining the topic themselves is refused too, and nothing of it reaches them.
+  const broadcasts: unknown[] = []
+  const topic = other.supabase.channel(`agent_task:${id}`, { config: { private: true } })
+    .on('broadcast', { event: '*' }, (m) => { broadcasts.push(m) })
+  const refusal = await new Promise<string>((resolve) => {
+    topic.subscribe((status, e) => { resolve(`${String(status)} ${e?.message ?? ''}`) })
+  })
+  await other.supabase.removeChannel(topic)
+  assert.match(refusal, /^CHANNEL_ERROR .*(Unauthorized|permissions to read)/)
   // The other user listens to every change of the table...
   const heard: string[] = []
   await new Promise<void>((resolve) => {
@@ -252,27 +282,24 @@ test("another user's task is not found, and none of its changes reach them", asy
       .on('system', {}, (p: { extension?: string }) => { if (p.extension === 'postgres_changes') resolve() })
       .subscribe()
   })
-  release(hold)
+  release()
   await finished
   // ...and after their own task (changes are delivered in commit order) has heard only it.
   const own = await createAgentTasks(other.supabase).submitAgentTask({ prompt: 'theirs', context: { chunks: 1 } })
   await until('their own task heard', () => heard.includes(own.id))
   assert.deepEqual(new Set(heard), new Set([own.id]))
+  assert.deepEqual(broadcasts, [])
 })
 
 test('a refreshed access token reaches the joined channel', async () => {
   const user = newUser()
   const tasks = createAgentTasks(user.supabase)
-  const hold = holdName()
-  const seen: AgentTask[] = []
-  const finished = tasks.submitAgentTask({ prompt: 'r s', context: { chunks: 2, hold } },
-    (t) => seen.push(t))
-  await until('the first partial answer', () => seen.some(partial))
+  const { finished, release } = await submitHeld(tasks, 'r s')
   const before = (await realtime('stats')).access_tokens
   const { userToken } = await import('./helpers.js')
   await user.supabase.realtime.setAuth(userToken(user.id, 7200))
   await until('the access_token message', async () => (await realtime('stats')).access_tokens > before)
-  release(hold)
+  release()
   assert.equal((await finished).status, 'completed')
 })
 

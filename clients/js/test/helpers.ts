@@ -6,6 +6,8 @@ import { join } from 'node:path'
 
 import { createClient, type SupabaseClient } from '@supabase/supabase-js'
 
+import { createAgentTasks, type AgentTask, type AgentTasks, type AgentTasksDefaults, type Json } from 'agent-bridge-client'
+
 function env(name: string): string {
   const value = process.env[name]
   if (!value) throw new Error(`${name} is not set: run these tests through pytest tests/acceptance/test_frontend.py`)
@@ -15,6 +17,9 @@ function env(name: string): string {
 export const SUPABASE_URL = env('SUPABASE_URL')
 export const ANON_KEY = env('SUPABASE_ANON_KEY')
 export const SERVICE_KEY = env('SUPABASE_SERVICE_KEY')
+/** The path this run's watches follow: pytest runs the suite with broadcasting on
+ * (`broadcast`) and off (`postgres_changes`: every private join refused). */
+export const PATH = env('REALTIME_PATH') as 'broadcast' | 'postgres_changes'
 const JWT_SECRET = env('TEST_JWT_SECRET')
 const CONTROL_URL = env('REALTIME_CONTROL_URL')
 const STATE_DIR = env('TEST_STATE_DIR')
@@ -110,3 +115,73 @@ export async function until(what: string, check: () => boolean | Promise<boolean
 
 /** Whether the database has cancel_agent_task (told by the pytest fixture). */
 export const HAS_CANCEL = process.env.HAS_CANCEL === '1'
+
+/** The client's debug lines (the `debug` option), to tell which path a watch followed. */
+export class Journal {
+  readonly lines: string[] = []
+  readonly debug = (line: string): void => { this.lines.push(line) }
+
+  /** The paths the watches of task `id` followed, one per join, in order. */
+  paths(id: string): string[] {
+    return this.lines.filter((l) => l.includes(id))
+      .flatMap((l) => /following by (Broadcast|postgres_changes)/.exec(l)?.[1] ?? [])
+      .map((p) => p === 'Broadcast' ? 'broadcast' : p)
+  }
+
+  /** Whether Realtime refused a watch of `id` its Broadcast topic. */
+  refused(id: string): boolean {
+    return this.lines.some((l) => l.includes(id) && l.includes('Broadcast join refused'))
+  }
+}
+
+/** A new user's client and its tasks, with the client's debug lines kept in `journal`. */
+export function newWatcher(defaults: AgentTasksDefaults = {}): User & { tasks: AgentTasks; journal: Journal } {
+  const user = newUser()
+  const journal = new Journal()
+  return { ...user, journal, tasks: createAgentTasks(user.supabase, { ...defaults, debug: journal.debug }) }
+}
+
+/** Every join of `id` in `journal` followed this run's path, and there was one at least;
+ * on the fallback run, only after its Broadcast join was refused. */
+export function assertFollowed(journal: Journal, id: string): void {
+  const paths = journal.paths(id)
+  if (paths.length === 0 || paths.some((p) => p !== PATH)) {
+    throw new Error(`task ${id} followed by ${paths.join(', ') || 'nothing'}, not ${PATH}:\n${journal.lines.join('\n')}`)
+  }
+  if (journal.refused(id) !== (PATH === 'postgres_changes')) {
+    throw new Error(`the Broadcast join of ${id} was ${journal.refused(id) ? '' : 'not '}refused on the ${PATH} run`)
+  }
+}
+
+/** The watch of `id` hears every change from now on: joined on the Broadcast path; on the
+ * postgres_changes path, once Realtime said "Subscribed to PostgreSQL". */
+export async function live(journal: Journal, id: string): Promise<boolean> {
+  if (journal.paths(id).length === 0) return false
+  return PATH === 'broadcast' || (await realtime('stats')).active_topics.some((topic) => topic.includes(id))
+}
+
+/** `w0 w1 ... w<n-1>`: a prompt the test handler answers one word a piece. */
+export const words = (n: number): string => Array.from({ length: n }, (_, i) => `w${i}`).join(' ')
+
+export const partial = (t: AgentTask): boolean => t.response_payload?.partial === true
+
+/** A task submitted and held after its first piece (`release` lets it go on). */
+export interface Held {
+  id: string
+  seen: AgentTask[]
+  finished: Promise<AgentTask>
+  release: () => void
+}
+
+/** Submit `prompt` (one piece per word, unless `context.chunks` says otherwise), held after
+ * its first piece; resolves once the first partial answer shows. */
+export async function submitHeld(tasks: AgentTasks, prompt: string, context: { [key: string]: Json } = {}
+): Promise<Held> {
+  const hold = holdName()
+  const seen: AgentTask[] = []
+  const finished = tasks.submitAgentTask({ prompt, context: { chunks: prompt.split(' ').length, hold, ...context } },
+    (t) => seen.push(t))
+  finished.catch(() => undefined) // a test that expects a failure awaits it itself
+  await until('the first partial answer', () => seen.some(partial))
+  return { id: seen[0]?.id ?? '', seen, finished, release: () => release(hold) }
+}

@@ -7,17 +7,15 @@ import { after, afterEach, test } from 'node:test'
 
 import { createAgentTasks, type AgentTask } from 'agent-bridge-client'
 
-import { closeAll, holdName, newUser, realtime, release, until } from './helpers.js'
+import {
+  assertFollowed, closeAll, holdName, live, newUser, newWatcher, partial, realtime, release, until, words,
+} from './helpers.js'
 
 after(closeAll)
 afterEach(async () => { await realtime('reset') })
 
-const partial = (t: AgentTask): boolean => t.response_payload?.partial === true
-const words = (n: number): string => Array.from({ length: n }, (_, i) => `w${i}`).join(' ')
-
-test('a page opened mid-stream shows the answer so far at once', async () => {
-  const { supabase } = newUser()
-  const tasks = createAgentTasks(supabase)
+test('a page opened mid-stream shows the answer so far at once; two watches share the channel', async () => {
+  const { supabase, tasks, journal } = newWatcher()
   const hold = holdName()
   const prompt = words(6)
   const task = await tasks.insertAgentTask({ prompt, context: { chunks: 6, hold } })
@@ -33,11 +31,13 @@ test('a page opened mid-stream shows the answer so far at once', async () => {
   const [a, b] = await Promise.all([watching, again])
   assert.equal(a.response_payload?.answer, `${prompt} (done)`)
   assert.deepEqual(a, b)
+  assertFollowed(journal, task.id)
+  assert.ok(journal.paths(task.id).length >= 2, 'both watches joined')
+  await until('the shared channel closed after both', () => supabase.getChannels().length === 0)
 })
 
 test('lost chunk events are read back: the answer never skips or steps back', async () => {
-  const { supabase } = newUser()
-  const tasks = createAgentTasks(supabase)
+  const { tasks, journal } = newWatcher()
   const hold = holdName()
   const prompt = words(12)
   const seen: AgentTask[] = []
@@ -45,8 +45,7 @@ test('lost chunk events are read back: the answer never skips or steps back', as
     (t) => seen.push(t))
   await until('the first partial answer', () => seen.some(partial))
   const id = seen[0]?.id ?? ''
-  await until('the live subscription', async () =>
-    (await realtime('stats')).active_topics.some((topic) => topic.includes(id)))
+  await until('the live subscription', () => live(journal, id))
   await realtime('lose_events', { count: 3 }) // the next three chunks are never delivered
   release(hold)
   const done = await finished
@@ -61,6 +60,7 @@ test('lost chunk events are read back: the answer never skips or steps back', as
   const expected = Array.from({ length: 12 }, (_, i) => words(i + 1))
   assert.ok(answers.every((a) => expected.includes(a)), answers.join(' | '))
   assert.ok(answers.some((a) => a.split(' ').length >= 10), answers.join(' | '))
+  assertFollowed(journal, id)
 })
 
 test('a long answer with characters outside the BMP is rebuilt exactly', async () => {

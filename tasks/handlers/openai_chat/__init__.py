@@ -58,10 +58,17 @@ error events inside a stream raise `RetryableError` (``retry_after`` from
 raises `ProviderError`, which fails the task at once. Messages never contain the
 API key: it is scrubbed out of anything the provider sends back.
 
+Rate limits (``OPENAI_RPM``, ``OPENAI_TPM``, ``OPENAI_TENANT_RPM``, and an agent's own
+``rpm`` / ``tpm`` / ``tenant_rpm``; 0 or unset: none): before each request the handler waits
+for room on the provider key, shared by every worker through Redis (`tasks.ratelimit`),
+charging the prompt's estimate plus ``OPENAI_MAX_TOKENS`` (sent as ``max_tokens``), and
+settles the real usage after the answer; the provider's ``Retry-After`` and
+``x-ratelimit-*`` headers pause the key for every worker (``limits.py``).
+
 The modules: ``settings`` (OPENAI_* and per-agent options), ``client`` (the
 process's settings and client), ``messages`` (the payload's check and the
-conversation), ``errors`` (SDK exceptions to RetryableError / ProviderError) and
-``handler``.
+conversation), ``errors`` (SDK exceptions to RetryableError / ProviderError),
+``limits`` (the provider key, its windows and a request's charge) and ``handler``.
 
 The task's owner reads a classified message (`tasks.errors.public`): ``provider
 unreachable``, ``provider timed out``, ``provider rate limited the request (429)``,

@@ -4,24 +4,23 @@ is classified (`tasks.errors.public`)."""
 
 from __future__ import annotations
 
-import email.utils
-import math
 import re
-import time
-from collections.abc import Mapping
 from typing import Final
 
 import openai
 
 from bridge.errors import AgentBridgeError
 from tasks.errors import (
-    MAX_RETRY_AFTER,
     PROVIDER_TIMED_OUT,
     PROVIDER_UNREACHABLE,
     RetryableError,
     public,
 )
 from tasks.handlers.openai_chat.settings import Settings
+from tasks.ratelimit.headers import parse_retry_after  # re-exported by the package
+
+__all__ = ["PERMANENT_429_CODES", "ProviderError", "content_filtered", "parse_retry_after",
+           "scrub", "translate_error"]
 
 
 class ProviderError(AgentBridgeError):
@@ -51,35 +50,6 @@ def scrub(text: str, api_key: str | None) -> str:
     return text
 
 
-def parse_retry_after(headers: Mapping[str, str] | None, *, now: float | None = None
-                      ) -> float | None:
-    """Seconds to wait from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date,
-    cut to MAX_RETRY_AFTER (a day): a provider's `Retry-After: 1e20` is not a plan."""
-    if not headers:
-        return None
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        raw = headers.get(name)
-        if raw is None:
-            continue
-        try:
-            seconds = float(raw) / scale
-        except ValueError:
-            continue
-        if math.isfinite(seconds) and seconds >= 0:
-            return min(seconds, MAX_RETRY_AFTER)
-    raw = headers.get("retry-after")
-    if raw:
-        try:
-            when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:  # RFC 9110 dates are GMT
-            return None
-        now = time.time() if now is None else now
-        return min(max(0.0, when.timestamp() - now), MAX_RETRY_AFTER)
-    return None
-
-
 def _provider_message(exc: openai.APIError) -> str:
     body = exc.body
     if isinstance(body, dict) and isinstance(body.get("message"), str) and body["message"]:
@@ -99,7 +69,7 @@ _POLICY_CODES: Final = frozenset({"content_policy_violation", "content_filter"})
 # Refusals whose provider message is about the request the user sent (too long, malformed,
 # ...), so the user reads it; the rest (key, model, quota, permissions) are the operator's.
 _REQUEST_STATUSES: Final = frozenset({400, 413, 422})
-_PERMANENT_429_CODES: Final = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+PERMANENT_429_CODES: Final = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 
 
 def translate_error(exc: openai.OpenAIError, current: Settings) -> Exception:
@@ -122,7 +92,7 @@ def translate_error(exc: openai.OpenAIError, current: Settings) -> Exception:
         label = f"{status} {code}" if code else str(status)
         message = scrub(_provider_message(exc), key)
         retryable = (status in (408, 409) or status >= 500
-                     or (status == 429 and code not in _PERMANENT_429_CODES))
+                     or (status == 429 and code not in PERMANENT_429_CODES))
         if retryable and code not in _POLICY_CODES:
             retry_after = parse_retry_after(exc.response.headers)
             verb = "rate limited" if status == 429 else "failed"

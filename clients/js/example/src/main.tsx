@@ -4,7 +4,8 @@
  *
  * A real app signs its users in with supabase.auth; this page takes the project URL, the
  * anon key and a user's access token from its query string (`?url=&key=&token=`), so the
- * test can run it against the local stand-ins. `context` (JSON) is sent with each prompt.
+ * test can run it against the local stand-ins. `context` (JSON) is sent with each prompt;
+ * with `debug`, the client says in the console which path it follows each task by.
  */
 import { createClient } from '@supabase/supabase-js'
 import { useEffect, useState } from 'react'
@@ -18,12 +19,14 @@ const supabase = createClient(params.get('url') ?? 'http://127.0.0.1:54321', par
   accessToken: () => Promise.resolve(token),
 })
 const context = JSON.parse(params.get('context') ?? '{}') as Record<string, string | number>
+const debug = params.has('debug')
 
 function Chat(): React.JSX.Element {
   const [prompt, setPrompt] = useState('')
   const [reloaded] = useState(() => params.get('task'))
   const { submitTask, cancelTask, status, taskId, isSubmitting, isProcessing, currentTask, error } = useAgentTask({
     taskId: reloaded,
+    debug,
     onComplete: (task) => console.log('Task completed:', task.response_payload?.answer),
     onError: (err) => console.error('Task failed:', err.message),
   })
