@@ -240,9 +240,13 @@ class Settings:
     agent_simulated_seconds: float = setting(
         "AGENT_SIMULATED_SECONDS", 3.0, "How long the default simulated handler works.")
     time_limit: float = setting(
-        "AGENT_TIME_LIMIT", 600.0, "Seconds a handler may run before the task fails.")
+        "AGENT_TIME_LIMIT", 600.0,
+        "Seconds a handler may run before the task fails (an agent's `time_limit` in "
+        "AGENTS_FILE overrides it).")
     max_retries: int = setting(
-        "AGENT_MAX_RETRIES", 5, "Celery retries after a RetryableError before the task fails.")
+        "AGENT_MAX_RETRIES", 5,
+        "Celery retries after a RetryableError before the task fails (an agent's "
+        "`max_retries` in AGENTS_FILE overrides it).")
     retry_backoff: float = setting(
         "AGENT_RETRY_BACKOFF", 2.0,
         "First retry delay in seconds; doubles each retry, with jitter.")

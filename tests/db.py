@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -18,6 +18,8 @@ from psycopg.types.json import Jsonb
 
 from bridge.localstack import LocalPostgres, with_database
 from bridge.store import TaskStore
+
+T = TypeVar("T")
 
 
 class PgServer:
@@ -187,3 +189,28 @@ def broadcasting(db_url: str, on: bool = True) -> Iterator[None]:
         yield
     finally:
         sql(db_url, "update agent_bridge.realtime_broadcast set enabled = %s", [before])
+
+
+def race_as(db_url: str, user: str, call: Callable[[psycopg.Connection[Any]], T], n: int
+            ) -> list[T | Exception]:
+    """`call` n times at once as signed-in `user`, each in a transaction of its own
+    connection (as PostgREST runs requests), released together once every transaction has
+    begun; each one's result or exception, in order."""
+    barrier = threading.Barrier(n)
+    outcomes: list[T | Exception] = [Exception("did not run")] * n
+
+    def one(i: int) -> None:
+        try:
+            with as_role(db_url, "authenticated", user) as conn:
+                barrier.wait(timeout=60)
+                outcomes[i] = call(conn)
+        except Exception as exc:  # the caller's assertions report it
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return outcomes
+

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,10 +20,10 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from bench.payload_shapes import OLD_WALKER
-from tests.db import as_role, sql
+from tests.db import as_role, race_as, sql
 from tests.fakes.jwt import role_key, user_token
 from tests.fakes.postgrest import SERVICE_KEY, PostgrestStub
-from tests.limits import limits_restored
+from tests.limits import admission_restored
 
 PROMPT = {"prompt": "hi"}
 SIZE_LIMIT = 1048576  # agent_bridge.max_request_bytes as shipped
@@ -96,16 +95,8 @@ def set_limits(db_url: str, tenant: str = "*", /, **values: Any) -> None:
 def db(clean_db: str) -> Iterator[str]:
     """The test database with the limits as shipped and no usage counted; the limits and
     registered agents are restored afterwards."""
-    agents = sql(clean_db, "select coalesce(jsonb_object_agg(name, jsonb_build_object("
-                           "'queue', queue, 'max_attempts', max_attempts)), '{}') "
-                           "from public.agent_bridge_agents")[0][0]
-    sql(clean_db, "truncate agent_bridge.user_day_usage")
-    try:
-        with limits_restored(clean_db):
-            yield clean_db
-    finally:
-        sql(clean_db, "select public.agent_bridge_register_agents(%s)", [Jsonb(agents)])
-        sql(clean_db, "truncate agent_bridge.user_day_usage")
+    with admission_restored(clean_db):
+        yield clean_db
 
 
 # The defaults ----------------------------------------------------------------------------
@@ -437,24 +428,10 @@ def test_refusals_through_postgrest(db: str) -> None:
 def race_inserts(db_url: str, user: str, payload: Any, n: int = 40) -> list[Exception | None]:
     """n inserts by one user at once, each in its own connection (as PostgREST runs them),
     released together once every transaction has begun; each one's error or None."""
-    barrier = threading.Barrier(n)
-    outcomes: list[Exception | None] = [None] * n
-
-    def one(i: int) -> None:
-        try:
-            with as_role(db_url, "authenticated", user) as conn:
-                barrier.wait(timeout=60)
-                conn.execute("insert into public.agent_task_requests (request_payload) "
-                             "values (%s)", [Jsonb(payload)])
-        except Exception as exc:  # the caller's assertions report it
-            outcomes[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return outcomes
+    def one(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("insert into public.agent_task_requests (request_payload) values (%s)",
+                     [Jsonb(payload)])
+    return [o if isinstance(o, Exception) else None for o in race_as(db_url, user, one, n)]
 
 
 @pytest.mark.parametrize("limit", ["max_active", "max_rows_per_day",

@@ -6,7 +6,6 @@ roles, and through the store's two transports."""
 from __future__ import annotations
 
 import re
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,10 +18,10 @@ from psycopg.types.json import Jsonb
 
 from bridge.errors import StoreRejected
 from bridge.store import TaskStore
-from tests.db import as_role, sql
+from tests.db import as_role, race_as, sql
 from tests.fakes.jwt import role_key, user_token
 from tests.fakes.postgrest import SERVICE_KEY, PostgrestStub
-from tests.limits import limits_restored
+from tests.limits import admission_restored
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -31,18 +30,9 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 def db(clean_db: str) -> Iterator[str]:
     """The test database with a second agent (`other`) registered and no usage counted; the
     limits and agents are put back afterwards."""
-    agents = sql(clean_db, "select coalesce(jsonb_object_agg(name, jsonb_build_object("
-                           "'queue', queue, 'max_attempts', max_attempts)), '{}') "
-                           "from public.agent_bridge_agents")[0][0]
-    sql(clean_db, "select public.agent_bridge_register_agents(%s)",
-        [Jsonb({**agents, "other": {"queue": "agent_tasks.other", "max_attempts": None}})])
-    sql(clean_db, "truncate agent_bridge.user_day_usage")
-    try:
-        with limits_restored(clean_db):
-            yield clean_db
-    finally:
-        sql(clean_db, "select public.agent_bridge_register_agents(%s)", [Jsonb(agents)])
-        sql(clean_db, "truncate agent_bridge.user_day_usage")
+    with admission_restored(clean_db, other={"queue": "agent_tasks.other",
+                                             "max_attempts": None}):
+        yield clean_db
 
 
 def insert(db_url: str, user: str | None, key: str | None, agent: str = "default") -> str:
@@ -174,29 +164,16 @@ def test_twenty_concurrent_inserts_with_one_key_store_one_row(db: str) -> None:
     them), released together once every transaction has begun: one row; each of the 19
     others is refused naming that row; the day budget counts one."""
     user, n = str(uuid.uuid4()), 20
-    barrier = threading.Barrier(n)
-    outcomes: list[Any] = [None] * n
 
-    def one(i: int) -> None:
-        try:
-            with as_role(db, "authenticated", user) as conn:
-                barrier.wait(timeout=60)
-                row = conn.execute("insert into public.agent_task_requests "
-                                   "(request_payload, idempotency_key) values (%s, 'same') "
-                                   "returning id::text", [Jsonb({"prompt": "hi"})]).fetchone()
-                outcomes[i] = row[0] if row else None
-        except Exception as exc:  # the assertions below report it
-            outcomes[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    def one(conn: psycopg.Connection[Any]) -> str | None:
+        row = conn.execute("insert into public.agent_task_requests (request_payload, "
+                           "idempotency_key) values (%s, 'same') returning id::text",
+                           [Jsonb({"prompt": "hi"})]).fetchone()
+        return row[0] if row else None
+    outcomes = race_as(db, user, one, n)
     stored = [o for o in outcomes if isinstance(o, str)]
-    failures = [o for o in outcomes if not isinstance(o, str)]
-    assert len(stored) == 1, outcomes
-    assert all(isinstance(e, errors.UniqueViolation) for e in failures), failures
+    failures = [o for o in outcomes if isinstance(o, errors.UniqueViolation)]
+    assert len(stored) == 1 and len(failures) == n - 1, outcomes
     named = {UUID.findall(e.diag.message_primary or "")[0] for e in failures}
     assert named == set(stored)
     assert sql(db, "select id::text from public.agent_task_requests") == [(stored[0],)]
