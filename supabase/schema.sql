@@ -894,7 +894,8 @@ begin
 end
 $$;
 
--- The binds that applied, with what their handler declared it may spend ({tokens, cost},
+-- The binds that applied (p_ords: their places in the batch's arrays p_ids, p_attempts,
+-- p_workers and p_wants), with what their handler declared it may spend ({tokens, cost},
 -- p_wants; null: nothing declared, nothing reserved): in write order, each reserves what
 -- it declared, or what is left if less, from its tenant's budget. A bind whose tenant has
 -- nothing left is refused and its row ends failed / BudgetExceeded (p_ords' refusal),
@@ -919,16 +920,15 @@ declare
     v_cost numeric;
 begin
     if not agent_bridge.budgets_exist() then
-        return query select u.ord, u.want, null::jsonb
-                       from unnest(p_ords, p_wants) u(ord, want)
-                      where u.want is not null;
+        return query select o, p_wants[o], null::jsonb from unnest(p_ords) o
+                      where p_wants[o] is not null;
         return;
     end if;
-    for w in select u.ord, u.id, u.attempt, u.worker, u.want
-               from unnest(p_ords, p_ids, p_attempts, p_workers, p_wants)
-                    u(ord, id, attempt, worker, want)
-              where u.want is not null
-              order by u.ord loop
+    for w in select o as ord, p_ids[o] as id, p_attempts[o] as attempt,
+                    p_workers[o] as worker, p_wants[o] as want
+               from unnest(p_ords) o
+              where p_wants[o] is not null
+              order by o loop
         select * into t from public.agent_task_requests r
          where r.id = w.id and r.attempts = w.attempt and r.worker = w.worker
            and r.status = 'processing';
@@ -2787,20 +2787,8 @@ begin
           into v_budgets, v_refused
           from agent_bridge.reserve_spend(
                    array(select d.ord from unnest(v_done) d
-                          where p_kinds[d.ord] in ('bind', 'start')
-                            and p_docs[d.ord] is not null order by d.ord),
-                   array(select p_ids[d.ord] from unnest(v_done) d
-                          where p_kinds[d.ord] in ('bind', 'start')
-                            and p_docs[d.ord] is not null order by d.ord),
-                   array(select p_attempts[d.ord] from unnest(v_done) d
-                          where p_kinds[d.ord] in ('bind', 'start')
-                            and p_docs[d.ord] is not null order by d.ord),
-                   array(select p_workers[d.ord] from unnest(v_done) d
-                          where p_kinds[d.ord] in ('bind', 'start')
-                            and p_docs[d.ord] is not null order by d.ord),
-                   array(select p_docs[d.ord] from unnest(v_done) d
-                          where p_kinds[d.ord] in ('bind', 'start')
-                            and p_docs[d.ord] is not null order by d.ord)) g;
+                          where p_kinds[d.ord] in ('bind', 'start')),
+                   p_ids, p_attempts, p_workers, p_docs) g;
         if v_refused is not null then
             v_done := array(select d from unnest(v_done) d where d.ord <> all (v_refused));
         end if;
