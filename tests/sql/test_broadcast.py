@@ -35,11 +35,11 @@ def messages(clean_db: str) -> Iterator[str]:
 
 def sent(db_url: str, topic: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
     """(topic, event, payload) of every message sent, in the order they were inserted (one
-    transaction shares its inserted_at; the fixture empties the table, so a new row's place
-    in the heap follows insertion)."""
+    transaction shares its inserted_at; within it, each realtime.send is a command of its
+    own, so `cmin` counts them)."""
     rows = sql(db_url, "select topic, event, payload, private from realtime.messages "
                        "where %(topic)s::text is null or topic = %(topic)s "
-                       "order by inserted_at, tableoid, ctid", {"topic": topic})
+                       "order by inserted_at, cmin::text::integer", {"topic": topic})
     assert all(private for *_, private in rows), "every message goes to a private channel"
     return [(t, e, p) for t, e, p, _ in rows]
 
