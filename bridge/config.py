@@ -178,7 +178,8 @@ class Settings:
     # Bridge ---------------------------------------------------------------------
     poll_interval: float = setting(
         "POLL_INTERVAL", 2.0,
-        "Seconds between polls (Supabase mode); the fallback poll in Postgres mode.")
+        "Seconds between polls for due rows in Supabase mode; in Postgres mode, the "
+        "fallback behind LISTEN/NOTIFY.")
     batch_size: int = setting(
         "BRIDGE_BATCH_SIZE", 50,
         "Most rows claimed in one round trip; in Supabase mode at most "
@@ -201,12 +202,13 @@ class Settings:
         "fixed BRIDGE_MAX_QUEUED.")
     tenant_concurrency: int = setting(
         "TENANT_CONCURRENCY", 0,
-        "Most rows of one tenant (enterprise_id, else user) claimed at once (queued or "
-        "running), so one tenant cannot hold every worker; 0 = no cap. Per-tenant values in "
-        "agent_tenant_limits.max_processing win.")
+        "Most rows of one tenant (enterprise_id, else user) claimed at once, queued or "
+        "running, so that no tenant holds every worker; 0 = no cap. A tenant's own "
+        "agent_tenant_limits.max_processing wins.")
     lease_seconds: float = setting(
         "LEASE_SECONDS", 30.0,
-        "Lease on a claimed row; workers renew it every third of this while a handler runs.")
+        "Seconds a claimed row is leased; workers renew it every third of this while a "
+        "handler runs, and the rescue takes back a row whose lease ran out.")
     rescue_interval: float = setting(
         "RESCUE_INTERVAL", 5.0,
         "Seconds between sweeps that return expired leases to pending (or end the row "
@@ -249,7 +251,8 @@ class Settings:
         "`max_retries` in AGENTS_FILE overrides it).")
     retry_backoff: float = setting(
         "AGENT_RETRY_BACKOFF", 2.0,
-        "First retry delay in seconds; doubles each retry, with jitter.")
+        "First retry delay in seconds; each retry doubles it, up to AGENT_RETRY_BACKOFF_MAX, "
+        "with jitter (0.5 to 1.5 times).")
     retry_backoff_max: float = setting(
         "AGENT_RETRY_BACKOFF_MAX", 300.0,
         "Longest backoff in seconds; with jitter and any Retry-After, a retry waits at most "

@@ -27,7 +27,7 @@ from bridge.queries import Query, parse
 # pip unpacks a wheel, and an editable install maps `bridge` to the source folder, so the
 # package's files are on disk either way and a plain Path serves (no zip import support).
 MIGRATIONS_DIR = Path(str(resources.files("bridge").joinpath("migrations")))
-SCHEMA_VERSION = 8  # what agent_bridge_schema_version() returns after these migrations
+SCHEMA_VERSION = 9  # what agent_bridge_schema_version() returns after these migrations
 
 _IS_SUPABASE = "select exists (select 1 from pg_roles where rolname = 'supabase_admin')"
 _LOCK = "select pg_advisory_xact_lock(hashtext('agent-bridge migrate'))"

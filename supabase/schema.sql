@@ -15,6 +15,8 @@
 --      ▲                   │  │ ──fail─────────▶ failed ──requeue──▶ pending
 --      └──release/rescue───┘  └─schedule_retry (stays processing)
 --   pending / processing ──cancel──▶ failed (Cancelled)
+--   processing ──wait (a question)──▶ pending, waiting ──answer──▶ pending, due now
+--                                        └─ unanswered by its deadline ──claim──▶ failed (NoAnswer)
 --
 -- Fencing: every claim increments `attempts`; a worker passes (attempt, worker) with every
 -- later write, and a write whose pair no longer matches the row changes nothing and
@@ -75,6 +77,11 @@ create table public.agent_task_requests (
     -- exists (agent_task_requests_idempotency_key_idx, and the trigger
     -- agent_task_requests_0_idempotency, section 5).
     idempotency_key text,
+    -- {question, asked_at, expires_at, number}: what the task's handler asked its user and
+    -- waits for (only on a pending row; section 4.9); users may read it.
+    waiting_for jsonb,
+    -- [{question, answer, answered_at}, ...]: the answers so far, in the order asked.
+    answers jsonb,
     constraint agent_task_requests_status_check
         check (status in ('pending', 'processing', 'completed', 'failed')),
     constraint agent_task_requests_attempts_check check (attempts >= 0 and max_attempts >= 1),
@@ -89,7 +96,12 @@ create table public.agent_task_requests (
     -- '-infinity' broke the stats, 'infinity' never ran.
     constraint agent_task_requests_run_at_check check (isfinite(run_at)),
     constraint agent_task_requests_idempotency_key_check
-        check (char_length(idempotency_key) between 1 and 200)
+        check (char_length(idempotency_key) between 1 and 200),
+    -- A task waiting for an answer is queued, not running (section 4.9).
+    constraint agent_task_requests_waiting_check
+        check (waiting_for is null or status = 'pending'),
+    constraint agent_task_requests_answers_check
+        check (answers is null or jsonb_typeof(answers) = 'array')
 )
 -- The start and the lease renewals change no indexed column: with room left on the page
 -- they are HOT updates, which write no index at all.
@@ -719,7 +731,7 @@ declare
         'started_at', p_row.started_at, 'finished_at', p_row.finished_at,
         'created_at', p_row.created_at, 'updated_at', p_row.updated_at,
         'user_id', p_row.user_id, 'enterprise_id', p_row.enterprise_id,
-        'agent', p_row.agent);
+        'agent', p_row.agent, 'waiting_for', p_row.waiting_for);
     v_result jsonb := jsonb_build_object('response_payload', p_row.response_payload,
                                          'error', p_row.error);
 begin
@@ -1379,17 +1391,29 @@ begin
            for update skip locked
     ),
     claimed as (
+        -- A row waiting for an answer is due only once its question expired (run_at is
+        -- the deadline; an answer makes it due at once and clears waiting_for): it ends
+        -- failed / NoAnswer here, without reaching a worker, whose handler would only
+        -- replay to the same question.
         update public.agent_task_requests t
-           set status = 'processing',
-               attempts = t.attempts + 1,
-               lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+           set status = case when t.waiting_for is null then 'processing' else 'failed' end,
+               attempts = t.attempts + case when t.waiting_for is null then 1 else 0 end,
+               lease_expires_at = case when t.waiting_for is null
+                                       then now() + make_interval(secs => p_lease_seconds) end,
                worker = null,
-               started_at = null
+               started_at = case when t.waiting_for is null then null else t.started_at end,
+               finished_at = case when t.waiting_for is not null then now() end,
+               error = case when t.waiting_for is null then t.error
+                            else agent_bridge.no_answer_error(t.waiting_for, t.attempts) end,
+               response_payload = case when t.waiting_for is null then t.response_payload
+                   else jsonb_build_object('error', agent_bridge.no_answer_error(
+                            t.waiting_for, t.attempts) ->> 'message') end,
+               waiting_for = null
           from locked
          where t.id = locked.id
         -- (the payload is measured only when asked for: its size is read from its
         -- header, and a value stored compressed is measured as text)
-        returning t.id, t.attempts, t.agent, t.tenant,
+        returning t.id, t.attempts, t.agent, t.tenant, t.status,
                   case when p_inline_bytes > 0 then
                       case when agent_bridge.payload_bytes(t.request_payload) <= p_inline_bytes
                                 -- deeper than the default insert limit (an operator may
@@ -1412,6 +1436,7 @@ begin
     select c.id, c.attempts, c.agent, c.request_payload, c.max_attempts, c.priority,
            c.user_id, c.enterprise_id, c.created_at
       from claimed c join picked p on p.id = c.id
+     where c.status = 'processing'
      order by p.ord;
 end
 $$;
@@ -2254,6 +2279,7 @@ begin
         return 'processing';
     end if;
     message := case
+        when r.waiting_for is not null then 'Cancelled on request while waiting for an answer.'
         when r.status = 'pending' then 'Cancelled on request before it started.'
         when r.worker is null and r.started_at is not null
             then 'Cancelled on request while waiting to retry.'
@@ -2269,7 +2295,8 @@ begin
                agent_bridge.streamed_payload(t.id, t.attempts, t.response_payload), message),
            worker = null,
            finished_at = now(),
-           lease_expires_at = null
+           lease_expires_at = null,
+           waiting_for = null
      where t.id = p_id;
     if r.worker is not null then
         -- (a holder that survived what its caller thought killed it stops too)
@@ -2607,6 +2634,9 @@ $$;
 --   retry      agent_task_schedule_retry                      p_docs: the error,
 --                                                             p_delays, p_seconds
 --   cancelled  agent_task_cancelled                           p_docs: the partial (or null)
+--   usage      agent_task_report_usage                        p_docs: the usage, p_seqs: run
+--   wait       agent_task_wait                                p_docs: what is asked,
+--                                                             p_seconds: its timeout
 -- with p_ids, p_attempts, p_workers the write's row, attempt and worker, and null in the
 -- arrays a kind does not use. Each write is exactly its function's, fenced per row.
 --
@@ -2616,12 +2646,13 @@ $$;
 -- max_attempts .. agent are filled for binds and starts (applied or refused, as
 -- agent_task_start fills them), null for the other kinds.
 --
--- Order: binds and starts, heartbeats, appends, progress, then the outcomes (complete,
--- fail, retry, cancelled). So an attempt's chunks and its outcome may share a call: the
--- outcome comes last and the chunks go with the attempt (agent_task_requests_stream_end).
+-- Order: binds and starts, usage, heartbeats, appends, progress, then the outcomes
+-- (complete, fail, retry, wait, cancelled). So an attempt's chunks and its outcome may
+-- share a call: the outcome comes last and the chunks go with the attempt
+-- (agent_task_requests_stream_end).
 -- Binds, heartbeats, appends (one multi-row INSERT of chunks), completes and failures are
 -- one statement each, whatever their number (agent_bridge.write_*); progress, retries,
--- cancels and starts are rare, and run one by one.
+-- waits, cancels and starts are rare, and run one by one.
 --
 -- Writes of one kind to one row in one call apply as they would one after another:
 -- heartbeats (and binds) of one attempt and worker all apply, the last giving the lease;
@@ -2692,40 +2723,41 @@ begin
     end if;
     if array_position(v_kinds, null) is not null
        or not v_kinds <@ array['bind', 'start', 'heartbeat', 'append', 'progress', 'complete',
-                               'fail', 'retry', 'cancelled', 'usage'] then
+                               'fail', 'retry', 'cancelled', 'usage', 'wait'] then
         select k.ord, k.kind into v_bad
           from unnest(p_kinds) with ordinality k(kind, ord)
          where k.kind is null
             or k.kind not in ('bind', 'start', 'heartbeat', 'append', 'progress', 'complete',
-                              'fail', 'retry', 'cancelled', 'usage')
+                              'fail', 'retry', 'cancelled', 'usage', 'wait')
          order by k.ord
          limit 1;
         raise exception 'p_kinds[%] is %, not a kind of write', v_bad.ord,
             coalesce('"' || v_bad.kind || '"', 'null')
             using errcode = '22023',
                   hint = 'The kinds are bind, start, heartbeat, append, progress, complete, '
-                         'fail, retry, cancelled and usage.';
+                         'fail, retry, cancelled, usage and wait.';
     end if;
     -- (a null id is a write to no row, as in the functions: nothing to check)
     if n = 1 then
-        if p_ids[1] is not null and p_kinds[1] in ('bind', 'start', 'heartbeat', 'retry') then
+        if p_ids[1] is not null
+           and p_kinds[1] in ('bind', 'start', 'heartbeat', 'retry', 'wait') then
             perform agent_bridge.check_seconds('p_seconds[1]', p_seconds[1], false);
             if p_kinds[1] = 'retry' then
                 perform agent_bridge.check_seconds('p_delays[1]', p_delays[1], true);
             end if;
         end if;
-    elsif v_kinds && array['bind', 'start', 'heartbeat', 'retry'] then
+    elsif v_kinds && array['bind', 'start', 'heartbeat', 'retry', 'wait'] then
         perform agent_bridge.check_seconds(format('p_seconds[%s]', u.ord), u.secs, false),
                 case when u.kind = 'retry'
                      then agent_bridge.check_seconds(format('p_delays[%s]', u.ord), u.delay,
                                                      true) end
            from unnest(p_kinds, p_ids, p_seconds, p_delays)
                 with ordinality u(kind, id, secs, delay, ord)
-          where u.kind in ('bind', 'start', 'heartbeat', 'retry') and u.id is not null
+          where u.kind in ('bind', 'start', 'heartbeat', 'retry', 'wait') and u.id is not null
           order by u.ord;
     end if;
 
-    if not v_kinds && array['complete', 'fail', 'retry', 'cancelled'] then
+    if not v_kinds && array['complete', 'fail', 'retry', 'cancelled', 'wait'] then
         perform agent_bridge.relax_commit();
     end if;
 
@@ -2764,6 +2796,9 @@ begin
                 select * into v_one from public.agent_task_schedule_retry(
                     p_ids[1], p_attempts[1], p_workers[1], p_docs[1], p_delays[1],
                     p_seconds[1]);
+            when 'wait' then
+                select * into v_one from public.agent_task_wait(
+                    p_ids[1], p_attempts[1], p_workers[1], p_docs[1], p_seconds[1]);
             when 'usage' then
                 select * into v_one from public.agent_task_report_usage(
                     p_ids[1], p_attempts[1], p_workers[1], p_docs[1], p_seqs[1]);
@@ -2828,17 +2863,20 @@ begin
         v_done := v_done || array(select w from agent_bridge.write_fail(
             p_kinds, p_ids, p_attempts, p_workers, p_docs) w);
     end if;
-    if v_kinds && array['retry', 'cancelled'] then
+    if v_kinds && array['retry', 'cancelled', 'wait'] then
         for r in select u.ord::integer as ord, u.kind, u.id, u.attempt, u.worker, u.doc,
                         u.delay, u.secs
                    from unnest(p_kinds, p_ids, p_attempts, p_workers, p_docs, p_delays, p_seconds)
                         with ordinality u(kind, id, attempt, worker, doc, delay, secs, ord)
-                  where u.kind in ('retry', 'cancelled')
+                  where u.kind in ('retry', 'cancelled', 'wait')
                   order by u.kind = 'cancelled', u.ord loop
             if r.kind = 'retry' then
                 select * into v_one
                   from public.agent_task_schedule_retry(r.id, r.attempt, r.worker, r.doc,
                                                         r.delay, r.secs);
+            elsif r.kind = 'wait' then
+                select * into v_one
+                  from public.agent_task_wait(r.id, r.attempt, r.worker, r.doc, r.secs);
             else
                 select * into v_one
                   from public.agent_task_cancelled(r.id, r.attempt, r.worker, r.doc);
@@ -2876,6 +2914,190 @@ begin
       left join unnest(v_done) d on d.ord = u.ord
       left join public.agent_task_requests t on d.ord is null and t.id = u.id
      order by u.ord;
+end
+$$;
+
+-- 4.9 Questions (human in the loop) --------------------------------------------------------
+
+-- Issue 26: a handler that must ask before it acts (send the email?
+-- spend $40?) stops, waits as long as it takes without holding a worker, and goes on with
+-- the answer.
+--
+--   processing ──wait (tasks.ask)──▶ pending, waiting_for = the question, run_at = deadline
+--   pending, waiting ──answer_agent_task──▶ pending, due now (the answer recorded)
+--   pending, waiting, deadline passed ──claim──▶ failed (NoAnswer), no worker involved
+--   pending, waiting ──cancel──▶ failed (Cancelled)
+--
+-- A waiting row is `pending`: no worker holds it and no lease runs (a lease is what
+-- `processing` means, and a processing row would hold one of its tenant's
+-- max_processing slots for hours); it is queued again the moment it is answered, and
+-- cancelling it ends it at once, as any queued row. What tells it apart is `waiting_for`
+-- ({question, asked_at, expires_at, number}), which only a pending row may hold. Its
+-- run_at is the question's deadline, so the tenant sleeps until then like any future
+-- row, and the claim that finds it due ends it NoAnswer instead of sending it to a
+-- worker (an answer makes it due at once and clears waiting_for).
+--
+-- The handler runs again from the top with the answers so far (`answers`, in order:
+-- {question, answer, answered_at} each), which tasks.ask() returns one by one, so a
+-- handler written top to bottom replays to where it stopped. Each answered question
+-- costs one attempt of its own; the wait raises max_attempts by one, so asking never
+-- uses up the attempts a crash may need.
+
+-- The error of a question that expired unanswered.
+create function agent_bridge.no_answer_error(p_waiting jsonb, p_attempt integer)
+returns jsonb
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    select jsonb_build_object(
+        'type', 'NoAnswer',
+        'message', format('No answer came before the question expired (%s); the task '
+                          'stopped there.', p_waiting ->> 'expires_at'),
+        'retryable', false, 'at', now(), 'attempt', p_attempt,
+        'question', p_waiting -> 'question');
+$$;
+
+-- The holder asks its user (p_waiting: {"question": ...}, at most 16 KiB) and lets the
+-- attempt go: the row goes back to pending, waiting, until an answer or p_timeout_seconds.
+-- Fenced like every write. With a cancel request on the row it ends failed / Cancelled
+-- instead (agent_task_requests_cancel_guard).
+create function public.agent_task_wait(
+    p_id uuid, p_attempt integer, p_worker text, p_waiting jsonb,
+    p_timeout_seconds double precision)
+returns setof public.agent_task_write
+language plpgsql
+volatile
+security invoker
+set search_path = ''
+as $$
+declare
+    v_size bigint;
+begin
+    if p_id is not null then
+        perform agent_bridge.check_seconds('p_timeout_seconds', p_timeout_seconds, false);
+        if jsonb_typeof(p_waiting) is distinct from 'object' or not p_waiting ? 'question' then
+            raise exception 'p_waiting must be an object with a "question", got %',
+                left(coalesce(p_waiting::text, 'null'), 100) using errcode = '22023';
+        end if;
+        v_size := agent_bridge.payload_bytes(p_waiting);
+        if v_size > 16384 then
+            raise exception 'the question is % bytes; at most 16384 bytes may be asked', v_size
+                using errcode = '22023';
+        end if;
+    end if;
+    return query
+    update public.agent_task_requests t
+       set status = 'pending',
+           worker = null,
+           lease_expires_at = null,
+           run_at = now() + make_interval(secs => p_timeout_seconds),
+           max_attempts = t.max_attempts + 1,
+           waiting_for = case when t.cancel_requested_at is null then
+               p_waiting || jsonb_build_object(
+                   'asked_at', now(),
+                   'expires_at', now() + make_interval(secs => p_timeout_seconds),
+                   'number', coalesce(jsonb_array_length(t.answers), 0) + 1) end
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker
+    returning true, t.status::text, t.attempts, t.worker;
+    if not found then
+        return query select * from public.agent_task_current(p_id);
+    end if;
+end
+$$;
+
+-- The answers so far, for the holder of (p_id, p_attempt) only ('[]' when none yet); no
+-- row for anyone else. (Two columns: PostgREST sends a one-column table as bare values.) Read once per run, by the first tasks.ask() of a handler.
+create function public.agent_task_answers(p_id uuid, p_attempt integer, p_worker text)
+returns table (attempt integer, answers jsonb)
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+    select t.attempts, coalesce(t.answers, '[]'::jsonb)
+      from public.agent_task_requests t
+     where t.id = p_id and t.status = 'processing'
+       and t.attempts = p_attempt and t.worker = p_worker;
+$$;
+
+-- supabase.rpc('answer_agent_task', { task_id, answer }) -> 'pending': the answer (any
+-- JSON value, at most 64 KiB) is recorded and the task queued again, to run on from its
+-- question. A signed-in user may answer exactly the rows they own (user_id = auth.uid()),
+-- as with cancel_agent_task; roles that bypass RLS any row. Refused with a message that
+-- says why (P0001, 400 through PostgREST): no such task of the caller's, not waiting for
+-- an answer (never asked, already answered, finished), or the question expired; and
+-- (22023, 400) an answer that is SQL null or too large. Security definer, because users
+-- have no UPDATE on the table: the ownership check below is what RLS would be.
+create function public.answer_agent_task(task_id uuid, answer jsonb)
+returns text
+language plpgsql
+volatile
+security definer
+set search_path = ''
+as $$
+declare
+    -- The caller: the role PostgREST switched to, else the login role (as in
+    -- cancel_agent_task).
+    caller name := coalesce(nullif(current_setting('role'), 'none'), session_user);
+    sees_all boolean;
+    owner_id uuid;
+    r public.agent_task_requests;
+    v_size bigint;
+begin
+    select ro.rolsuper or ro.rolbypassrls
+           or pg_catalog.pg_has_role(caller, c.relowner, 'MEMBER')
+      into sees_all
+      from pg_catalog.pg_roles ro, pg_catalog.pg_class c
+     where ro.rolname = caller and c.oid = 'public.agent_task_requests'::pg_catalog.regclass;
+    if not coalesce(sees_all, false) then
+        select t.user_id into owner_id from public.agent_task_requests t where t.id = task_id;
+        if owner_id is null or owner_id is distinct from (select auth.uid()) then
+            -- exactly as for an id that does not exist
+            raise exception 'no agent task % of yours', task_id using errcode = 'P0001';
+        end if;
+    end if;
+    if answer is null then
+        raise exception 'answer must be a JSON value (a SQL null is not one)'
+            using errcode = '22023';
+    end if;
+    v_size := agent_bridge.payload_bytes(answer);
+    if v_size > 65536 then
+        raise exception 'the answer is % bytes; at most 65536 bytes may be sent', v_size
+            using errcode = '22023',
+                  hint = 'Answer with less, or store large data elsewhere and send a reference.';
+    end if;
+    select * into r from public.agent_task_requests t where t.id = task_id for update;
+    if not found then
+        raise exception 'no agent task % of yours', task_id using errcode = 'P0001';
+    end if;
+    if r.waiting_for is null then
+        raise exception 'agent task % is not waiting for an answer: %', task_id,
+            case when r.status = 'pending' and r.answers is not null
+                     then 'it has its answer and is queued to go on'
+                 when r.status = 'pending' then 'it is queued and has asked nothing'
+                 when r.status = 'processing' then 'it is running'
+                 else 'it has finished (' || r.status || ')' end
+            using errcode = 'P0001';
+    end if;
+    if r.run_at <= now() then
+        raise exception 'the question of agent task % expired at %', task_id,
+            r.waiting_for ->> 'expires_at'
+            using errcode = 'P0001', hint = 'The task ends failed / NoAnswer.';
+    end if;
+    update public.agent_task_requests t
+       -- status is listed (unchanged) so that the wake-up trigger,
+       -- agent_task_requests_notify, tells the bridge the row is due
+       set status = 'pending',
+           answers = coalesce(t.answers, '[]'::jsonb) || jsonb_build_array(jsonb_build_object(
+               'question', r.waiting_for -> 'question', 'answer', answer,
+               'answered_at', now())),
+           waiting_for = null,
+           run_at = now()
+     where t.id = task_id;
+    return 'pending';
 end
 $$;
 
@@ -3464,7 +3686,8 @@ create trigger agent_task_requests_broadcast_state
           or old.attempts is distinct from new.attempts
           or old.cancel_requested_at is distinct from new.cancel_requested_at
           or old.error is distinct from new.error
-          or old.response_payload is distinct from new.response_payload)
+          or old.response_payload is distinct from new.response_payload
+          or old.waiting_for is distinct from new.waiting_for)
     execute function public.agent_task_requests_broadcast_state();
 
 -- The `chunk` event: one message per piece, one trigger call per insert statement (the
@@ -3798,6 +4021,22 @@ $$;
 revoke execute on function public.agent_tenant_budget() from public, anon;
 grant execute on function public.agent_tenant_budget() to authenticated, service_role;
 
+-- Questions (section 4.9)
+grant select (waiting_for, answers) on table public.agent_task_requests to authenticated;
+
+revoke execute on function agent_bridge.no_answer_error(jsonb, integer)
+    from public, anon, authenticated;
+grant execute on function agent_bridge.no_answer_error(jsonb, integer) to service_role;
+revoke execute on function public.agent_task_wait(uuid, integer, text, jsonb, double precision)
+    from public, anon, authenticated;
+grant execute on function public.agent_task_wait(uuid, integer, text, jsonb, double precision)
+    to service_role;
+revoke execute on function public.agent_task_answers(uuid, integer, text)
+    from public, anon, authenticated;
+grant execute on function public.agent_task_answers(uuid, integer, text) to service_role;
+revoke execute on function public.answer_agent_task(uuid, jsonb) from public, anon;
+grant execute on function public.answer_agent_task(uuid, jsonb) to authenticated, service_role;
+
 -- 8. Publication and schema version ---------------------------------------------------------
 
 -- Realtime: the guide's frontend subscribes to postgres_changes on the table, and follows
@@ -3818,14 +4057,14 @@ revoke execute on function public.agent_bridge_broadcasting() from public, anon,
 grant execute on function public.agent_bridge_broadcasting() to service_role;
 
 -- What `agent-bridge check` compares with the version the running code expects
--- (bridge.migrate.SCHEMA_VERSION). 8: idempotency keys.
+-- (bridge.migrate.SCHEMA_VERSION). 9: human in the loop.
 create function public.agent_bridge_schema_version()
 returns integer
 language sql
 immutable
 security invoker
 set search_path = ''
-as $$ select 8 $$;
+as $$ select 9 $$;
 
 revoke execute on function public.agent_bridge_schema_version() from public, anon, authenticated;
 grant execute on function public.agent_bridge_schema_version() to service_role;

@@ -10,6 +10,8 @@ task is cancelled it raises `Cancelled`, and `cancelled()` returns True.
 `report_usage()` adds what the run spent (tokens, cost) to its task and tenant, and
 `@spends(tokens=..., cost=...)` declares what one run may spend, reserved from the
 tenant's budget before it runs (tasks/usage.py).
+`ask()` (`await ask_async()`) asks the task's user a question and returns the answer; the
+task waits for it without holding a worker (tasks/questions.py).
 `rate_limit()` (`async with rate_limit_async()`) waits for room under a provider's
 requests and tokens per minute, shared by every worker through Redis, and raises
 `RateLimited` (retryable) when the task cannot wait that long (tasks/ratelimit/).
@@ -28,12 +30,14 @@ from tasks.cancellation import (
 from tasks.errors import InvalidPayload, RetryableError
 from tasks.operator import requeue_failed
 from tasks.progress import report_progress, report_progress_async
+from tasks.questions import InvalidQuestion, ask, ask_async
 from tasks.ratelimit import RateLimited, rate_limit, rate_limit_async
 from tasks.runner import run_agent
 from tasks.usage import BudgetExceeded, report_usage, report_usage_async, spends
 
 __all__ = [
-    "AgentBridgeError", "BudgetExceeded", "Cancelled", "InvalidPayload", "RateLimited",
-    "RetryableError", "app", "cancelled", "current_agent", "rate_limit", "rate_limit_async",
+    "AgentBridgeError", "BudgetExceeded", "Cancelled", "InvalidPayload", "InvalidQuestion",
+    "RateLimited", "RetryableError", "app", "ask", "ask_async", "cancelled", "current_agent",
+    "rate_limit", "rate_limit_async",
     "report_progress", "report_progress_async", "report_usage", "report_usage_async",
     "requeue_failed", "run_agent", "spends"]

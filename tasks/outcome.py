@@ -1,5 +1,5 @@
-"""How an attempt ends: completed, failed, retried or cancelled, and the fenced write
-of each.
+"""How an attempt ends: completed, failed, retried, cancelled or waiting for its user's
+answer, and the fenced write of each.
 
 Every write is fenced by (attempt, worker) in SQL. An outcome the database refuses for
 its content (too large, a NUL, not JSON) becomes a failure with a readable error, never
@@ -170,6 +170,28 @@ class Outcome:
         log.info("✅ Task %s Completed successfully.", self.task_id,
                  extra={"action": "completed", **self.fields})
         return "completed"
+
+    def wait(self, holding: Holding, question: Any, timeout: float) -> str:
+        """The handler asked its user `question` (tasks.ask): the attempt ends and the row
+        waits, pending, for the answer (at most `timeout` seconds)."""
+        writer = self.runtime.writer
+        try:
+            result = self.write(holding, lambda: writer.wait(
+                self.task_id, self.attempt, self.worker, {"question": question}, timeout,
+                self.usage, self.run))
+        except WriteRefused as refused:
+            return self.fail(holding, error_body(
+                "InvalidQuestion", f"the handler's question could not be stored: {refused}"))
+        if result is None or not result.applied:
+            return "stale"
+        if result.status != "pending":  # a cancel request ended the row instead
+            log.warning("🛑 Task %s cancelled instead of waiting for an answer", self.task_id,
+                        extra={"action": "cancelled", **self.fields})
+            self.failure = error_body("Cancelled", "cancelled on request while it was running")
+            return "cancelled"
+        log.info("❓ Task %s is waiting for its user's answer (at most %gs)", self.task_id,
+                 timeout, extra={"action": "waiting", **self.fields})
+        return "waiting"
 
     def cancelled(self, holding: Holding) -> str:
         """End the attempt as cancelled, keeping the last partial answer it reported."""

@@ -32,7 +32,7 @@ from bridge.errors import StoreUnavailable
 from bridge.logs import escape_controls
 from bridge.store import StartedTask, WriteResult
 from tasks import agent as agent_context
-from tasks import cancellation, progress, ratelimit, usage
+from tasks import cancellation, progress, questions, ratelimit, usage
 from tasks.agent import UnknownAgent, agent_for, handler_of
 from tasks.app import app
 from tasks.cancellation import Cancelled
@@ -151,6 +151,10 @@ class Execution:
         started = StartedTask.from_message(self.task_id, self.attempt, self.task)
         return replace(started, budget=found.budget), found
 
+    def _answers(self) -> questions.Answers | None:
+        """The task's recorded answers, for its first tasks.ask() of this run."""
+        return self.runtime.store.answers(self.task_id, self.attempt, self.worker)
+
     def _run_handler(self, started: StartedTask, holding: Holding) -> str:
         outcome = self.outcome
         retry: tuple[float, RetryableError] | None = None
@@ -169,6 +173,7 @@ class Execution:
             deadline = ratelimit.bind_deadline(agent.time_limit)  # rate-limit waits end here
             meter = usage.UsageMeter()
             metered = usage.bind(meter)
+            asked = questions.bind(questions.Questions(self._answers))
             try:
                 response = call_handler(handler, started.as_handler_input(), agent.time_limit)
             except BaseException as exc:
@@ -177,6 +182,7 @@ class Execution:
                 raise
             finally:
                 outcome.usage = meter.totals()  # written with the outcome, whatever it is
+                questions.unbind(asked)
                 usage.unbind(metered)
                 ratelimit.unbind_deadline(deadline)
                 agent_context.unbind(bound)
@@ -191,6 +197,8 @@ class Execution:
             return outcome.complete(holding, response)
         except Cancelled:
             return outcome.cancelled(holding)
+        except questions.AnswerNeeded as needed:  # the handler asked its user (tasks.ask)
+            return outcome.wait(holding, needed.question, needed.timeout)
         except InvalidPayload as exc:
             return outcome.fail(holding, error_body("InvalidPayload", public_message(exc)),
                                 detail=str(exc))

@@ -139,6 +139,14 @@ class GroupWriter:
         return self.write_with_usage(Write("cancelled", task_id, attempt, worker, doc=partial),
                                      usage, run)
 
+    def wait(self, task_id: str, attempt: int, worker: str, waiting: Mapping[str, Any],
+             timeout_seconds: float, usage: Mapping[str, Any] | None = None, run: int = 1
+             ) -> WriteResult:
+        """The handler asked its user `waiting` ({question}): the attempt ends, the row
+        waits (pending) for an answer until `timeout_seconds`."""
+        return self.write_with_usage(Write("wait", task_id, attempt, worker, doc=waiting,
+                                           seconds=timeout_seconds), usage, run)
+
     # The writer's thread ---------------------------------------------------------------
     def _run(self) -> None:
         while True:

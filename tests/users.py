@@ -8,6 +8,7 @@ import httpx
 
 from supabase import Client, ClientOptions, create_client
 from tests.db import as_role
+from tests.fakes.jwt import role_key, user_token
 
 ALICE = str(uuid.uuid4())
 
@@ -26,3 +27,13 @@ def client(url: str, key: str) -> Client:
     return create_client(url, key, options=ClientOptions(
         httpx_client=httpx.Client(timeout=10), auto_refresh_token=False, persist_session=False))
 
+
+
+def user_client(url: str, user: str | None) -> Client:
+    """supabase-py as a frontend holds it: the anon key, and a signed-in user's token."""
+    client = create_client(url, role_key("anon"), options=ClientOptions(
+        httpx_client=httpx.Client(timeout=10), auto_refresh_token=False,
+        persist_session=False))
+    if user is not None:
+        client.postgrest.auth(user_token(user))
+    return client

@@ -120,6 +120,12 @@ def describe(row: dict[str, Any]) -> list[str]:
         lines.append(f"  worker    {row.get('worker') or '-'}, lease until "
                      f"{_stamp(_time(row.get('lease_expires_at')))}")
     lines.append(f"  finished  {_stamp(finished)}{_span(started, finished)}")
+    waiting = row.get("waiting_for")
+    if isinstance(waiting, dict):
+        lines.append(f"  waiting   for its user's answer to question {waiting.get('number')}, "
+                     f"until {_stamp(_time(waiting.get('expires_at')))}")
+    if row.get("answered"):
+        lines.append(f"  answers   {row['answered']} recorded")
     if row.get("cancel_requested_at"):
         lines.append(f"  cancel    asked at {_stamp(_time(row['cancel_requested_at']))}")
     if row.get("error"):

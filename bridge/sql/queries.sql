@@ -35,6 +35,14 @@ select * from public.agent_task_fail(p_id => %(p_id)s::uuid, p_attempt => %(p_at
 -- A transient error: record it and stretch the lease over the backoff.
 select * from public.agent_task_schedule_retry(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_error => %(p_error)s::jsonb, p_delay_seconds => %(p_delay_seconds)s::double precision, p_lease_seconds => %(p_lease_seconds)s::double precision)
 
+-- wait --
+-- The handler asks its user (p_waiting: {question}): processing -> pending, waiting for an answer until p_timeout_seconds.
+select * from public.agent_task_wait(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_waiting => %(p_waiting)s::jsonb, p_timeout_seconds => %(p_timeout_seconds)s::double precision)
+
+-- answers --
+-- The answers so far ([{question, answer, answered_at}]), for the attempt's holder only (no row for anyone else).
+select * from public.agent_task_answers(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text)
+
 -- write_batch --
 -- A worker process's waiting writes in one call and one transaction: arrays in (one element per write), one row per write out (ord), each fenced by (attempt, worker).
 select * from public.agent_tasks_write(p_kinds => %(p_kinds)s::text[], p_ids => %(p_ids)s::uuid[], p_attempts => %(p_attempts)s::integer[], p_workers => %(p_workers)s::text[], p_docs => %(p_docs)s::jsonb[], p_seconds => %(p_seconds)s::double precision[], p_delays => %(p_delays)s::double precision[], p_seqs => %(p_seqs)s::integer[], p_offsets => %(p_offsets)s::integer[], p_texts => %(p_texts)s::text[])

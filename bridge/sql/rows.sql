@@ -16,8 +16,8 @@ select id, status, attempts, response_payload, error from public.agent_task_requ
 select to_regclass('public.agent_task_requests') is not null as has_table, array(select f from unnest(%(functions)s::text[]) f where not exists (select 1 from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace where n.nspname = 'public' and p.proname = f) order by f) as missing_functions
 
 -- show_task --
--- One row in full but its request, for `agent-bridge show`: state, attempts, error, answer, timings.
-select id, status, agent, priority, attempts, max_attempts, created_at, run_at, started_at, finished_at, updated_at, lease_expires_at, worker, cancel_requested_at, error, response_payload from public.agent_task_requests where id = %(id)s::uuid
+-- One row in full but its request, for `agent-bridge show`: state, attempts, error, answer, timings, a question it waits on.
+select id, status, agent, priority, attempts, max_attempts, created_at, run_at, started_at, finished_at, updated_at, lease_expires_at, worker, cancel_requested_at, error, response_payload, waiting_for, jsonb_array_length(answers) as answered from public.agent_task_requests where id = %(id)s::uuid
 
 -- latest_failures --
 -- The most recently failed rows with their errors, newest first, for `agent-bridge status`.

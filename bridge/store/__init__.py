@@ -177,6 +177,9 @@ class TaskStore:
             return self._write("schedule_retry", p_id=w.task_id, p_attempt=w.attempt,
                                p_worker=w.worker, p_error=doc, p_delay_seconds=w.delay,
                                p_lease_seconds=w.seconds), None
+        if w.kind == "wait":
+            return self._write("wait", p_id=w.task_id, p_attempt=w.attempt, p_worker=w.worker,
+                               p_waiting=doc, p_timeout_seconds=w.seconds), None
         if w.kind == "fail":
             return self._write("fail", p_id=w.task_id, p_attempt=w.attempt, p_worker=w.worker,
                                p_error=doc), None
@@ -216,6 +219,14 @@ class TaskStore:
         return self._write("schedule_retry", p_id=task_id, p_attempt=attempt, p_worker=worker,
                            p_error=dict(error), p_delay_seconds=delay_seconds,
                            p_lease_seconds=lease_seconds)
+
+    # Questions (human in the loop) -----------------------------------------------
+    def answers(self, task_id: str, attempt: int, worker: str) -> list[dict[str, Any]] | None:
+        """The answers so far ({question, answer, answered_at} each, in the order asked), for
+        the attempt's holder; None when (attempt, worker) no longer holds the row."""
+        rows = self._call("answers", p_id=task_id, p_attempt=attempt, p_worker=worker)
+        found = rows[0]["answers"] if rows else None
+        return list(found) if isinstance(found, list) else None
 
     # Cancellation -------------------------------------------------------------
     def cancel(self, task_id: str) -> str | None:

@@ -27,8 +27,8 @@ class Claim:
 
 
 WriteKind = Literal["bind", "start", "heartbeat", "append", "progress", "complete", "fail",
-                   "retry", "cancelled", "usage"]
-OUTCOMES: frozenset[WriteKind] = frozenset({"complete", "fail", "retry", "cancelled"})
+                   "retry", "cancelled", "usage", "wait"]
+OUTCOMES: frozenset[WriteKind] = frozenset({"complete", "fail", "retry", "cancelled", "wait"})
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,9 @@ class Write:
     """One fenced write of attempt (`task_id`, `attempt`) held by `worker`, as
     public.agent_tasks_write takes it: `doc` is the response (complete, progress), the
     error (fail, retry), the partial answer kept (cancelled), what the handler may spend
-    (bind, start: {tokens, cost}) or what it spent (usage; `seq` is the run); `seconds` the lease
-    (bind, start, heartbeat, retry); `delay` the retry's backoff; `seq`, `offset` and
+    (bind, start: {tokens, cost}), what it spent (usage; `seq` is the run) or what it asks
+    its user (wait: {question}); `seconds` the lease (bind, start, heartbeat, retry) or the
+    question's timeout (wait); `delay` the retry's backoff; `seq`, `offset` and
     `text` a streamed piece (append)."""
 
     kind: WriteKind

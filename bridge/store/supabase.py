@@ -265,8 +265,12 @@ def _get_task(client: Client, params: Mapping[str, Any]) -> list[dict[str, Any]]
 def _show_task(client: Client, params: Mapping[str, Any]) -> list[dict[str, Any]]:
     columns = ("id,status,agent,priority,attempts,max_attempts,created_at,run_at,started_at,"
                "finished_at,updated_at,lease_expires_at,worker,cancel_requested_at,error,"
-               "response_payload")
-    return _rows(client.table(TABLE).select(columns).eq("id", params["id"]).execute().data)
+               "response_payload,waiting_for,answers")
+    rows = _rows(client.table(TABLE).select(columns).eq("id", params["id"]).execute().data)
+    for row in rows:  # as the SQL block returns it: how many, not what
+        answers = row.pop("answers", None)
+        row["answered"] = len(answers) if isinstance(answers, list) else None
+    return rows
 
 
 def _latest_failures(client: Client, params: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The frontend half, end to end: the TypeScript client (clients/js) with the real
 supabase-js against the PostgREST and Realtime stand-ins behind one gateway, a real
-bridge and a real Celery worker; then the example React page in headless Chromium.
+bridge and a real Celery worker running tests/frontend_handler.py (which streams, or, for a
+prompt starting "ask:", asks its user); then the example React page in headless Chromium.
 
 Runs `npm ci` (registry only) when clients/js/node_modules is missing, then the package's
 typecheck, lint and node tests. The node tests and the page run twice: with Realtime

@@ -14,11 +14,10 @@ from postgrest.exceptions import APIError
 from psycopg import errors
 
 from bridge.store import TaskStore
-from supabase import Client, ClientOptions, create_client
 from tests.db import as_role, claim_and_start, insert_task, sql
 from tests.db import fetch_task as _fetch_task
-from tests.fakes.jwt import role_key, user_token
 from tests.flower import AUTH
+from tests.users import user_client
 
 ALICE = str(uuid.uuid4())
 BOB = str(uuid.uuid4())
@@ -205,16 +204,6 @@ def test_only_cancel_agent_task_is_open_to_users(clean_db: str) -> None:
     with pytest.raises(errors.InsufficientPrivilege), \
             as_role(clean_db, "authenticated", ALICE) as conn:
         conn.execute("update public.agent_task_requests set cancel_requested_at = now()")
-
-
-def user_client(url: str, user: str | None) -> Client:
-    """supabase-py as a frontend holds it: the anon key, and a signed-in user's token."""
-    client = create_client(url, role_key("anon"), options=ClientOptions(
-        httpx_client=httpx.Client(timeout=10), auto_refresh_token=False,
-        persist_session=False))
-    if user is not None:
-        client.postgrest.auth(user_token(user))
-    return client
 
 
 def test_users_cancel_through_the_api_with_their_token(clean_db: str, postgrest: str) -> None:

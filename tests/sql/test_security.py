@@ -22,7 +22,7 @@ ANON_KEY = "test-anon-key"
 
 
 # What a signed-in user may call (its own checks decide on which rows; tests/*/test_cancel.py).
-USER_FUNCTIONS = ("cancel_agent_task", "agent_tenant_budget")
+USER_FUNCTIONS = ("cancel_agent_task", "answer_agent_task", "agent_tenant_budget")
 
 
 def state_functions(db_url: str) -> list[str]:

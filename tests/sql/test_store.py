@@ -283,7 +283,7 @@ def test_stats_counts_each_state(store: TaskStore, clean_db: str) -> None:
 
 def test_schema_version(store: TaskStore) -> None:
     """`agent-bridge check` compares this with what the code expects."""
-    assert store.schema_version() == SCHEMA_VERSION == 8
+    assert store.schema_version() == SCHEMA_VERSION == 9
 
 
 def test_bad_input_is_rejected(store: TaskStore) -> None:

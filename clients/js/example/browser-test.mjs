@@ -4,7 +4,9 @@
 // type a prompt, watch the answer grow in order through a dropped socket, press Stop; send
 // again, lose events and drop the socket (the rejoin reads what was missed), reload the page
 // mid-stream, see it re-attach to the task and show its end; reload once it is finished (the
-// guide's race); open another user's task (its topic refused, not found); save a screenshot.
+// guide's race); open another user's task (its topic refused, not found); save a screenshot;
+// human in the loop: send a prompt whose handler asks, see the question (again after a
+// reload), press Approve, see the answer that says so.
 // Run by tests/acceptance/test_frontend.py with the stand-ins' addresses in the environment.
 /* global fetch, setTimeout, URLSearchParams, window, MutationObserver -- node 20's, and the page's in evaluate() */
 import { createHmac, randomUUID } from 'node:crypto'
@@ -184,9 +186,33 @@ try {
   check(!theirs.some((l) => l.includes('following by Broadcast')), 'the other user followed the task by Broadcast')
   await other.close()
 
+  // Human in the loop: the handler asks (tests/frontend_handler.py, prompts "ask:..."); the
+  // page shows the question with Approve / Deny (Send off, Stop on), a reload shows it again,
+  // and Approve lets the task finish with an answer that says so.
+  const question = page.getByTestId('question')
+  await page.getByLabel('prompt').fill('ask: may I send the email?')
+  await page.getByRole('button', { name: 'Send' }).click()
+  await question.filter({ hasText: 'Send the email?' }).waitFor()
+  const asking = running()
+  check(asking && asking !== second, 'the asking task is not in the address')
+  check(await page.getByTestId('status').textContent() === 'waiting', 'the status is not waiting')
+  check(await page.getByRole('button', { name: 'Send' }).isDisabled(), 'Send is on while the task waits')
+  check(await page.getByRole('button', { name: 'Stop' }).isEnabled(), 'Stop is off while the task waits')
+  await page.reload()
+  await question.filter({ hasText: 'Send the email?' }).waitFor()
+  check(running() === asking, 'the reloaded page follows another task')
+  await page.getByRole('button', { name: 'Approve' }).click()
+  await page.getByTestId('status').filter({ hasText: 'completed' }).waitFor()
+  const approved = await answer.textContent()
+  check(approved === 'You said approve', `not the approved answer: ${approved}`)
+  check(await question.count() === 0, 'the question is still shown')
+  check(await page.getByTestId('answer-error').count() === 0, 'the answer was refused')
+  assertFollowed(asking)
+
   check(errors.length === 0, `page errors: ${errors.join('; ')}`)
   console.log(`ok (${PATH}): answer grew from ${JSON.stringify(early)} and stopped at ${JSON.stringify(kept)}; ` +
-    `reloaded at ${JSON.stringify(resumed)}, ended ${JSON.stringify(final.slice(-40))}`)
+    `reloaded at ${JSON.stringify(resumed)}, ended ${JSON.stringify(final.slice(-40))}; asked, approved: ` +
+    JSON.stringify(approved))
 } finally {
   await context.close()
   server.close()

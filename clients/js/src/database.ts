@@ -8,11 +8,11 @@
  * Only what users may do is here: `Row` is the columns they may select (TASK_COLUMNS and
  * `idempotency_key`, CHUNK_COLUMNS; the operator's, such as `worker`, are not), `Insert` the columns they may
  * insert (a `pending` row), `Update` nothing (status changes are the database's functions),
- * and the one function they may call. Merge it into your own generated types if you have them
+ * and the functions they may call (cancel a task, answer what its handler asked). Merge it into your own generated types if you have them
  * (`Database['public']['Tables']['agent_task_requests']`).
  */
 import type {
-  AgentTaskChunk, AgentTaskRequest, AgentTaskRow, AgentTaskStatus,
+  AgentTaskChunk, AgentTaskRequest, AgentTaskRow, AgentTaskStatus, Json,
 } from './types.js'
 
 export type { AgentTaskRow } from './types.js'
@@ -63,6 +63,12 @@ export type Database = {
       cancel_agent_task: {
         Args: { task_id: string }
         Returns: AgentTaskStatus | null
+      }
+      /** Answer what the task's handler asked (`waiting_for`); returns its status after the
+       * call (`pending`: queued to go on). A refusal is an error (P0001 or 22023, HTTP 400). */
+      answer_agent_task: {
+        Args: { task_id: string; answer: Json }
+        Returns: AgentTaskStatus
       }
     }
     Enums: { [_ in never]: never }

@@ -2,13 +2,14 @@
  * agent-bridge's frontend client: submit agent tasks through Supabase and follow each to
  * its end without missing an update. Bind your Supabase client once:
  *
- *   const { submitAgentTask, watchAgentTask, cancelAgentTask } = createAgentTasks(supabase)
+ *   const { submitAgentTask, watchAgentTask, cancelAgentTask, answerAgentTask } = createAgentTasks(supabase)
  */
 import type { SupabaseClient } from '@supabase/supabase-js'
 
+import { answerAgentTask } from './answer.js'
 import { cancelAgentTask } from './cancel.js'
 import { insertAgentTask, submitAgentTask } from './submit.js'
-import type { AgentTask, AgentTasksDefaults, AgentTaskStatus, OnUpdate, SubmitInput, SubmitOptions,
+import type { AgentTask, AgentTasksDefaults, AgentTaskStatus, Json, OnUpdate, SubmitInput, SubmitOptions,
   WatchOptions } from './types.js'
 import { watchAgentTask } from './watch.js'
 
@@ -22,6 +23,9 @@ export interface AgentTasks {
   watchAgentTask: (task: string | AgentTask, onUpdate?: OnUpdate, options?: WatchOptions) => Promise<AgentTask>
   /** Ask the task to stop; resolves with its status after the call. */
   cancelAgentTask: (taskId: string) => Promise<AgentTaskStatus | null>
+  /** Answer what the task's handler asked (its `waiting_for`); resolves with its status
+   * after the call (`pending`: it goes on), rejects with RequestRefusedError when refused. */
+  answerAgentTask: (taskId: string, answer: Json) => Promise<AgentTaskStatus>
   readonly supabase: SupabaseClient
 }
 
@@ -35,6 +39,7 @@ export function createAgentTasks(supabase: SupabaseClient, defaults: AgentTasksD
       ? watchAgentTask(supabase, task, onUpdate, { ...defaults, ...options })
       : watchAgentTask(supabase, task.id, onUpdate, { ...defaults, ...options }, task),
     cancelAgentTask: (taskId) => cancelAgentTask(supabase, taskId),
+    answerAgentTask: (taskId, answer) => answerAgentTask(supabase, taskId, answer),
   }
 }
 
@@ -42,9 +47,11 @@ export {
   AgentBridgeError, RequestRefusedError, TaskCancelledError, TaskFailedError, TaskNotFoundError,
   TaskTimeoutError,
 } from './errors.js'
+/** answerAgentTask(supabase, taskId, answer), unbound (createAgentTasks binds it too). */
+export { answerAgentTask } from './answer.js'
 export type {
-  AgentTask, AgentTaskChunk, AgentTaskErrorInfo, AgentTaskRequest, AgentTaskResponse, AgentTasksDefaults,
-  AgentTaskStatus,
+  AgentTask, AgentTaskAnswer, AgentTaskChunk, AgentTaskErrorInfo, AgentTaskRequest, AgentTaskResponse,
+  AgentTasksDefaults, AgentTaskStatus, AgentTaskWaitingFor,
   Json, OnUpdate, SubmitInput, SubmitOptions, WatchOptions,
 } from './types.js'
 export { AgentTaskStore } from './store.js'

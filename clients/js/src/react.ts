@@ -1,7 +1,8 @@
 /**
  * The integration guide's React hook: `useAgentTask({ enterpriseId, onComplete, onError })` returns
  * `{ submitTask, isSubmitting, isProcessing, currentTask, error }` plus `status`, `taskId`,
- * `cancelTask`, `attachTask`; `useAgentTask({ taskId })` re-attaches to a running task.
+ * `cancelTask`, `attachTask`, and for a task that asks its user `isWaiting`, `waitingFor`,
+ * `answerTask`; `useAgentTask({ taskId })` re-attaches to a running task.
  * Imported from `agent-bridge-client/react`, so apps without React never load it.
  */
 import type { SupabaseClient } from '@supabase/supabase-js'
@@ -11,7 +12,7 @@ import { createContext, createElement, useCallback, useContext, useEffect, useMe
 import { AgentBridgeError } from './errors.js'
 import { createAgentTasks, type AgentTasks } from './index.js'
 import { AgentTaskStore, type AgentTaskState, type AgentTaskStoreOptions } from './store.js'
-import type { AgentTask, AgentTaskStatus, SubmitInput } from './types.js'
+import type { AgentTask, AgentTaskStatus, Json, SubmitInput } from './types.js'
 
 type ClientOrTasks = SupabaseClient | AgentTasks
 
@@ -45,13 +46,18 @@ export interface UseAgentTaskResult extends AgentTaskState {
   attachTask: (taskId: string) => Promise<AgentTask | null>
   /** Stop the current task (the Stop button); resolves with its status after the call. */
   cancelTask: () => Promise<AgentTaskStatus | null>
+  /** Answer what the current task asked (`waitingFor`; the Approve / Deny buttons); resolves
+   * with its status after the call (`pending`: it goes on), null with no task. Rejects with
+   * RequestRefusedError when the database refuses it (answered already, expired, ...). */
+  answerTask: (answer: Json) => Promise<AgentTaskStatus | null>
   /** Forget the current task and stop following it. */
   reset: () => void
 }
 
 /**
- * `{ status, submitTask, attachTask, cancelTask, reset, isSubmitting, isProcessing, currentTask,
- * taskId, error }`; `isSubmitting` and `isProcessing` are derived from `status`.
+ * `{ status, submitTask, attachTask, cancelTask, answerTask, reset, isSubmitting, isProcessing,
+ * isWaiting, waitingFor, currentTask, taskId, error }`; `isSubmitting`, `isProcessing` and
+ * `isWaiting` are derived from `status`.
  */
 export function useAgentTask(options: UseAgentTaskOptions = {}): UseAgentTaskResult {
   const fromContext = useContext(AgentTasksContext)
@@ -76,10 +82,11 @@ export function useAgentTask(options: UseAgentTaskOptions = {}): UseAgentTaskRes
   const submitTask = useCallback((input: SubmitInput) => store.submit(input), [store])
   const attachTask = useCallback((id: string) => store.attach(id), [store])
   const cancelTask = useCallback(() => store.cancel(), [store])
+  const answerTask = useCallback((answer: Json) => store.answer(answer), [store])
   const reset = useCallback(() => store.reset(), [store])
-  return { ...state, submitTask, attachTask, cancelTask, reset }
+  return { ...state, submitTask, attachTask, cancelTask, answerTask, reset }
 }
 
-export type { AgentTask, AgentTaskStatus, SubmitInput } from './types.js'
+export type { AgentTask, AgentTaskStatus, AgentTaskWaitingFor, Json, SubmitInput } from './types.js'
 export type { AgentTaskState, AgentTaskStoreOptions, AgentTaskStoreStatus } from './store.js'
-export { TaskCancelledError, TaskFailedError } from './errors.js'
+export { RequestRefusedError, TaskCancelledError, TaskFailedError } from './errors.js'

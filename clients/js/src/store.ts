@@ -9,7 +9,8 @@
 import { AgentBridgeError, TaskFailedError } from './errors.js'
 import type { AgentTasks } from './index.js'
 import { isFinal } from './rows.js'
-import type { AgentTask, AgentTaskStatus, OnUpdate, SubmitInput, SubmitOptions } from './types.js'
+import type { AgentTask, AgentTaskStatus, AgentTaskWaitingFor, Json, OnUpdate, SubmitInput,
+  SubmitOptions } from './types.js'
 
 /**
  * One status instead of flags:
@@ -17,12 +18,15 @@ import type { AgentTask, AgentTaskStatus, OnUpdate, SubmitInput, SubmitOptions }
  * - `submitting`: the insert is in flight;
  * - `attaching`: following a task by id, its row not read yet;
  * - `pending` / `processing`: the row's status while it runs;
+ * - `waiting`: its handler asked its user something and waits for the answer (`waitingFor`
+ *   holds the question; answer it with `answer()`). The row itself is `pending` then (no worker
+ *   holds it), with `waiting_for` set; once answered it is `pending` again, then `processing`;
  * - `completed`: it ended completed (`currentTask` holds the answer);
  * - `failed`: `error` is set: the task failed or was cancelled, or the insert was refused,
  *   the id was not found, or the `timeout` ran out (the task itself may go on).
  */
 export type AgentTaskStoreStatus =
-  'idle' | 'submitting' | 'attaching' | 'pending' | 'processing' | 'completed' | 'failed'
+  'idle' | 'submitting' | 'attaching' | 'pending' | 'processing' | 'waiting' | 'completed' | 'failed'
 
 export interface AgentTaskState {
   status: AgentTaskStoreStatus
@@ -33,8 +37,15 @@ export interface AgentTaskState {
   error: Error | null
   /** `status === 'submitting'`. */
   isSubmitting: boolean
-  /** The task is not known to be finished: `attaching`, `pending` or `processing`. */
+  /** The task is being worked on, or about to be: `attaching`, `pending` or `processing` (a
+   * spinner). Not while it waits for its user (`waiting`): it is not finished then either, so
+   * a Stop button is for `isProcessing || isWaiting`. */
   isProcessing: boolean
+  /** `status === 'waiting'`: the task waits for its user's answer to `waitingFor`. */
+  isWaiting: boolean
+  /** What the task's handler asked (the row's `waiting_for`: `question`, `asked_at`,
+   * `expires_at`, `number`) while `status` is `waiting`; null otherwise. */
+  waitingFor: AgentTaskWaitingFor | null
 }
 
 export interface AgentTaskStoreOptions extends SubmitOptions {
@@ -44,12 +55,19 @@ export interface AgentTaskStoreOptions extends SubmitOptions {
   onUpdate?: OnUpdate
 }
 
+/** The question a row waits on (only a `pending` row may hold one), or null. */
+function questionOf(row: AgentTask | null): AgentTaskWaitingFor | null {
+  return row?.status === 'pending' ? row.waiting_for ?? null : null
+}
+
 function stateOf(status: AgentTaskStoreStatus, taskId: string | null, currentTask: AgentTask | null,
-  error: Error | null): AgentTaskState {
+  error: Error | null, waitingFor: AgentTaskWaitingFor | null = null): AgentTaskState {
   return {
     status, taskId, currentTask, error,
     isSubmitting: status === 'submitting',
     isProcessing: status === 'attaching' || status === 'pending' || status === 'processing',
+    isWaiting: status === 'waiting',
+    waitingFor: status === 'waiting' ? waitingFor : null,
   }
 }
 
@@ -123,6 +141,17 @@ export class AgentTaskStore {
     return id ? this.tasks.cancelAgentTask(id) : Promise.resolve(null)
   }
 
+  /**
+   * Answer what the followed task asked (`waitingFor`); resolves with its status after the
+   * call (`pending`: queued to go on; the store shows that change when it arrives, as any
+   * other), or null with no task. Rejects with RequestRefusedError when the database refuses the answer (not
+   * waiting, answered already, expired); the task's own state is unchanged by a refusal.
+   */
+  answer(answer: Json): Promise<AgentTaskStatus | null> {
+    const id = this.state.taskId
+    return id ? this.tasks.answerAgentTask(id, answer) : Promise.resolve(null)
+  }
+
   /** Stop following and forget the task: back to `idle`. */
   reset(): void {
     this.stop()
@@ -163,9 +192,12 @@ export class AgentTaskStore {
     try {
       const done = await this.tasks.watchAgentTask(task, (row) => {
         if (!this.mine(controller)) return
-        // A final row waits for the outcome, so `status` and `error` change together.
-        const status = isFinal(row) ? this.state.status : row.status
-        this.set(stateOf(status, row.id, row, null))
+        // A final row waits for the outcome, so `status` and `error` change together (and
+        // the question shown goes with its status).
+        const final = isFinal(row)
+        const question = final ? this.state.waitingFor : questionOf(row)
+        const status = final ? this.state.status : question ? 'waiting' : row.status
+        this.set(stateOf(status, row.id, row, null, question))
         this.options.onUpdate?.(row)
       }, { ...callOptions(this.options), signal: controller.signal })
       if (!this.mine(controller)) return null

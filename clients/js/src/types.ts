@@ -31,6 +31,30 @@ export interface AgentTaskErrorInfo {
   [key: string]: Json | undefined
 }
 
+/** What a task's handler asked its user (the `waiting_for` column): set only while the task
+ * waits for an answer (its status then is `pending`), null otherwise. Answer it with
+ * answerAgentTask (`answer_agent_task`) before `expires_at`, or the task ends `failed` with
+ * `error.type` `NoAnswer`. */
+export interface AgentTaskWaitingFor {
+  /** The handler's question, as it passed it to `ask()` (any JSON: a text, or an object
+   * with the text and the choices, as the handler and the page agree). */
+  question: Json
+  asked_at: string
+  /** The deadline: an answer after it is refused, and the task ends `NoAnswer`. */
+  expires_at: string
+  /** 1 for the task's first question, 2 for the second, ... */
+  number: number
+  [key: string]: Json | undefined
+}
+
+/** One answered question (the `answers` column holds them in the order asked). */
+export interface AgentTaskAnswer {
+  question: Json
+  answer: Json
+  answered_at: string
+  [key: string]: Json | undefined
+}
+
 /** One row of `agent_task_requests` as a user may select it: every column of TASK_COLUMNS. */
 export type AgentTaskRow = {
   id: string
@@ -50,6 +74,10 @@ export type AgentTaskRow = {
   user_id: string | null
   enterprise_id: string | null
   agent: string
+  /** What the handler asked and waits for (a `pending` row only); null when not waiting. */
+  waiting_for: AgentTaskWaitingFor | null
+  /** The questions answered so far, in the order asked; null before the first answer. */
+  answers: AgentTaskAnswer[] | null
 }
 
 /** A row of `agent_task_requests` as the client holds it: the integration guide's columns
@@ -103,10 +131,10 @@ export const TABLE = 'agent_task_requests'
 /** The columns of `agent_task_requests` the client reads. Users may select these, not every
  * column (the worker's host and process are the operator's), so `select('*')` is refused
  * (42501): every read names its columns. A literal type, so a `Database`-typed client infers
- * the row it selects. */
+ * the row it selects. `waiting_for` and `answers` need schema version 9. */
 export const TASK_COLUMNS = `id,status,request_payload,response_payload,created_at,updated_at,\
 attempts,max_attempts,priority,run_at,lease_expires_at,started_at,finished_at,error,user_id,\
-enterprise_id,agent` as const
+enterprise_id,agent,waiting_for,answers` as const
 
 /** One piece of a streamed answer (`agent_task_chunks`): while attempt `attempt` runs, its
  * answer is `answer.slice(0, answer_offset) + text` (offsets in characters, i.e. Unicode

@@ -6,8 +6,9 @@
 import { createClient } from '@supabase/supabase-js'
 
 import {
-  CHUNK_COLUMNS, createAgentTasks, TASK_COLUMNS, type AgentTask, type AgentTaskChunk,
-  type AgentTaskStatus, type AgentTaskStoreStatus, type Database,
+  answerAgentTask, CHUNK_COLUMNS, createAgentTasks, TASK_COLUMNS, type AgentTask, type AgentTaskAnswer,
+  type AgentTaskChunk, type AgentTaskStatus, type AgentTaskStoreStatus, type AgentTaskWaitingFor, type Database,
+  type Json,
 } from 'agent-bridge-client'
 import { AgentTasksProvider, useAgentTask, type UseAgentTaskResult } from 'agent-bridge-client/react'
 
@@ -23,10 +24,22 @@ export async function database(): Promise<void> {
     const row: AgentTask = task
     const status: AgentTaskStatus = task.status
     const answer: string | undefined = task.response_payload?.answer
+    // What the handler asked, and the answers so far.
+    const question: Json | undefined = task.waiting_for?.question
+    const deadline: string | undefined = task.waiting_for?.expires_at
+    const given: Json | undefined = task.answers?.[0]?.answer
     void row
     void status
     void answer
+    void question
+    void deadline
+    void given
   }
+  const { data: _waiting } = await supabase.from('agent_task_requests').select('waiting_for,answers').limit(1)
+  expectType<Equal<typeof _waiting,
+    { waiting_for: AgentTaskWaitingFor | null; answers: AgentTaskAnswer[] | null }[] | null>>()
+  // A task waits while `waiting_for` is set (its status is pending).
+  await supabase.from('agent_task_requests').select('id').not('waiting_for', 'is', null)
   const { data: chunks } = await supabase.from('agent_task_chunks').select(CHUNK_COLUMNS).eq('task_id', 'x')
   const pieces: AgentTaskChunk[] = chunks ?? []
   void pieces
@@ -70,11 +83,23 @@ export async function database(): Promise<void> {
   // @ts-expect-error -- no such table
   await supabase.from('agent_tasks').select('id')
 
-  // The one function users call.
+  // The functions users call.
   const { data: _after } = await supabase.rpc('cancel_agent_task', { task_id: 'x' })
   expectType<Equal<typeof _after, AgentTaskStatus | null>>()
   // @ts-expect-error -- its argument is task_id
   await supabase.rpc('cancel_agent_task', { id: 'x' })
+  const { data: _answered } = await supabase.rpc('answer_agent_task', { task_id: 'x', answer: 'approve' })
+  // (null only with an error: a refusal)
+  expectType<Equal<typeof _answered, AgentTaskStatus | null>>()
+  await supabase.rpc('answer_agent_task', { task_id: 'x', answer: { choice: 'approve', note: ['ok', 1, null] } })
+  // @ts-expect-error -- the answer is required
+  await supabase.rpc('answer_agent_task', { task_id: 'x' })
+  // @ts-expect-error -- an answer is JSON: no functions, no undefined
+  await supabase.rpc('answer_agent_task', { task_id: 'x', answer: () => 'approve' })
+  const _status: Promise<AgentTaskStatus> = answerAgentTask(supabase, 'x', 'approve')
+  const _bound: Promise<AgentTaskStatus> = createAgentTasks(supabase).answerAgentTask('x', ['a', { b: 1 }])
+  // @ts-expect-error -- an answer is JSON
+  void createAgentTasks(supabase).answerAgentTask('x', new Map())
 
   // The typed client works wherever a client goes.
   const tasks = createAgentTasks(supabase)
@@ -86,7 +111,12 @@ export function hook(): void {
   const result: UseAgentTaskResult = useAgentTask({ taskId: 'x' })
   expectType<Equal<typeof result.status, AgentTaskStoreStatus>>()
   expectType<Equal<AgentTaskStoreStatus,
-    'idle' | 'submitting' | 'attaching' | 'pending' | 'processing' | 'completed' | 'failed'>>()
+    'idle' | 'submitting' | 'attaching' | 'pending' | 'processing' | 'waiting' | 'completed' | 'failed'>>()
+  // What the task asked, while it waits, and how to answer it.
+  expectType<Equal<typeof result.waitingFor, AgentTaskWaitingFor | null>>()
+  expectType<Equal<typeof result.isWaiting, boolean>>()
+  expectType<Equal<typeof result.answerTask, (answer: Json) => Promise<AgentTaskStatus | null>>>()
+  if (result.waitingFor) void result.answerTask({ choice: 'approve', question: result.waitingFor.number })
   // @ts-expect-error -- not a status
   const wrong: AgentTaskStoreStatus = 'running'
   void wrong

@@ -97,6 +97,7 @@ test('status: idle, submitting, pending, processing, completed; reset is idle ag
   store.reset()
   assert.deepEqual(store.getSnapshot(), {
     status: 'idle', taskId: null, currentTask: null, error: null, isSubmitting: false, isProcessing: false,
+    isWaiting: false, waitingFor: null,
   })
 })
 
