@@ -714,9 +714,9 @@ end
 $$;
 
 -- A row's state as its user may see it, for the `state` event: the columns a user may
--- select, without request_payload (the user wrote it; it never changes). An answer or
--- error too big for one message is left out and named in `omitted`: the client reads the
--- row for it.
+-- select, without request_payload (the user wrote it; it never changes). An answer, error
+-- and answers to questions too big for one message are left out and named in `omitted`:
+-- the client reads the row for them.
 create function agent_bridge.state_message(p_row public.agent_task_requests)
 returns jsonb
 language plpgsql
@@ -733,11 +733,13 @@ declare
         'user_id', p_row.user_id, 'enterprise_id', p_row.enterprise_id,
         'agent', p_row.agent, 'waiting_for', p_row.waiting_for);
     v_result jsonb := jsonb_build_object('response_payload', p_row.response_payload,
-                                         'error', p_row.error);
+                                         'error', p_row.error, 'answers', p_row.answers);
 begin
     if octet_length(v_result::text) > 65536 then
         return v_state || jsonb_build_object('response_payload', null, 'error', null,
-                                             'omitted', jsonb_build_array('response_payload', 'error'));
+                                             'answers', null,
+                                             'omitted', jsonb_build_array('response_payload',
+                                                                          'error', 'answers'));
     end if;
     return v_state || v_result;
 end

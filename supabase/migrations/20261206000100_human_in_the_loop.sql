@@ -803,7 +803,7 @@ begin
 end
 $$;
 
--- The `state` event carries waiting_for.
+-- The `state` event carries waiting_for and answers.
 create or replace function agent_bridge.state_message(p_row public.agent_task_requests)
 returns jsonb
 language plpgsql
@@ -820,11 +820,13 @@ declare
         'user_id', p_row.user_id, 'enterprise_id', p_row.enterprise_id,
         'agent', p_row.agent, 'waiting_for', p_row.waiting_for);
     v_result jsonb := jsonb_build_object('response_payload', p_row.response_payload,
-                                         'error', p_row.error);
+                                         'error', p_row.error, 'answers', p_row.answers);
 begin
     if octet_length(v_result::text) > 65536 then
         return v_state || jsonb_build_object('response_payload', null, 'error', null,
-                                             'omitted', jsonb_build_array('response_payload', 'error'));
+                                             'answers', null,
+                                             'omitted', jsonb_build_array('response_payload',
+                                                                          'error', 'answers'));
     end if;
     return v_state || v_result;
 end

@@ -130,7 +130,7 @@ def test_an_answer_too_big_for_one_message_is_left_for_a_read(store: TaskStore,
     assert store.complete(task, attempt, "w1", {"answer": "x" * 70_000}).applied
     *_, (_, event, payload) = sent(messages, task_topic(task))
     assert event == "state" and payload["status"] == "completed"
-    assert payload["omitted"] == ["response_payload", "error"]
+    assert payload["omitted"] == ["response_payload", "error", "answers"]
     assert payload["response_payload"] is None
 
 

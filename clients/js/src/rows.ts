@@ -36,26 +36,19 @@ export function isNewer(next: AgentTask, shown: AgentTask | null): boolean {
   return RANK[next.status] > RANK[shown.status]
 }
 
-/** The columns a Broadcast `state` message carries: the row's, but request_payload (which
- * never changes) and answers (which changes only as a question is answered). */
-const STATE_COLUMNS = TASK_COLUMNS.split(',').filter((c) => c !== 'request_payload' && c !== 'answers')
-
-/** A question shown as open is no longer (`waiting_for` went to null): answered, so the
- * row's `answers` changed, which a Broadcast `state` does not carry. */
-function questionClosed(state: AgentTask, shown: AgentTask): boolean {
-  return shown.waiting_for != null && 'waiting_for' in state && state.waiting_for == null
-}
+/** The columns a Broadcast `state` message carries: the row's, but request_payload. */
+const STATE_COLUMNS = TASK_COLUMNS.split(',').filter((c) => c !== 'request_payload')
 
 /**
  * The row a state of it shows: a whole row as it is; a Broadcast `state` message (the row
- * without request_payload and answers) over the row shown. Null when the row must be read:
- * none is shown yet, the message left out the answer and error (`omitted`), or it closes
- * the question shown (the answers changed).
+ * without request_payload, which never changes) over the row shown. Null when the row must
+ * be read: none is shown yet, or the message left out the answer, error and answers
+ * (`omitted`).
  */
 export function rowOf(state: unknown, shown: AgentTask | null): AgentTask | null {
   if (!isAgentTask(state) || 'omitted' in state) return null
   if ('request_payload' in state) return state
-  if (shown === null || questionClosed(state, shown)) return null
+  if (shown === null) return null
   const row: Record<string, unknown> = { ...shown }
   for (const column of STATE_COLUMNS) if (column in state) row[column] = state[column as keyof AgentTask]
   return row as AgentTask
