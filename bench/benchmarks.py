@@ -272,10 +272,11 @@ def bridge_latency(ctx: Context, *, transport: str, pool: str, concurrency: int,
     return result
 
 
-def stage_medians(samples: list[tuple[str, float, float]], state_dir: Path, logs: str
-                  ) -> dict[str, float]:
-    """Median ms from the insert to each logged step of a task (JSON log timestamps)."""
+def log_times(logs: str) -> dict[str, dict[str, float]]:
+    """Per task id, the first JSON log timestamp of each step: the bridge's `claimed`, the
+    worker's `start` and `completed`, Celery's `received` (logged at DEBUG only)."""
     seen: dict[str, dict[str, float]] = {}
+    prefix = f"Task {RUN_AGENT}["
     for line in logs.splitlines():
         try:
             record = json.loads(line)
@@ -288,9 +289,16 @@ def stage_medians(samples: list[tuple[str, float, float]], state_dir: Path, logs
         task_id, action = record.get("task_id"), record.get("action")
         if task_id and action in ("claimed", "start", "completed"):
             seen.setdefault(str(task_id), {}).setdefault(str(action), at)
-        elif message.startswith(f"Task {RUN_AGENT}[") and message.endswith("received"):
-            celery_id = message[len(f"Task {RUN_AGENT}["):].split("]")[0]
+        elif message.startswith(prefix) and message.endswith("received"):
+            celery_id = message[len(prefix):].split("]")[0]
             seen.setdefault(celery_id.split(":")[0], {}).setdefault("received", at)
+    return seen
+
+
+def stage_medians(samples: list[tuple[str, float, float]], state_dir: Path, logs: str
+                  ) -> dict[str, float]:
+    """Median ms from the insert to each logged step of a task (JSON log timestamps)."""
+    seen = log_times(logs)
     for task_id, began, _pid, _attempt in read_runs(state_dir):
         seen.setdefault(task_id, {}).setdefault("handler", began)
     out: dict[str, float] = {}

@@ -420,3 +420,12 @@ def test_no_wake_up_lost_under_concurrent_writers_and_claims(db: str) -> None:
         pass
     assert sql(db, "select count(*) from public.agent_task_requests "
                    "where status = 'pending' and run_at <= now()") == [(0,)]
+
+
+def test_the_claim_runs_without_jit(clean_db: str) -> None:
+    """Before PostgreSQL 18 the claim's disabled scans cost 1e10, above jit_above_cost: a
+    server with JIT compiled each of its statements once per row claimed (the embedded
+    server has no JIT, so the setting itself is what is checked)."""
+    [[config]] = sql(clean_db, "select proconfig from pg_proc "
+                               "where oid = 'agent_bridge.claim_rows'::regproc")
+    assert "jit=off" in config and "enable_seqscan=off" in config
