@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import math
 import os
 import shutil
 import subprocess
@@ -63,7 +62,7 @@ from bench.benchmarks import (
 )
 from bench.cli import bench_parser, write_json
 from bench.handlers import read_runs
-from bench.measure import percentile, table, wait_until
+from bench.measure import summary_ms, table, wait_until
 from bench.stack import BIN, ProcGroup, Servers, base_env, servers
 from bridge.localstack import with_database
 from bridge.publisher import Publisher
@@ -137,13 +136,6 @@ def paced(action: Callable[[int], T], n: int, gap: float) -> list[T]:
     return out
 
 
-def spread(values_s: Sequence[float]) -> dict[str, float]:
-    """p50/p90/p99/max (and n) of seconds, in ms."""
-    ms = [v * 1000 for v in values_s]
-    return {"n": len(ms), "p50": percentile(ms, 50), "p90": percentile(ms, 90),
-            "p99": percentile(ms, 99), "max": max(ms) if ms else math.nan}
-
-
 @dataclass(frozen=True)
 class Sample:
     """One insert: its id, and time.time() before it was sent and after it returned."""
@@ -173,7 +165,7 @@ def step_table(times: dict[str, dict[str, float]]) -> dict[str, dict[str, float]
     for name, first, last in STEPS:
         values = [t[last] - t[first] for t in times.values() if first in t and last in t]
         if values:
-            out[name] = spread(values)
+            out[name] = summary_ms(values)
     return out
 
 
@@ -339,7 +331,7 @@ def plain_celery_hop(srv: Servers, *, n: int, warmup: int, gap: float, pool: str
     started = {t: at for t, at, _pid, _attempt in read_runs(state)}
     hops = [started[t] - began for t, began in sent if t in started]
     return {"system": "plain Celery (no database)", "pool": f"{pool} -c {concurrency}",
-            "n": n, "gap_ms": gap * 1000, "publish → task start": spread(hops)}
+            "n": n, "gap_ms": gap * 1000, "publish → task start": summary_ms(hops)}
 
 
 def procrastinate_pickup(srv: Servers, *, n: int, warmup: int, gap: float) -> dict[str, Any]:
@@ -368,8 +360,8 @@ def procrastinate_pickup(srv: Servers, *, n: int, warmup: int, gap: float) -> di
                if "started" in e and "deferred" in e]
     handler = [started[j] - began for j, began in sent if j in started]
     return {"system": "procrastinate", "pool": "1 worker, async, concurrency 1", "n": n,
-            "gap_ms": gap * 1000, "started - deferred (events)": spread(pickups),
-            "defer → handler (client clock)": spread(handler)}
+            "gap_ms": gap * 1000, "started - deferred (events)": summary_ms(pickups),
+            "defer → handler (client clock)": summary_ms(handler)}
 
 
 # The run -------------------------------------------------------------------------------

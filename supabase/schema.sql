@@ -516,6 +516,38 @@ begin
 end
 $$;
 
+-- Whether the caller may act on task p_id as its user (cancel_agent_task, answer_agent_task):
+-- roles that bypass RLS (service_role, the table owner) on any row, a signed-in user on the
+-- rows they own (user_id = auth.uid()); false for a row that does not exist. Called from
+-- those security definer functions, where current_user is the owner: the caller is the role
+-- PostgREST switched to (the `role` setting, which a definer function does not change), else
+-- the login role. Users may not execute it themselves.
+create function agent_bridge.may_act_on(p_id uuid)
+returns boolean
+language plpgsql
+stable
+security invoker
+set search_path = ''
+as $$
+declare
+    caller name := coalesce(nullif(current_setting('role'), 'none'), session_user);
+    sees_all boolean;
+    owner_id uuid;
+begin
+    select r.rolsuper or r.rolbypassrls
+           or pg_catalog.pg_has_role(caller, c.relowner, 'MEMBER')
+      into sees_all
+      from pg_catalog.pg_roles r, pg_catalog.pg_class c
+     where r.rolname = caller and c.oid = 'public.agent_task_requests'::pg_catalog.regclass;
+    if coalesce(sees_all, false) then
+        return true;
+    end if;
+    select t.user_id into owner_id from public.agent_task_requests t where t.id = p_id;
+    -- (never null: a caller without a user id is refused, not let through by a null)
+    return owner_id is not null and owner_id is not distinct from (select auth.uid());
+end
+$$;
+
 -- The answer the chunks of (p_id, p_attempt) rebuild; null when there are none.
 create function agent_bridge.streamed_answer(p_id uuid, p_attempt integer)
 returns text
@@ -2326,23 +2358,9 @@ volatile
 security definer
 set search_path = ''
 as $$
-declare
-    -- The caller: the role PostgREST switched to, else the login role. (Inside a
-    -- security definer function current_user is the owner; the `role` setting is not.)
-    caller name := coalesce(nullif(current_setting('role'), 'none'), session_user);
-    sees_all boolean;
-    owner_id uuid;
 begin
-    select r.rolsuper or r.rolbypassrls
-           or pg_catalog.pg_has_role(caller, c.relowner, 'MEMBER')
-      into sees_all
-      from pg_catalog.pg_roles r, pg_catalog.pg_class c
-     where r.rolname = caller and c.oid = 'public.agent_task_requests'::pg_catalog.regclass;
-    if not coalesce(sees_all, false) then
-        select t.user_id into owner_id from public.agent_task_requests t where t.id = task_id;
-        if owner_id is null or owner_id is distinct from (select auth.uid()) then
-            return null;  -- exactly as for an id that does not exist
-        end if;
+    if not agent_bridge.may_act_on(task_id) then
+        return null;  -- exactly as for an id that does not exist
     end if;
     return public.agent_task_request_cancel(task_id);
 end
@@ -3045,25 +3063,12 @@ security definer
 set search_path = ''
 as $$
 declare
-    -- The caller: the role PostgREST switched to, else the login role (as in
-    -- cancel_agent_task).
-    caller name := coalesce(nullif(current_setting('role'), 'none'), session_user);
-    sees_all boolean;
-    owner_id uuid;
     r public.agent_task_requests;
     v_size bigint;
 begin
-    select ro.rolsuper or ro.rolbypassrls
-           or pg_catalog.pg_has_role(caller, c.relowner, 'MEMBER')
-      into sees_all
-      from pg_catalog.pg_roles ro, pg_catalog.pg_class c
-     where ro.rolname = caller and c.oid = 'public.agent_task_requests'::pg_catalog.regclass;
-    if not coalesce(sees_all, false) then
-        select t.user_id into owner_id from public.agent_task_requests t where t.id = task_id;
-        if owner_id is null or owner_id is distinct from (select auth.uid()) then
-            -- exactly as for an id that does not exist
-            raise exception 'no agent task % of yours', task_id using errcode = 'P0001';
-        end if;
+    if not agent_bridge.may_act_on(task_id) then
+        -- exactly as for an id that does not exist
+        raise exception 'no agent task % of yours', task_id using errcode = 'P0001';
     end if;
     if answer is null then
         raise exception 'answer must be a JSON value (a SQL null is not one)'
@@ -3961,6 +3966,7 @@ revoke execute on function agent_bridge.payload_bytes(jsonb) from public, anon;
 grant execute on function agent_bridge.payload_bytes(jsonb) to authenticated, service_role;
 
 -- Users cancel their own rows (the function checks ownership).
+revoke execute on function agent_bridge.may_act_on(uuid) from public, anon, authenticated;
 revoke execute on function public.cancel_agent_task(uuid) from public, anon;
 grant execute on function public.cancel_agent_task(uuid) to authenticated, service_role;
 

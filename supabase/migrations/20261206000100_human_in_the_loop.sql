@@ -113,6 +113,54 @@ as $$
        and t.attempts = p_attempt and t.worker = p_worker;
 $$;
 
+-- Whether the caller may act on task p_id as its user (cancel_agent_task, answer_agent_task):
+-- roles that bypass RLS (service_role, the table owner) on any row, a signed-in user on the
+-- rows they own (user_id = auth.uid()); false for a row that does not exist. Called from
+-- those security definer functions, where current_user is the owner: the caller is the role
+-- PostgREST switched to (the `role` setting, which a definer function does not change), else
+-- the login role. Users may not execute it themselves.
+create function agent_bridge.may_act_on(p_id uuid)
+returns boolean
+language plpgsql
+stable
+security invoker
+set search_path = ''
+as $$
+declare
+    caller name := coalesce(nullif(current_setting('role'), 'none'), session_user);
+    sees_all boolean;
+    owner_id uuid;
+begin
+    select r.rolsuper or r.rolbypassrls
+           or pg_catalog.pg_has_role(caller, c.relowner, 'MEMBER')
+      into sees_all
+      from pg_catalog.pg_roles r, pg_catalog.pg_class c
+     where r.rolname = caller and c.oid = 'public.agent_task_requests'::pg_catalog.regclass;
+    if coalesce(sees_all, false) then
+        return true;
+    end if;
+    select t.user_id into owner_id from public.agent_task_requests t where t.id = p_id;
+    -- (never null: a caller without a user id is refused, not let through by a null)
+    return owner_id is not null and owner_id is not distinct from (select auth.uid());
+end
+$$;
+
+-- cancel_agent_task's ownership check, now shared with answer_agent_task.
+create or replace function public.cancel_agent_task(task_id uuid)
+returns text
+language plpgsql
+volatile
+security definer
+set search_path = ''
+as $$
+begin
+    if not agent_bridge.may_act_on(task_id) then
+        return null;  -- exactly as for an id that does not exist
+    end if;
+    return public.agent_task_request_cancel(task_id);
+end
+$$;
+
 -- supabase.rpc('answer_agent_task', { task_id, answer }) -> 'pending': the answer (any
 -- JSON value, at most 64 KiB) is recorded and the task queued again, to run on from its
 -- question. A signed-in user may answer exactly the rows they own (user_id = auth.uid()),
@@ -129,25 +177,12 @@ security definer
 set search_path = ''
 as $$
 declare
-    -- The caller: the role PostgREST switched to, else the login role (as in
-    -- cancel_agent_task).
-    caller name := coalesce(nullif(current_setting('role'), 'none'), session_user);
-    sees_all boolean;
-    owner_id uuid;
     r public.agent_task_requests;
     v_size bigint;
 begin
-    select ro.rolsuper or ro.rolbypassrls
-           or pg_catalog.pg_has_role(caller, c.relowner, 'MEMBER')
-      into sees_all
-      from pg_catalog.pg_roles ro, pg_catalog.pg_class c
-     where ro.rolname = caller and c.oid = 'public.agent_task_requests'::pg_catalog.regclass;
-    if not coalesce(sees_all, false) then
-        select t.user_id into owner_id from public.agent_task_requests t where t.id = task_id;
-        if owner_id is null or owner_id is distinct from (select auth.uid()) then
-            -- exactly as for an id that does not exist
-            raise exception 'no agent task % of yours', task_id using errcode = 'P0001';
-        end if;
+    if not agent_bridge.may_act_on(task_id) then
+        -- exactly as for an id that does not exist
+        raise exception 'no agent task % of yours', task_id using errcode = 'P0001';
     end if;
     if answer is null then
         raise exception 'answer must be a JSON value (a SQL null is not one)'
@@ -846,6 +881,8 @@ create trigger agent_task_requests_broadcast_state
     execute function public.agent_task_requests_broadcast_state();
 
 grant select (waiting_for, answers) on table public.agent_task_requests to authenticated;
+
+revoke execute on function agent_bridge.may_act_on(uuid) from public, anon, authenticated;
 
 revoke execute on function agent_bridge.no_answer_error(jsonb, integer)
     from public, anon, authenticated;

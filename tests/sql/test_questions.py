@@ -157,6 +157,9 @@ def test_only_the_tasks_user_may_answer_and_only_while_it_waits(store: TaskStore
     for who, which in ((BOB, task_id), (ALICE, str(uuid.uuid4()))):
         with pytest.raises(errors.RaiseException, match=f"no agent task {which} of yours"):
             answer_as(clean_db, who, which, "approve")
+    with pytest.raises(errors.RaiseException, match=f"no agent task {task_id} of yours"), \
+            as_role(clean_db, "authenticated") as conn:  # signed in as nobody
+        conn.execute("select public.answer_agent_task(%s, '1')", [task_id])
     with pytest.raises(errors.InvalidParameterValue, match="at most 65536 bytes"):
         answer_as(clean_db, ALICE, task_id, "x" * 70000)
     with pytest.raises(errors.InvalidParameterValue, match="SQL null"), \
