@@ -2,7 +2,7 @@
  * The integration guide's React hook: `useAgentTask({ enterpriseId, onComplete, onError })` returns
  * `{ submitTask, isSubmitting, isProcessing, currentTask, error }` plus `status`, `taskId`,
  * `cancelTask`, `attachTask`, and for a task that asks its user `isWaiting`, `waitingFor`,
- * `answerTask`; `useAgentTask({ taskId })` re-attaches to a running task.
+ * `answer`; `useAgentTask({ taskId })` re-attaches to a running task.
  * Imported from `agent-bridge-client/react`, so apps without React never load it.
  */
 import type { SupabaseClient } from '@supabase/supabase-js'
@@ -49,13 +49,13 @@ export interface UseAgentTaskResult extends AgentTaskState {
   /** Answer what the current task asked (`waitingFor`; the Approve / Deny buttons); resolves
    * with its status after the call (`pending`: it goes on), null with no task. Rejects with
    * RequestRefusedError when the database refuses it (answered already, expired, ...). */
-  answerTask: (answer: Json) => Promise<AgentTaskStatus | null>
+  answer: (answer: Json) => Promise<AgentTaskStatus | null>
   /** Forget the current task and stop following it. */
   reset: () => void
 }
 
 /**
- * `{ status, submitTask, attachTask, cancelTask, answerTask, reset, isSubmitting, isProcessing,
+ * `{ status, submitTask, attachTask, cancelTask, answer, reset, isSubmitting, isProcessing,
  * isWaiting, waitingFor, currentTask, taskId, error }`; `isSubmitting`, `isProcessing` and
  * `isWaiting` are derived from `status`.
  */
@@ -82,9 +82,9 @@ export function useAgentTask(options: UseAgentTaskOptions = {}): UseAgentTaskRes
   const submitTask = useCallback((input: SubmitInput) => store.submit(input), [store])
   const attachTask = useCallback((id: string) => store.attach(id), [store])
   const cancelTask = useCallback(() => store.cancel(), [store])
-  const answerTask = useCallback((answer: Json) => store.answer(answer), [store])
+  const answer = useCallback((value: Json) => store.answer(value), [store])
   const reset = useCallback(() => store.reset(), [store])
-  return { ...state, submitTask, attachTask, cancelTask, answerTask, reset }
+  return { ...state, submitTask, attachTask, cancelTask, answer, reset }
 }
 
 export type { AgentTask, AgentTaskStatus, AgentTaskWaitingFor, Json, SubmitInput } from './types.js'

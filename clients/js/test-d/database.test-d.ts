@@ -115,8 +115,8 @@ export function hook(): void {
   // What the task asked, while it waits, and how to answer it.
   expectType<Equal<typeof result.waitingFor, AgentTaskWaitingFor | null>>()
   expectType<Equal<typeof result.isWaiting, boolean>>()
-  expectType<Equal<typeof result.answerTask, (answer: Json) => Promise<AgentTaskStatus | null>>>()
-  if (result.waitingFor) void result.answerTask({ choice: 'approve', question: result.waitingFor.number })
+  expectType<Equal<typeof result.answer, (answer: Json) => Promise<AgentTaskStatus | null>>>()
+  if (result.waitingFor) void result.answer({ choice: 'approve', question: result.waitingFor.number })
   // @ts-expect-error -- not a status
   const wrong: AgentTaskStoreStatus = 'running'
   void wrong

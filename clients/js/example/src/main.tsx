@@ -62,7 +62,7 @@ function Chat(): React.JSX.Element {
   const [prompt, setPrompt] = useState('')
   const [reloaded] = useState(() => params.get('task'))
   const {
-    submitTask, cancelTask, answerTask, status, taskId, isSubmitting, isProcessing, isWaiting, waitingFor,
+    submitTask, cancelTask, answer, status, taskId, isSubmitting, isProcessing, isWaiting, waitingFor,
     currentTask, error,
   } = useAgentTask({
     taskId: reloaded,
@@ -77,7 +77,7 @@ function Chat(): React.JSX.Element {
     else url.searchParams.delete('task')
     window.history.replaceState(null, '', url)
   }, [taskId])
-  const answer = currentTask?.response_payload?.answer
+  const shown = currentTask?.response_payload?.answer
   const stopped = error instanceof TaskCancelledError
   return (
     <main>
@@ -90,11 +90,11 @@ function Chat(): React.JSX.Element {
         </button>
         <button onClick={() => void cancelTask()} disabled={!isProcessing && !isWaiting}>Stop</button>
       </div>
-      {waitingFor && <Question key={waitingFor.number} waitingFor={waitingFor} answer={answerTask} />}
+      {waitingFor && <Question key={waitingFor.number} waitingFor={waitingFor} answer={answer} />}
       <p className="status" data-testid="status">
         {stopped ? 'stopped' : `${status}${isProcessing && currentTask?.response_payload?.partial ? ' · streaming' : ''}`}
       </p>
-      <div className="answer" data-testid="answer">{answer ?? ''}</div>
+      <div className="answer" data-testid="answer">{shown ?? ''}</div>
       {error && !stopped && <p className="error" data-testid="error">{error.message}</p>}
     </main>
   )
