@@ -9,6 +9,11 @@ A queue found empty may have starved its workers, so its allowance doubles. Fast
 no-op workers keep the full `max_queued`; a hundred 5-second LLM calls keep about
 ten jobs waiting, so a new tenant's row starts within about half a second. The queue
 is topped up once half of the allowance has gone, so claims come in batches.
+
+A new gauge starts at `start` jobs (the bridge's claim batch), not at `max_queued`, and
+grows by doubling each time the workers empty the queue: a fresh bridge facing a backlog
+of slow tasks must not hand out a thousand jobs before it has measured anything, while
+idle workers reach `max_queued` within a few claims.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ class QueueGauge:
     """One queue's upper bound on waiting jobs, and how many it may hold."""
 
     def __init__(self, measure: Callable[[], int], *, max_queued: int,
-                 target_seconds: float) -> None:
+                 target_seconds: float, start: int | None = None) -> None:
         self._measure = measure
         self.max_queued = max_queued
         self.target_seconds = target_seconds
-        self.allowance = float(max_queued)  # start open: no ramp-up for a fresh bridge
+        # A fixed cap (target 0) is the cap from the start; else grow from `start`.
+        opening = max_queued if start is None or target_seconds <= 0 else start
+        self.allowance = float(max(MIN_ALLOWANCE, min(max_queued, opening)))
         self.bound = 0  # jobs waiting, at most (last reading plus what was sent since)
         self._read_at: float | None = None
         # The window a rate is measured over: depth at its start, jobs sent since.

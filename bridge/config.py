@@ -192,9 +192,10 @@ class Settings:
         "nothing from the database to start. A larger one is read by the worker as it starts. "
         "0: never in the message.")
     max_queued: int = setting(
-        "BRIDGE_MAX_QUEUED", 50,
-        "Backpressure: claim nothing while this many jobs already wait in the broker queue. "
-        "Keep it below what the workers start within one lease.")
+        "BRIDGE_MAX_QUEUED", 1000,
+        "Backpressure: the most jobs waiting in one agent's broker queue. It is a ceiling: "
+        "BRIDGE_QUEUE_SECONDS sizes the queue below it, from how fast the workers take "
+        "jobs. Keep it below what the workers start within one lease.")
     queue_seconds: float = setting(
         "BRIDGE_QUEUE_SECONDS", 0.5,
         "Backpressure by time: keep about this many seconds of work in each broker queue, "

@@ -92,7 +92,8 @@ class Bridge:
         self.blocked: set[str] = set()
         self.queues = {a.name: QueueGauge(self._depth_reader(a.name),
                                           max_queued=settings.max_queued,
-                                          target_seconds=settings.queue_seconds)
+                                          target_seconds=settings.queue_seconds,
+                                          start=settings.batch_size)
                        for a in self.agents}
 
     # One round ---------------------------------------------------------------

@@ -79,3 +79,35 @@ def test_never_below_one(queue: ScriptedQueue) -> None:
     gauge = QueueGauge(queue.read, max_queued=50, target_seconds=0.5)
     fill(gauge, queue, seconds=60)
     assert gauge.allowance >= 1 and gauge.room() >= -50
+
+
+def test_a_new_gauge_starts_at_one_claim_and_doubles_while_the_workers_keep_up(
+        queue: ScriptedQueue) -> None:
+    """A fresh bridge hands out one claim's worth first; idle workers that empty the queue
+    open it up to the ceiling within a few rounds, not one job at a time."""
+    queue.rate = 100_000
+    gauge = QueueGauge(queue.read, max_queued=1000, target_seconds=0.5, start=50)
+    assert gauge.room() == 50
+    fill(gauge, queue, seconds=0.5)
+    assert gauge.allowance == 1000
+
+
+def test_a_new_gauge_with_slow_workers_never_hands_out_the_ceiling(queue: ScriptedQueue) -> None:
+    """100 slots of 5 s tasks behind a backlog: the ceiling (1,000 jobs, 50 s of their work)
+    is never queued, only about BRIDGE_QUEUE_SECONDS of it once measured."""
+    gauge = QueueGauge(queue.read, max_queued=1000, target_seconds=0.5, start=50)
+    most = 0.0
+    for _ in range(600):  # 30 s of the bridge's loop
+        room = gauge.room()
+        if room > 0:
+            gauge.sent(room)
+            queue.depth += room
+        most = max(most, queue.depth)
+        queue.advance(0.05)
+    assert most <= 100
+    assert 5 <= gauge.allowance <= 15
+
+
+def test_a_fixed_cap_is_the_cap_from_the_start(queue: ScriptedQueue) -> None:
+    gauge = QueueGauge(queue.read, max_queued=7, target_seconds=0, start=50)
+    assert gauge.room() == 7
