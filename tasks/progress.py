@@ -228,7 +228,7 @@ class StreamFlusher:
 
     def _flush(self, streams: list[TaskStream]) -> None:
         """Write every stream of `streams` in one call of the writer."""
-        taken: list[tuple[TaskStream, Write, Any]] = []
+        taken: list[tuple[TaskStream, Write]] = []
         for stream in streams:
             if not stream.writing.acquire(blocking=False):
                 continue  # a forced write of its own is under way; next round
@@ -236,8 +236,9 @@ class StreamFlusher:
             if write is None:
                 stream.writing.release()
                 continue
-            taken.append((stream, write, self._writer.submit(write)))
-        for stream, write, future in taken:
+            taken.append((stream, write))
+        futures = self._writer.submit_each([write for _, write in taken])
+        for (stream, write), future in zip(taken, futures, strict=True):
             try:
                 result: WriteResult | None = future.result()[0]
             except Exception:

@@ -18,9 +18,15 @@ whole; the writer then sends each of its groups alone, so only that group is ref
 call that cannot reach the database fails every write in it; their callers retry as they
 did one by one.
 
-In the prefork pool each child process runs one task at a time and has its own writer:
-batches there are of one task's writes, as before. The threads pool (one process, many
-tasks) is where writes group.
+A write handed to an idle writer (nothing in flight, nothing waiting) is sent by the
+caller's own thread: no hand-over to the writer's thread and back, which at low load and in
+the prefork pool (each child runs one task at a time, so its writer is always idle) was two
+thread switches per write on the path to the handler. Writes that arrive while a call is in
+flight wait for the writer's thread, which sends them together as soon as it is done. Either
+way one call at a time is in flight, in arrival order.
+
+In the prefork pool each child process has its own writer: batches there are of one task's
+writes, as before. The threads pool (one process, many tasks) is where writes group.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class GroupWriter:
         self._max_batch = max_batch
         self._waiting: list[Item] = []
         self._groups = 0
+        self._busy = False  # a call is in flight (from a caller's thread or the writer's)
         self._cond = threading.Condition()
         self._thread = ProcessThread(self._run, "group-writer")
         self.calls = 0  # calls sent, for the tests and the bench
@@ -61,13 +68,48 @@ class GroupWriter:
 
     def submit_group(self, writes: list[Write]) -> list[Future[Answer]]:
         """Queue `writes` to travel in one call (one transaction), in this order."""
+        return self._dispatch(writes, together=True)
+
+    def submit_each(self, writes: list[Write]) -> list[Future[Answer]]:
+        """Queue `writes` to travel in one call, each answered for itself (a write the
+        database refuses fails alone): a round of lease renewals or stream pieces."""
+        return self._dispatch(writes, together=False)
+
+    def _dispatch(self, writes: list[Write], *, together: bool) -> list[Future[Answer]]:
         futures: list[Future[Answer]] = [Future() for _ in writes]
+        items: list[Item] = []
         with self._cond:
-            self._groups += 1
-            self._waiting += [(w, f, self._groups) for w, f in zip(writes, futures, strict=True)]
-            self._thread.ensure()
-            self._cond.notify()
+            for write, future in zip(writes, futures, strict=True):
+                if not together or not items:
+                    self._groups += 1
+                items.append((write, future, self._groups))
+            inline = not self._busy and not self._waiting and len(items) <= self._max_batch
+            if inline:
+                self._busy = True
+            else:
+                self._waiting += items
+                self._thread.ensure()
+                self._cond.notify()
+        if inline:
+            self._send_now(items)
         return futures
+
+    def _send_now(self, batch: list[Item]) -> None:
+        """Send `batch` from this thread (the writer was idle), then hand whatever arrived
+        meanwhile to the writer's thread."""
+        try:
+            self._send(batch)
+        except BaseException as exc:  # e.g. a time limit raised in this thread mid-call
+            for _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        finally:
+            with self._cond:
+                self._busy = False
+                if self._waiting:
+                    self._thread.ensure()
+                    self._cond.notify()
 
     def write(self, write: Write) -> Answer:
         return self.submit(write).result()
@@ -102,8 +144,8 @@ class GroupWriter:
     def heartbeats(self, held: list[tuple[str, int, str]], lease_seconds: float
                    ) -> list[WriteResult]:
         """Renew every lease in `held` ((task_id, attempt, worker) each), in one call."""
-        futures = [self.submit(Write("heartbeat", t, a, w, seconds=lease_seconds))
-                   for t, a, w in held]
+        futures = self.submit_each([Write("heartbeat", t, a, w, seconds=lease_seconds)
+                                    for t, a, w in held])
         return [f.result()[0] for f in futures]
 
     def append(self, task_id: str, attempt: int, worker: str, seq: int, offset: int, text: str
@@ -151,7 +193,7 @@ class GroupWriter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting:
+                while not self._waiting or self._busy:
                     self._cond.wait()
                 cut = min(self._max_batch, len(self._waiting))
                 while cut < len(self._waiting) and \
@@ -159,6 +201,7 @@ class GroupWriter:
                     cut += 1  # a group is never split
                 batch = self._waiting[:cut]
                 del self._waiting[:cut]
+                self._busy = True
             try:
                 self._send(batch)
             except BaseException as exc:  # no caller may wait forever on a dead writer
@@ -166,6 +209,9 @@ class GroupWriter:
                     if not future.done():
                         future.set_exception(exc)
                 raise
+            finally:
+                with self._cond:
+                    self._busy = False
 
     def _send(self, batch: list[Item]) -> None:
         self.calls += 1

@@ -150,3 +150,38 @@ def test_streams_of_a_process_are_written_together_and_rebuild_the_answer(
         assert rebuilt == [("t" * 40,)]
     # 5 streams × 40 reports: a handful of writes each, sent a round at a time.
     assert writer.writes < 5 * 40 and writer.calls < writer.writes
+
+
+class ThreadRecordingStore(TaskStore):
+    """The real store, noting which thread sent each call."""
+
+    def __init__(self, store: TaskStore) -> None:
+        super().__init__(store.transport)
+        self.senders: list[str] = []
+
+    def write_batch(self, writes: Any) -> Any:
+        self.senders.append(threading.current_thread().name)
+        return super().write_batch(writes)
+
+
+def test_an_idle_writer_lets_the_caller_send(store: TaskStore, clean_db: str) -> None:
+    """No hand-over to the writer's thread and back when nothing else is in flight: in the
+    prefork pool (one task per child) that is every write."""
+    [claim] = claimed(store, clean_db, 1)
+    recording = ThreadRecordingStore(store)
+    writer = GroupWriter(recording)
+    assert writer.bind(claim.id, claim.attempt, "w", LEASE).applied
+    assert writer.complete(claim.id, claim.attempt, "w", {"answer": "a"}).applied
+    assert recording.senders == [threading.current_thread().name] * 2
+
+
+def test_a_round_of_renewals_is_one_call_even_on_an_idle_writer(store: TaskStore,
+                                                                  clean_db: str) -> None:
+    claims = claimed(store, clean_db, 3)
+    writer = GroupWriter(store)
+    for c in claims:
+        assert writer.bind(c.id, c.attempt, "w", LEASE).applied
+    held = [(c.id, c.attempt, "w") for c in claims] + [(claims[0].id, claims[0].attempt, "x")]
+    results = writer.heartbeats(held, LEASE)
+    assert [r.applied for r in results] == [True, True, True, False]  # each fenced alone
+    assert (writer.calls, writer.writes) == (4, 7)  # three binds, then one call of four
