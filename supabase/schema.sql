@@ -452,13 +452,19 @@ $$;
 -- waiting for the disk: a completed task is never run again. `set_config(..., true)`
 -- lasts to the end of the caller's transaction, so the commit right after the call is the
 -- one relaxed.
+-- (PL/pgSQL, as broadcasting(): before PostgreSQL 18 a SQL function that cannot be inlined
+-- is planned again at every call.)
 create function agent_bridge.relax_commit()
 returns void
-language sql
+language plpgsql
 volatile
 security invoker
 set search_path = ''
-as $$ select set_config('synchronous_commit', 'off', true) $$;
+as $$
+begin
+    perform set_config('synchronous_commit', 'off', true);
+end
+$$;
 
 -- The size of a payload, for the size limit and the day budget alike: its size as stored,
 -- read from the value's header, O(1), where ::text would write the whole document out
@@ -716,13 +722,15 @@ $$;
 -- the flag table.
 create function agent_bridge.broadcasting()
 returns boolean
-language sql
+language plpgsql
 stable
 security definer
 set search_path = ''
 as $$
-    select coalesce((select enabled from agent_bridge.realtime_broadcast), false)
-       and to_regprocedure('realtime.send(jsonb,text,text,boolean)') is not null
+begin
+    return coalesce((select enabled from agent_bridge.realtime_broadcast), false)
+       and to_regprocedure('realtime.send(jsonb,text,text,boolean)') is not null;
+end
 $$;
 
 -- The receive rule for a task's topic, evaluated as the subscriber (security invoker):
@@ -3554,7 +3562,8 @@ $$;
 
 create trigger agent_task_requests_notify
     after insert or update of status on public.agent_task_requests
-    for each row execute function public.agent_task_requests_notify();
+    for each row when (new.status = 'pending')
+    execute function public.agent_task_requests_notify();
 
 -- The end of an attempt: when the row leaves `processing` or its holder changes, its
 -- chunks go. A state function that writes its own response_payload (complete, fail, a
