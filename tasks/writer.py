@@ -91,15 +91,17 @@ class GroupWriter:
                 self._thread.ensure()
                 self._cond.notify()
         if inline:
-            self._send_now(items)
+            self._send_exclusively(items)
         return futures
 
-    def _send_now(self, batch: list[Item]) -> None:
-        """Send `batch` from this thread (the writer was idle), then hand whatever arrived
-        meanwhile to the writer's thread."""
+    def _send_exclusively(self, batch: list[Item]) -> None:
+        """Send `batch` as the one call in flight (the caller set `_busy`), from a caller's
+        thread or the writer's; then the writer's thread takes whatever arrived meanwhile.
+        No caller may wait forever on a call that died (a time limit raised in the sending
+        thread, a dying writer thread): its futures get the exception."""
         try:
             self._send(batch)
-        except BaseException as exc:  # e.g. a time limit raised in this thread mid-call
+        except BaseException as exc:
             for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -202,16 +204,7 @@ class GroupWriter:
                 batch = self._waiting[:cut]
                 del self._waiting[:cut]
                 self._busy = True
-            try:
-                self._send(batch)
-            except BaseException as exc:  # no caller may wait forever on a dead writer
-                for _, future, _ in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                raise
-            finally:
-                with self._cond:
-                    self._busy = False
+            self._send_exclusively(batch)
 
     def _send(self, batch: list[Item]) -> None:
         self.calls += 1
