@@ -6,8 +6,9 @@ bridge keeps only about `target_seconds` of work in each queue: it measures how 
 the workers take jobs (what left the queue between two depth readings, while it did
 not run dry) and allows `rate * target_seconds` jobs, never more than `max_queued`.
 A queue found empty may have starved its workers, so its allowance doubles. Fast
-no-op workers keep the full `max_queued`; a hundred 5-second LLM calls keep about
-ten jobs waiting, so a new tenant's row starts within about half a second. The queue
+no-op workers keep half a second of theirs (hundreds of jobs); a hundred 5-second LLM
+calls keep about ten jobs waiting, so a new tenant's row starts within about half a
+second. The queue
 is topped up once half of the allowance has gone, so claims come in batches.
 
 A new gauge starts at `start` jobs (the bridge's claim batch), not at `max_queued`, and
