@@ -8,8 +8,8 @@ not run dry) and allows `rate * target_seconds` jobs, never more than `max_queue
 A queue found empty may have starved its workers, so its allowance doubles. Fast
 no-op workers keep half a second of theirs (hundreds of jobs); a hundred 5-second LLM
 calls keep about ten jobs waiting, so a new tenant's row starts within about half a
-second. The queue
-is topped up once half of the allowance has gone, so claims come in batches.
+second. The queue is topped up once half of the allowance has gone, so claims come in
+batches.
 
 A new gauge starts at `start` jobs (the bridge's claim batch), not at `max_queued`, and
 grows by doubling each time the workers empty the queue: a fresh bridge facing a backlog

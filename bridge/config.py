@@ -195,7 +195,8 @@ class Settings:
         "BRIDGE_MAX_QUEUED", 1000,
         "Backpressure: the most jobs waiting in one agent's broker queue. It is a ceiling: "
         "BRIDGE_QUEUE_SECONDS sizes the queue below it, from how fast the workers take "
-        "jobs. Keep it below what the workers start within one lease.")
+        "jobs. With BRIDGE_QUEUE_SECONDS=0 (a fixed cap) keep it below what the workers "
+        "start within one lease.")
     queue_seconds: float = setting(
         "BRIDGE_QUEUE_SECONDS", 0.5,
         "Backpressure by time: keep about this many seconds of work in each broker queue, "
