@@ -66,3 +66,30 @@ def test_claim_itself_does_not_scan_the_table(clean_db: str) -> None:
     assert nested, plans  # the function's own statements were explained
     scans = [p for p in nested if re.search(r"Seq Scan on agent_task_requests\b", p)]
     assert not scans, "\n\n".join(scans)
+
+
+def test_claim_reads_only_the_rows_it_takes_after_a_burst(clean_db: str) -> None:
+    """Statistics from a quiet table (50 rows), then a burst of 4,000: a claim of 50 reads
+    no more of agent_task_requests than a few claims' worth. Its picked rows were once
+    joined back to the table, which such statistics planned as a hash of every row, and of
+    every pending row, at every claim (issue 23)."""
+    with psycopg.connect(clean_db, autocommit=True) as conn:
+        conn.execute("insert into public.agent_task_requests (request_payload) "
+                     "select '{}' from generate_series(1, 50)")
+        conn.execute("analyze public.agent_task_requests")
+        conn.execute("insert into public.agent_task_requests (request_payload) "
+                     "select '{}' from generate_series(1, 4000)")
+        plans = explain_everything(conn)
+        conn.execute("set auto_explain.log_analyze = on")
+        claimed = conn.execute("select * from public.agent_tasks_claim("
+                               "p_limit => 50, p_lease_seconds => 30)").fetchall()
+    assert len(claimed) == 50
+    nested = [p for p in plans if "agent_task_requests" in p and "agent_tasks_claim" not in p]
+    assert nested, plans
+    # every plan node that reads the table, with the rows it returned
+    reads = [(line.strip(), int(m.group(1))) for p in nested for line in p.splitlines()
+             if " on agent_task_requests" in line
+             and (m := re.search(r"actual time=\S+ rows=(\d+)", line))]
+    assert reads, nested
+    assert max(rows for _, rows in reads) <= 200, "\n".join(
+        f"{rows}: {line}" for line, rows in reads if rows > 200)
