@@ -21,12 +21,9 @@ own) and after it (all migrations), on the same server in the same run.
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -35,7 +32,6 @@ from bench.cli import bench_parser, write_json
 from bench.fairness import plans
 from bench.measure import percentile, table
 from bench.stack import Servers, servers
-from bridge.migrate import MIGRATIONS_DIR, migrate
 
 CHANGE = "20261203000100_claim_sleeping_tenants.sql"
 AGENTS = ["default"]  # what the bridge passes: the agents whose queues have room
@@ -62,16 +58,7 @@ def database(srv: Servers, schema: str) -> str:
     """A database with the schema before the change, or with every migration."""
     if schema == "after":
         return srv.new_database("claim_after")
-    url = srv.new_database("claim_before", migrated=False)
-    older = Path(tempfile.mkdtemp(prefix="migrations-before-"))
-    try:
-        for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
-            if path.name < CHANGE:
-                shutil.copy(path, older)
-        migrate(url, older)
-    finally:
-        shutil.rmtree(older, ignore_errors=True)
-    return url
+    return srv.database_before("claim_before", CHANGE)
 
 
 def arrive(url: str, size: Size) -> float:

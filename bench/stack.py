@@ -25,7 +25,7 @@ import redis
 from bench.sql import bench_sql
 from bridge import processes
 from bridge.localstack import LocalPostgres, LocalRedis, with_database
-from bridge.migrate import migrate
+from bridge.migrate import MIGRATIONS_DIR, migrate
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -113,6 +113,20 @@ class Servers:
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute(done_trigger_sql("agent_task_requests", ("completed", "failed"))
                              .encode())
+        return url
+
+    def database_before(self, prefix: str, change: str) -> str:
+        """A fresh database with the migrations named before the file `change`: the schema
+        before a change, for a bench's before and after (no bench trigger)."""
+        url = self.new_database(prefix, migrated=False)
+        older = Path(tempfile.mkdtemp(prefix="migrations-before-"))
+        try:
+            for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+                if path.name < change:
+                    shutil.copy(path, older)
+            migrate(url, older)
+        finally:
+            shutil.rmtree(older, ignore_errors=True)
         return url
 
     def workdir(self, name: str) -> Path:
