@@ -11,6 +11,10 @@ select * from public.agent_tasks_claim(p_limit => %(p_limit)s::integer, p_lease_
 -- A worker takes its attempt: fenced; returns the request payload.
 select * from public.agent_task_start(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_lease_seconds => %(p_lease_seconds)s::double precision, p_spend => %(p_spend)s::jsonb)
 
+-- bind --
+-- A worker takes its attempt when its message carried the payload: start's fence, reading nothing back (no payload sent and parsed again).
+select applied, status, attempts, worker, budget from public.agent_task_start(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_lease_seconds => %(p_lease_seconds)s::double precision, p_spend => %(p_spend)s::jsonb)
+
 -- heartbeat --
 -- The holder renews its lease while the handler runs.
 select * from public.agent_task_heartbeat(p_id => %(p_id)s::uuid, p_attempt => %(p_attempt)s::integer, p_worker => %(p_worker)s::text, p_lease_seconds => %(p_lease_seconds)s::double precision)

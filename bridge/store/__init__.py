@@ -128,6 +128,15 @@ class TaskStore:
             return None, result
         return _started(task_id, attempt, r), result
 
+    def bind(self, task_id: str, attempt: int, worker: str, lease_seconds: float,
+             spend: Mapping[str, Any] | None = None) -> WriteResult:
+        """Take the attempt when the message carried the payload: `start`'s fence and
+        reservation, with nothing read back (a payload of up to AGENT_INLINE_PAYLOAD_BYTES is
+        neither sent again nor parsed again)."""
+        return self._write("bind", p_id=task_id, p_attempt=attempt, p_worker=worker,
+                           p_lease_seconds=lease_seconds,
+                           p_spend=dict(spend) if spend is not None else None)
+
     def write_batch(self, writes: Sequence[Write]
                     ) -> list[tuple[WriteResult, StartedTask | None]]:
         """`writes` in one call and one transaction (public.agent_tasks_write), each fenced
@@ -160,10 +169,12 @@ class TaskStore:
     def _write_one(self, w: Write) -> tuple[WriteResult, StartedTask | None]:
         """One write through its single-row function (see write_batch)."""
         doc = dict(w.doc) if w.doc is not None else None
-        if w.kind in ("bind", "start"):
+        if w.kind == "bind":
+            return self.bind(w.task_id, w.attempt, w.worker, _seconds(w.seconds), doc), None
+        if w.kind == "start":
             started, result = self.start(w.task_id, w.attempt, w.worker, _seconds(w.seconds),
                                          doc)
-            return result, started if w.kind == "start" else None
+            return result, started
         if w.kind == "usage":
             return self._write("report_usage", p_id=w.task_id, p_attempt=w.attempt,
                                p_worker=w.worker, p_usage=doc, p_run=w.seq), None

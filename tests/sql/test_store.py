@@ -133,6 +133,24 @@ def test_fencing_refuses_stale_and_foreign_writes(store: TaskStore, clean_db: st
     assert done["response_payload"] == {"answer": 42}
 
 
+def test_a_bind_takes_the_attempt_and_reads_nothing_back(
+        store: TaskStore, clean_db: str) -> None:
+    """A message that carried its payload binds with start's fence, and the payload does not
+    travel back: the bind's answer has no payload column to send or parse."""
+    task_id = insert_task(clean_db, {"prompt": "p", "context": {"long": "x" * 5000}})
+    c = claim_one(store)
+    rows = store._call("bind", p_id=task_id, p_attempt=c.attempt, p_worker="w1",
+                       p_lease_seconds=LEASE, p_spend=None)
+    assert [r["applied"] for r in rows] == [True]
+    if store.transport.name == "postgres":  # (rpc() returns every column of the function)
+        assert set(rows[0]) == {"applied", "status", "attempts", "worker", "budget"}
+    assert store.bind(task_id, c.attempt, "w1", LEASE).applied  # its own retry
+    refused = store.bind(task_id, c.attempt, "w2", LEASE)
+    assert (refused.applied, refused.status, refused.worker) == (False, "processing", "w1")
+    row = fetch_task(clean_db, task_id)
+    assert (row["worker"], row["status"], row["attempts"]) == ("w1", "processing", c.attempt)
+
+
 def test_start_refuses_duplicate_delivery_while_lease_is_held(
         store: TaskStore, clean_db: str) -> None:
     """A second delivery of the same job waits for the holder to let go or die."""

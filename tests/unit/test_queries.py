@@ -23,12 +23,12 @@ STORE_SOURCE = "".join(p.read_text(encoding="utf-8")
 
 def test_every_query_loaded() -> None:
     """The file parses into the blocks the store needs, each with a description."""
-    assert set(QUERIES) == {"claim", "start", "heartbeat", "progress", "append", "complete", "fail",
-                            "schedule_retry", "release", "rescue", "requeue", "stats",
-                            "schema_version", "cancel", "request_cancel", "cancelled",
-                            "cancel_requested", "register_agents", "agent_stats", "prune",
-                            "write_batch", "broadcasting", "report_usage", "tenants_usage",
-                            "usage_totals", "wait", "answers"}
+    assert set(QUERIES) == {"claim", "start", "bind", "heartbeat", "progress", "append",
+                            "complete", "fail", "schedule_retry", "release", "rescue",
+                            "requeue", "stats", "schema_version", "cancel", "request_cancel",
+                            "cancelled", "cancel_requested", "register_agents", "agent_stats",
+                            "prune", "write_batch", "broadcasting", "report_usage",
+                            "tenants_usage", "usage_totals", "wait", "answers"}
     for q in QUERIES.values():
         assert q.description and not q.description.startswith("select")
         assert q.sql.startswith("select ") and ";" not in q.sql
