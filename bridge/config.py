@@ -269,6 +269,13 @@ class Settings:
         "once; what a handler reports in between goes with the next): at most 1/this database "
         "writes and Realtime messages per second per streaming task, and a worker process "
         "writes all its tasks' due pieces in one statement. 0: every report is written.")
+    group_commit_wait: float = setting(
+        "AGENT_GROUP_COMMIT_WAIT", 0.005,
+        "Most seconds a worker process's state write (a bind, an outcome, a streamed piece) "
+        "waits for the writes of the process's other running tasks, to go with them in one "
+        "call and one commit; only while more than one task runs in the process (never in a "
+        "prefork child, which runs one). 0: each write is sent at once unless a call is "
+        "already in flight.")
     progress_interval: float = setting(
         "AGENT_PROGRESS_INTERVAL", 0.1,
         "The earlier name of `AGENT_STREAM_INTERVAL`, read when that is not set.")
@@ -354,7 +361,7 @@ class Settings:
                 raise ConfigError(f"{_env(name)} must be greater than 0")
         if self.supabase_url and not self.supabase_url.startswith(("http://", "https://")):
             raise ConfigError("SUPABASE_URL must start with https:// (Project Settings → API)")
-        for name in ("stream_interval", "progress_interval"):
+        for name in ("stream_interval", "progress_interval", "group_commit_wait"):
             if not 0 <= getattr(self, name) < float("inf"):  # NaN fails this too
                 raise ConfigError(f"{_env(name)} must be a number of seconds, 0 or more")
         if not 0 <= self.retention_days < float("inf"):  # NaN fails this too

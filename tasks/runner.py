@@ -69,8 +69,10 @@ def run_agent(self: Task, task_id: str, attempt: int, task: Mapping[str, Any] | 
     returned it (its payload and the handler's other fields), when the bridge could send
     it in the message (AGENT_INLINE_PAYLOAD_BYTES); else the worker reads it as it
     takes the attempt."""
-    execution = Execution(runtime.get(), self, task_id, attempt, task)
-    outcome = execution.run()
+    current = runtime.get()
+    execution = Execution(current, self, task_id, attempt, task)
+    with current.writer.running():
+        outcome = execution.run()
     if execution.failure is not None:
         raise TaskFailed(f"{execution.failure['type']}: {execution.failure['message']}")
     return outcome

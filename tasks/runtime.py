@@ -35,7 +35,7 @@ class WorkerRuntime:
     @classmethod
     def open(cls, settings: Settings) -> WorkerRuntime:
         store = open_store(settings)
-        writer = GroupWriter(store)
+        writer = GroupWriter(store, wait=settings.group_commit_wait)
         keeper = LeaseKeeper(writer, settings.lease_seconds)
         keeper.on_hold = CancelWatcher(settings, store, keeper).watch
         return cls(settings, store, writer, keeper, StreamFlusher(writer, settings))

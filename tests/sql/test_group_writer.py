@@ -15,6 +15,7 @@ from bridge.errors import StoreRejected
 from bridge.store import Claim, StartedTask, TaskStore, Write
 from tasks.lease import Holding
 from tasks.progress import StreamFlusher
+from tasks.runtime import WorkerRuntime
 from tasks.writer import GroupWriter
 from tests.db import fetch_task, insert_task, sql
 
@@ -185,3 +186,88 @@ def test_a_round_of_renewals_is_one_call_even_on_an_idle_writer(store: TaskStore
     results = writer.heartbeats(held, LEASE)
     assert [r.applied for r in results] == [True, True, True, False]  # each fenced alone
     assert (writer.calls, writer.writes) == (4, 7)  # three binds, then one call of four
+
+
+# AGENT_GROUP_COMMIT_WAIT: while other tasks of the process run, a write waits for theirs.
+# `wait` is a minute here, so a write that went out only after it would hang the test (the
+# joins below give up long before): each case shows what sends it without waiting.
+
+def run_tasks(writer: GroupWriter, claims: list[Claim], body: Any) -> dict[str, Any]:
+    """One thread per claim, each a running task of `writer` doing `body(claim, gate)`,
+    all started before any of them writes; what each returned, by claim id."""
+    gate = threading.Barrier(len(claims))
+    done: dict[str, Any] = {}
+
+    def task(claim: Claim) -> None:
+        with writer.running():
+            gate.wait()
+            done[claim.id] = body(claim, gate)
+
+    threads = [threading.Thread(target=task, args=(c,)) for c in claims]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a write waited for a task that never wrote"
+    return done
+
+
+def test_while_other_tasks_run_a_write_waits_for_theirs(store: TaskStore,
+                                                         clean_db: str) -> None:
+    claims = claimed(store, clean_db, 4)
+    writer = GroupWriter(store, wait=60)
+    done = run_tasks(writer, claims,
+                     lambda c, _: writer.bind(c.id, c.attempt, f"w-{c.id}", LEASE).applied)
+    assert all(done.values()) and len(done) == 4
+    assert (writer.calls, writer.writes) == (1, 4)  # sent once every running task had one
+
+
+def test_a_task_that_ends_lets_the_others_writes_go(store: TaskStore, clean_db: str) -> None:
+    writing, idle = claimed(store, clean_db, 2)
+    writer = GroupWriter(store, wait=60)
+
+    def body(claim: Claim, gate: threading.Barrier) -> bool:
+        if claim is idle:
+            return True  # ends without a write while the other's waits for it
+        return writer.bind(claim.id, claim.attempt, "w", LEASE).applied
+
+    assert run_tasks(writer, [writing, idle], body) == {writing.id: True, idle.id: True}
+    assert (writer.calls, writer.writes) == (1, 1)
+
+
+def test_a_write_waits_no_longer_than_the_wait(store: TaskStore, clean_db: str) -> None:
+    writing, busy = claimed(store, clean_db, 2)
+    writer = GroupWriter(store, wait=0.05)
+    written = threading.Event()
+
+    def body(claim: Claim, gate: threading.Barrier) -> bool:
+        if claim is busy:  # runs on (a handler at work) until the other's write is back
+            return written.wait(timeout=30)
+        applied = writer.bind(claim.id, claim.attempt, "w", LEASE).applied
+        written.set()
+        return applied
+
+    assert run_tasks(writer, [writing, busy], body) == {writing.id: True, busy.id: True}
+    assert fetch_task(clean_db, writing.id)["worker"] == "w"
+
+
+def test_a_worker_process_writer_waits_as_configured(db_url: str) -> None:
+    settings = Settings.from_env({"DATABASE_URL": db_url, "AGENT_GROUP_COMMIT_WAIT": "0.02"},
+                                 dotenv=False)
+    runtime = WorkerRuntime.open(settings)
+    try:
+        assert runtime.writer.commit_wait == 0.02
+    finally:
+        runtime.store.close()
+
+
+def test_a_task_alone_in_its_process_never_waits(store: TaskStore, clean_db: str) -> None:
+    """A prefork child runs one task at a time: its writes go at once, from its own thread,
+    whatever the wait."""
+    [claim] = claimed(store, clean_db, 1)
+    recording = ThreadRecordingStore(store)
+    writer = GroupWriter(recording, wait=60)
+    with writer.running():
+        assert writer.bind(claim.id, claim.attempt, "w", LEASE).applied
+        assert writer.complete(claim.id, claim.attempt, "w", {"answer": "a"}).applied
+    assert recording.senders == [threading.current_thread().name] * 2
