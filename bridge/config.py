@@ -29,6 +29,7 @@ LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TRANSPORTS: tuple[str, ...] = ("auto", "postgres", "supabase")
 TRUE: tuple[str, ...] = ("true", "1", "yes", "on")
 FALSE: tuple[str, ...] = ("false", "0", "no", "off")
+MAX_GROUP_COMMIT_WAIT = 0.1  # seconds: AGENT_GROUP_COMMIT_WAIT's ceiling
 
 
 def parse_bool(name: str, raw: str, error: type[ConfigError] = ConfigError) -> bool:
@@ -275,7 +276,7 @@ class Settings:
         "waits for the writes of the process's other running tasks, to go with them in one "
         "call and one commit; only while more than one task runs in the process (never in a "
         "prefork child, which runs one). 0: each write is sent at once unless a call is "
-        "already in flight.")
+        "already in flight; at most 0.1.")
     progress_interval: float = setting(
         "AGENT_PROGRESS_INTERVAL", 0.1,
         "The earlier name of `AGENT_STREAM_INTERVAL`, read when that is not set.")
@@ -361,9 +362,14 @@ class Settings:
                 raise ConfigError(f"{_env(name)} must be greater than 0")
         if self.supabase_url and not self.supabase_url.startswith(("http://", "https://")):
             raise ConfigError("SUPABASE_URL must start with https:// (Project Settings → API)")
-        for name in ("stream_interval", "progress_interval", "group_commit_wait"):
+        for name in ("stream_interval", "progress_interval"):
             if not 0 <= getattr(self, name) < float("inf"):  # NaN fails this too
                 raise ConfigError(f"{_env(name)} must be a number of seconds, 0 or more")
+        if not 0 <= self.group_commit_wait <= MAX_GROUP_COMMIT_WAIT:
+            # A task's bind waits too, while its claim's lease runs: keep it short (the
+            # ceiling of PostgreSQL's own commit_delay).
+            raise ConfigError("AGENT_GROUP_COMMIT_WAIT must be a number of seconds from 0 "
+                              f"to {MAX_GROUP_COMMIT_WAIT:g}")
         if not 0 <= self.retention_days < float("inf"):  # NaN fails this too
             raise ConfigError("AGENT_RETENTION_DAYS must be a number of days, 0 (keep "
                               "everything) or more")

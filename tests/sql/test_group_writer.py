@@ -4,8 +4,12 @@ for its own row, and a write the database refuses fails alone. Both transports."
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +24,7 @@ from tasks.writer import GroupWriter
 from tests.db import fetch_task, insert_task, sql
 
 LEASE = 60.0
+REPO = Path(__file__).resolve().parents[2]
 
 
 def claimed(store: TaskStore, db_url: str, count: int, **claim: Any) -> list[Claim]:
@@ -271,3 +276,73 @@ def test_a_task_alone_in_its_process_never_waits(store: TaskStore, clean_db: str
         assert writer.bind(claim.id, claim.attempt, "w", LEASE).applied
         assert writer.complete(claim.id, claim.attempt, "w", {"answer": "a"}).applied
     assert recording.senders == [threading.current_thread().name] * 2
+
+
+# A worker process killed (kill -9) while its outcome waits for the others' writes: the
+# child below is such a process, two running tasks on the real database, the quick one's
+# outcome waiting for the holder's next write (a minute here, so the kill surely lands in
+# the wait).
+KILLED_WRITER = """
+import sys, threading, time
+from bridge.store import open_store
+from bridge.config import Settings
+from tasks.writer import GroupWriter
+
+url, quick, holder, attempt = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+writer = GroupWriter(open_store(Settings.from_env({"DATABASE_URL": url}, dotenv=False)),
+                     wait=60)
+both = threading.Barrier(2)
+handed = threading.Event()
+
+def task(task_id, then):
+    with writer.running():
+        both.wait()
+        assert writer.bind(task_id, attempt, "doomed", 1).applied
+        then(task_id)
+
+def finish(task_id):
+    handed.set()
+    writer.complete(task_id, attempt, "doomed", {"answer": "lost"})
+
+threading.Thread(target=task, args=(quick, finish), daemon=True).start()
+threading.Thread(target=task, args=(holder, lambda t: time.sleep(600)), daemon=True).start()
+handed.wait()
+while not writer._waiting:  # the quick task's outcome, handed over and waiting
+    time.sleep(0.01)
+print("waiting", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_killed_with_an_outcome_waiting_loses_nothing(store: TaskStore,
+                                                               clean_db: str) -> None:
+    """The outcome was never sent, so the row never showed `completed`: its lease runs out,
+    the rescue makes it pending, and the next attempt completes it, once."""
+    quick, holder = claimed(store, clean_db, 2)
+    assert quick.attempt == holder.attempt == 1
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, clean_db, quick.id, holder.id, "1"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "waiting"
+        assert fetch_task(clean_db, quick.id)["worker"] == "doomed"  # the binds went
+        child.kill()
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    row = fetch_task(clean_db, quick.id)
+    assert (row["status"], row["response_payload"]) == ("processing", None)
+
+    deadline = time.monotonic() + 30  # the binds' one-second leases run out
+    while {r.id for r in store.rescue()} != {quick.id, holder.id}:
+        assert time.monotonic() < deadline, "the leases never ran out"
+        time.sleep(0.2)
+    again = {c.id: c for c in store.claim(2, LEASE)}
+    assert again[quick.id].attempt == 2
+    writer = GroupWriter(store)
+    assert writer.bind(quick.id, 2, "next", LEASE).applied
+    assert writer.complete(quick.id, 2, "next", {"answer": "again"}).applied
+    row = fetch_task(clean_db, quick.id)
+    assert (row["status"], row["attempts"], row["response_payload"]) == (
+        "completed", 2, {"answer": "again"})

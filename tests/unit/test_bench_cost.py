@@ -1,4 +1,5 @@
-"""bench/cost.py's arithmetic: commits per streamed piece, and issue 23's targets."""
+"""bench/cost.py's arithmetic: commits per streamed piece, and issue 23's targets; the table of
+bench/group_commit.py."""
 
 from __future__ import annotations
 
@@ -33,3 +34,14 @@ def test_targets_compare_with_the_same_run() -> None:
     rows = cost.targets({"burst": burst})
     assert [r[2] for r in rows] == ["✅"] * 5  # time; all and write commits, each vs the peer
     assert "1.18×" in rows[0][1]
+
+
+def test_group_commit_table_has_a_row_per_workload_and_wait() -> None:
+    from bench import group_commit
+
+    runs = [{"workload": w, "wait": wait, "seconds": 2.0, "tasks_per_s": 500.0, "commits": 0.5,
+             "postgres_ms": 0.4, "worker_ms": 1.5}
+            for w in ("no-op", "burst") for wait in ("0", "0.005")]
+    text = group_commit.render(runs, [1.6, 1.7], 1)
+    assert "| no-op    | 5 ms | 500 tasks/s" in text
+    assert "2.00 s (1.21× plain Celery)" in text

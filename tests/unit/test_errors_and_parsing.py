@@ -196,9 +196,10 @@ def test_settings_refuse_what_the_strict_parser_refuses(name: str, raw: str) -> 
 def test_group_commit_wait_is_seconds_zero_or_more() -> None:
     assert Settings.from_env({}).group_commit_wait == 0.005
     assert Settings.from_env({"AGENT_GROUP_COMMIT_WAIT": "0"}).group_commit_wait == 0.0
-    with pytest.raises(ConfigError, match=r"^AGENT_GROUP_COMMIT_WAIT must be a number of "
-                                          r"seconds, 0 or more"):
-        Settings.from_env({"AGENT_GROUP_COMMIT_WAIT": "-0.001"})
+    for raw in ("-0.001", "0.5"):
+        with pytest.raises(ConfigError, match=r"^AGENT_GROUP_COMMIT_WAIT must be a number of "
+                                              r"seconds from 0 to 0.1$"):
+            Settings.from_env({"AGENT_GROUP_COMMIT_WAIT": raw})
 
 
 def test_openai_settings_use_the_same_parser() -> None:
