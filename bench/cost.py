@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench import benchmarks as b
-from bench.measure import table
+from bench.measure import cpu_ms_per_task, table
 
 STREAM_GAP_S = 0.3  # between two pieces of a streamed answer (AGENT_PROGRESS_INTERVAL 0.25)
 
@@ -111,13 +111,6 @@ def burst_runs(ctx: b.Context, step: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _cpu_ms(r: dict[str, Any], proc: str | None) -> float | None:
-    res = r.get("resources") or {}
-    if proc is None:
-        return 1000 * sum(u["cpu_seconds"] for u in res.values()) / r["n"] if res else None
-    return 1000 * res[proc]["cpu_seconds"] / r["n"] if proc in res else None
-
-
 def _2(value: float | None) -> str | None:
     """Two decimals: per-task counts and milliseconds move in the second."""
     return None if value is None else f"{value:.2f}"
@@ -153,7 +146,7 @@ def render(report: dict[str, Any]) -> str:
                          _2(db.get("statements_nested")), _2(db.get("commits_beyond_insert")),
                          _2(db.get("wal_commits_beyond_insert")), db.get("insert_commits"),
                          db.get("wal_bytes"), db.get("wal_fpi_bytes"),
-                         _2(_cpu_ms(r, "postgres")), _2(_cpu_ms(r, None)),
+                         _2(cpu_ms_per_task(r, "postgres")), _2(cpu_ms_per_task(r, None)),
                          f"{r['completed']}/{r['failed']}"])
         parts.append(table(title, [
             "system", "workers", "workload", "n", "wall s", "tasks/s", "vs plain Celery",
@@ -220,7 +213,7 @@ def targets(report: dict[str, Any]) -> list[list[str]]:
     for r in cost:
         if r["system"] != "agent-bridge":
             continue
-        cpu = _cpu_ms(r, "postgres")
+        cpu = cpu_ms_per_task(r, "postgres")
         if cpu is not None:
             rows.append([f"Postgres CPU per no-op task ≤ {TARGET_PG_CPU_MS:g} ms ({r['pool']})",
                          f"{cpu:.2f} ms", mark(cpu <= TARGET_PG_CPU_MS)])

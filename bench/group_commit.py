@@ -19,15 +19,11 @@ from typing import Any
 
 from bench import benchmarks as b
 from bench.cli import bench_parser, write_json
-from bench.measure import table
+from bench.measure import cpu_ms_per_task, median_of, table
 from bench.stack import servers
 
 NOOP_N = 4000
 BURST_N = 1000
-
-
-def per_task(result: dict[str, Any], process: str) -> float:
-    return 1000 * float(result["resources"][process]["cpu_seconds"]) / int(result["n"])
 
 
 def one(ctx: b.Context, workload: str, wait: str) -> dict[str, Any]:
@@ -40,7 +36,8 @@ def one(ctx: b.Context, workload: str, wait: str) -> dict[str, Any]:
                                 AGENT_GROUP_COMMIT_WAIT=wait)
     return {"workload": workload, "wait": wait, "seconds": r["seconds"],
             "tasks_per_s": r["tasks_per_s"], "commits": r["db"]["commits_beyond_insert"],
-            "postgres_ms": per_task(r, "postgres"), "worker_ms": per_task(r, "worker")}
+            "postgres_ms": cpu_ms_per_task(r, "postgres"),
+            "worker_ms": cpu_ms_per_task(r, "worker")}
 
 
 def render(results: list[dict[str, Any]], plain: list[float], repeat: int) -> str:
@@ -48,15 +45,13 @@ def render(results: list[dict[str, Any]], plain: list[float], repeat: int) -> st
     for workload in ("no-op", "burst"):
         for wait in dict.fromkeys(r["wait"] for r in results):
             runs = [r for r in results if r["workload"] == workload and r["wait"] == wait]
-
-            def med(key: str, runs: list[dict[str, Any]] = runs) -> float:
-                return float(statistics.median(float(r[key]) for r in runs))
-
-            speed = (f"{med('tasks_per_s'):.0f} tasks/s" if workload == "no-op" else
-                     f"{med('seconds'):.2f} s ({med('seconds') / statistics.median(plain):.2f}×"
-                     " plain Celery)")
-            rows.append([workload, f"{float(wait) * 1000:g} ms", speed, f"{med('commits'):.2f}",
-                         f"{med('postgres_ms'):.2f}", f"{med('worker_ms'):.2f}"])
+            seconds = median_of(runs, "seconds")
+            speed = (f"{median_of(runs, 'tasks_per_s'):.0f} tasks/s" if workload == "no-op" else
+                     f"{seconds:.2f} s ({seconds / statistics.median(plain):.2f}× plain Celery)")
+            rows.append([workload, f"{float(wait) * 1000:g} ms", speed,
+                         f"{median_of(runs, 'commits'):.2f}",
+                         f"{median_of(runs, 'postgres_ms'):.2f}",
+                         f"{median_of(runs, 'worker_ms'):.2f}"])
     return table(f"AGENT_GROUP_COMMIT_WAIT (median of {repeat}; plain Celery's 1,000 × 1 s: "
                  f"{statistics.median(plain):.2f} s)",
                  ["workload", "wait", "speed", "commits/task beyond the insert",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,20 @@ def percentile(values: Sequence[float], p: float) -> float:
     low = math.floor(rank)
     high = math.ceil(rank)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def median_of(runs: Sequence[dict[str, Any]], key: str) -> float:
+    """The median of `key` over repeated runs of one case."""
+    return float(statistics.median(float(r[key]) for r in runs))
+
+
+def cpu_ms_per_task(result: dict[str, Any], process: str | None) -> float | None:
+    """CPU ms per task of one kind of process in a run's `resources` (None: all of them);
+    None when the run measured none."""
+    res = result.get("resources") or {}
+    if process is None:
+        return 1000 * sum(u["cpu_seconds"] for u in res.values()) / result["n"] if res else None
+    return 1000 * res[process]["cpu_seconds"] / result["n"] if process in res else None
 
 
 def summary_ms(values_s: Sequence[float]) -> dict[str, float]:

@@ -23,7 +23,6 @@ the table shows the median.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +32,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 from bench.cli import bench_parser, write_json
-from bench.measure import table
+from bench.measure import median_of, table
 from bench.stack import Servers, servers
 from bridge.store import Claim, TaskStore, Write
 from bridge.store.postgres import PostgresTransport
@@ -135,10 +134,6 @@ def run(srv: Servers, schema: str, path: str, n: int) -> dict[str, Any]:
     return {"schema": schema, "path": path, "tasks": tasks, "calls": calls,
             "claim_us": 1e6 * claim_cpu / tasks, "write_us": 1e6 * write_cpu / tasks,
             "write_call_us": 1e6 * write_cpu / calls}
-
-
-def median_of(runs: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(float(r[key]) for r in runs))
 
 
 def render(results: list[dict[str, Any]], repeat: int) -> str:
