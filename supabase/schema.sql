@@ -475,15 +475,17 @@ $$;
 -- its compressed size: its text size is measured instead.)
 create function agent_bridge.payload_bytes(p_payload jsonb)
 returns bigint
-language sql
+language plpgsql
 immutable
 parallel safe
 security invoker
 set search_path = ''
 as $$
-    select case when pg_catalog.pg_column_compression(p_payload) is null
+begin
+    return case when pg_catalog.pg_column_compression(p_payload) is null
                 then pg_catalog.pg_column_size(p_payload)::bigint
-                else pg_catalog.octet_length(p_payload::text)::bigint end
+                else pg_catalog.octet_length(p_payload::text)::bigint end;
+end
 $$;
 
 -- Adds one row of p_bytes to the signed-in user's (auth.uid()) count for today and returns
@@ -600,13 +602,15 @@ $$;
 -- jumps the queue and nobody is starved.
 create function agent_bridge.tenant_join_stamp()
 returns bigint
-language sql
+language plpgsql
 volatile
 security invoker
 set search_path = ''
 as $$
-    select r.last_value + 1 + nextval('public.agent_task_tenant_arrival') % 1048575
-      from public.agent_task_claim_round r
+begin
+    return (select r.last_value + 1 + nextval('public.agent_task_tenant_arrival') % 1048575
+              from public.agent_task_claim_round r);
+end
 $$;
 
 alter table public.agent_task_tenants
@@ -618,26 +622,29 @@ alter table public.agent_task_tenants
 -- by default the single priority 0), never a read of all its rows.
 create function agent_bridge.tenant_next_run_at(p_tenant text)
 returns timestamptz
-language sql
+language plpgsql
 stable
 security invoker
 set search_path = ''
 as $$
-    with recursive heads as (
-        (select t.priority, t.run_at from public.agent_task_requests t
-          where t.tenant = p_tenant and t.status = 'pending'
-          order by t.priority desc, t.run_at
-          limit 1)
-        union all
-        select n.priority, n.run_at
-          from heads h
-         cross join lateral (
-             select t.priority, t.run_at from public.agent_task_requests t
-              where t.tenant = p_tenant and t.status = 'pending' and t.priority < h.priority
+begin
+    return (
+        with recursive heads as (
+            (select t.priority, t.run_at from public.agent_task_requests t
+              where t.tenant = p_tenant and t.status = 'pending'
               order by t.priority desc, t.run_at
-              limit 1) n
-    )
-    select min(h.run_at) from heads h
+              limit 1)
+            union all
+            select n.priority, n.run_at
+              from heads h
+             cross join lateral (
+                 select t.priority, t.run_at from public.agent_task_requests t
+                  where t.tenant = p_tenant and t.status = 'pending' and t.priority < h.priority
+                  order by t.priority desc, t.run_at
+                  limit 1) n
+        )
+        select min(h.run_at) from heads h);
+end
 $$;
 
 -- The tenants of rows that just became pending (p_run_at: each row's run_at; null means
@@ -810,13 +817,15 @@ $$;
 -- table) where none has.
 create function agent_bridge.budgets_exist()
 returns boolean
-language sql
+language plpgsql
 stable
 security invoker
 set search_path = ''
 as $$
-    select exists (select 1 from public.agent_tenant_limits l
-                    where l.token_budget is not null or l.cost_budget is not null)
+begin
+    return exists (select 1 from public.agent_tenant_limits l
+                    where l.token_budget is not null or l.cost_budget is not null);
+end
 $$;
 
 -- A tenant's budgets and spend in its current period. `*_left` count reservations as
@@ -1123,11 +1132,12 @@ $$;
 create function agent_bridge.count_agent_usage(
     p_agent text, p_in bigint, p_out bigint, p_unreported bigint, p_cost numeric)
 returns void
-language sql
+language plpgsql
 volatile
 security invoker
 set search_path = ''
 as $$
+begin
     insert into agent_bridge.agent_usage as a (agent, input_tokens, output_tokens,
                                                 unreported_tokens, cost)
     values (p_agent, p_in, p_out, p_unreported, p_cost)
@@ -1135,23 +1145,26 @@ as $$
        set input_tokens = a.input_tokens + excluded.input_tokens,
            output_tokens = a.output_tokens + excluded.output_tokens,
            unreported_tokens = a.unreported_tokens + excluded.unreported_tokens,
-           cost = a.cost + excluded.cost
+           cost = a.cost + excluded.cost;
+end
 $$;
 
 -- A task's usage with more added.
 create function agent_bridge.add_usage(
     p_usage jsonb, p_in bigint, p_out bigint, p_cost numeric, p_unreported bigint)
 returns jsonb
-language sql
+language plpgsql
 immutable
 set search_path = ''
 as $$
-    select jsonb_strip_nulls(jsonb_build_object(
+begin
+    return jsonb_strip_nulls(jsonb_build_object(
         'input_tokens', coalesce((p_usage ->> 'input_tokens')::bigint, 0) + p_in,
         'output_tokens', coalesce((p_usage ->> 'output_tokens')::bigint, 0) + p_out,
         'cost', coalesce((p_usage ->> 'cost')::numeric, 0) + p_cost,
         'unreported_tokens', nullif(coalesce((p_usage ->> 'unreported_tokens')::bigint, 0)
-                                    + p_unreported, 0)))
+                                    + p_unreported, 0)));
+end
 $$;
 
 -- 4. State functions: the only way status changes -------------------------------------------

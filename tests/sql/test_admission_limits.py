@@ -74,9 +74,11 @@ def usage(db_url: str, user: str, day: str = "today") -> tuple[int, int] | None:
 
 def stored_size(db_url: str, payload: Any) -> int:
     """What a payload counts against the size limit and max_request_bytes_per_day: its size
-    as stored (agent_bridge.payload_bytes)."""
+    as stored (agent_bridge.payload_bytes), read from a stored tuple (a materialized CTE's):
+    a small value's header is packed to one byte there, as in the table."""
     value = payload if isinstance(payload, str) else Jsonb(payload)
-    return int(sql(db_url, "select pg_column_size(%s::jsonb)", [value])[0][0])
+    return int(sql(db_url, "with v as materialized (select %s::jsonb as j) "
+                           "select pg_column_size(j) from v", [value])[0][0])
 
 
 def reset_time() -> str:
@@ -110,6 +112,18 @@ def test_defaults_are_on_the_default_row(db: str) -> None:
     insert(db, user)
     assert usage(db, user) == (1, stored_size(db, PROMPT))
 
+
+
+@pytest.mark.parametrize("payload", [PROMPT, {"prompt": "x" * 500}], ids=["small", "large"])
+def test_a_payload_counts_its_size_in_the_table(db: str, payload: dict[str, Any]) -> None:
+    """What is counted is what the row holds, on every server version: a small value's
+    one-byte header included (PostgreSQL 18 counted 3 bytes more before the helpers were
+    PL/pgSQL, 15 did not)."""
+    user = new_user()
+    row = insert(db, user, payload)
+    assert sql(db, "select pg_column_size(request_payload), agent_bridge.payload_bytes("
+                   "request_payload) from public.agent_task_requests where id = %s",
+               [row["id"]]) == [(usage(db, user)[1], usage(db, user)[1])]
 
 # Day budgets -------------------------------------------------------------------------------
 
