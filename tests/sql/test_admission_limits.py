@@ -121,9 +121,11 @@ def test_a_payload_counts_its_size_in_the_table(db: str, payload: dict[str, Any]
     PL/pgSQL, 15 did not)."""
     user = new_user()
     row = insert(db, user, payload)
+    counted = usage(db, user)
+    assert counted is not None
     assert sql(db, "select pg_column_size(request_payload), agent_bridge.payload_bytes("
                    "request_payload) from public.agent_task_requests where id = %s",
-               [row["id"]]) == [(usage(db, user)[1], usage(db, user)[1])]
+               [row["id"]]) == [(counted[1], counted[1])]
 
 # Day budgets -------------------------------------------------------------------------------
 
