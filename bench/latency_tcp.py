@@ -36,15 +36,13 @@ the report says which other test or bench runs it saw.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 import shutil
-import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,8 +61,7 @@ from bench.benchmarks import (
 from bench.cli import bench_parser, write_json
 from bench.handlers import read_runs
 from bench.measure import summary_ms, table, wait_until
-from bench.stack import BIN, ProcGroup, Servers, base_env, servers
-from bridge.localstack import with_database
+from bench.stack import ProcGroup, Servers, base_env, external, servers
 from bridge.publisher import Publisher
 from bridge.store import Claim
 
@@ -82,43 +79,6 @@ BEFORE_FIX_SQL = ("alter function agent_bridge.claim_rows(integer, double precis
                   " text[], integer) reset jit")
 
 T = TypeVar("T")
-
-
-class ExternalServers(Servers):
-    """An external PostgreSQL, on which each benchmark database is a throwaway one of ours
-    (dropped by `stop`), and this run's own redis-server."""
-
-    def __init__(self, admin_url: str) -> None:
-        super().__init__()
-        self.admin_url = admin_url
-        self.created: list[str] = []
-
-    def start(self) -> None:
-        with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5):
-            pass
-        self.redis.start()
-
-    def stop(self) -> None:
-        self.redis.stop()
-        for name in reversed(self.created):
-            with contextlib.suppress(psycopg.Error), \
-                    psycopg.connect(self.admin_url, autocommit=True) as conn:
-                conn.execute(f'drop database if exists "{name}" with (force)'.encode())
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def new_database(self, prefix: str, *, migrated: bool = True) -> str:
-        """`agent_bridge_latency` (or `agent_bridge_latency_<prefix>`), made anew; with
-        `migrated`, through `agent-bridge migrate --database-url` as a user would."""
-        name = DATABASE if prefix == "latency" else f"{DATABASE}_{prefix}"
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)'.encode())
-            conn.execute(f'create database "{name}"'.encode())
-        self.created.append(name)
-        url = with_database(self.admin_url, name)
-        if migrated:
-            subprocess.run([str(BIN / "agent-bridge"), "migrate", "--database-url", url],
-                           check=True, capture_output=True, timeout=120)
-        return url
 
 
 # Measuring ------------------------------------------------------------------------------
@@ -366,16 +326,6 @@ def procrastinate_pickup(srv: Servers, *, n: int, warmup: int, gap: float) -> di
 
 # The run -------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def external(url: str) -> Iterator[Servers]:
-    srv = ExternalServers(url)
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
-
-
 def run_on(srv: Servers, args: Any, label: str) -> dict[str, Any]:
     """Every system on `srv`, in this order; each result says which."""
     kw = {"n": args.n, "warmup": args.warmup, "gap": args.gap / 1000}
@@ -535,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                                "runs": [], "other_jobs_before": other_jobs(),
                                "loadavg_before": os.getloadavg()}
     if not args.only_embedded:
-        with external(args.database_url) as srv:
+        with external(args.database_url, DATABASE) as srv:
             results["runs"].append(keep_logs(run_on(srv, args, "external"), srv, args.workdir))
     if args.embedded or args.only_embedded:
         with servers() as srv:

@@ -37,9 +37,8 @@ from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 from bench.cli import bench_parser, write_json
-from bench.latency_tcp import external
 from bench.measure import median_of, table
-from bench.stack import Servers, servers
+from bench.stack import Servers, external, servers
 from bridge.store import Claim, TaskStore, Write
 from bridge.store.postgres import PostgresTransport
 
@@ -167,8 +166,7 @@ def render(results: list[dict[str, Any]], repeat: int, change: str = CHANGE,
             claim, write = median_of(runs, "claim_us"), median_of(runs, "write_us")
             per_task = runs[0]["calls"] / runs[0]["tasks"]
             rows.append([path, schema, runs[0]["tasks"], f"{per_task:.2f}",
-                         f"{median_of(runs, 'insert_us'):.0f}" if "insert_us" in runs[0]
-                         else "-",
+                         f"{median_of(runs, 'insert_us'):.0f}",
                          f"{claim:.0f}", f"{write:.0f}", f"{claim + write:.0f}",
                          f"{median_of(runs, 'write_call_us'):.0f}"])
     return table(f"Postgres CPU per no-op task on the SQL path alone (µs; median of {repeat}; "
@@ -192,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     paths = ["prefork", "batches of 1", "batches of 4"] if args.quick else \
         ["prefork", "batches of 1", "batches of 2", "batches of 4", "batches of 16"]
     results = []
-    with (external(args.server) if args.server else servers()) as srv:
+    with (external(args.server, "agent_bridge_sql_path") if args.server
+          else servers()) as srv:
         server = server_version(srv.admin_url)
         for i in range(repeat):
             for path in paths:

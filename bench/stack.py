@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -156,6 +157,55 @@ def servers(root: Path | None = None) -> Iterator[Servers]:
         yield s
     finally:
         s.stop()
+
+
+class ExternalServers(Servers):
+    """An external PostgreSQL, on which each benchmark database is a throwaway one of ours
+    named after `database` (dropped by `stop`), and this run's own redis-server."""
+
+    def __init__(self, admin_url: str, database: str) -> None:
+        super().__init__()
+        self.admin_url = admin_url
+        self.database = database
+        self.created: list[str] = []
+
+    def start(self) -> None:
+        with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5):
+            pass
+        self.redis.start()
+
+    def stop(self) -> None:
+        self.redis.stop()
+        for name in reversed(self.created):
+            with contextlib.suppress(psycopg.Error), \
+                    psycopg.connect(self.admin_url, autocommit=True) as conn:
+                conn.execute(f'drop database if exists "{name}" with (force)'.encode())
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def new_database(self, prefix: str, *, migrated: bool = True) -> str:
+        """`<database>` for the prefix `latency`, else `<database>_<prefix>`, made anew;
+        with `migrated`, through `agent-bridge migrate --database-url` as a user would."""
+        name = self.database if prefix == "latency" else f"{self.database}_{prefix}"
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)'.encode())
+            conn.execute(f'create database "{name}"'.encode())
+        self.created.append(name)
+        url = with_database(self.admin_url, name)
+        if migrated:
+            subprocess.run([str(BIN / "agent-bridge"), "migrate", "--database-url", url],
+                           check=True, capture_output=True, timeout=120)
+        return url
+
+
+@contextlib.contextmanager
+def external(url: str, database: str) -> Iterator[Servers]:
+    """ExternalServers on the PostgreSQL at admin URL `url`, started and stopped."""
+    srv = ExternalServers(url, database)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
 
 
 class ProcGroup(processes.ProcGroup[Proc]):

@@ -113,7 +113,6 @@ def test_defaults_are_on_the_default_row(db: str) -> None:
     assert usage(db, user) == (1, stored_size(db, PROMPT))
 
 
-
 @pytest.mark.parametrize("payload", [PROMPT, {"prompt": "x" * 500}], ids=["small", "large"])
 def test_a_payload_counts_its_size_in_the_table(db: str, payload: dict[str, Any]) -> None:
     """What is counted is what the row holds, on every server version: a small value's
@@ -126,6 +125,7 @@ def test_a_payload_counts_its_size_in_the_table(db: str, payload: dict[str, Any]
     assert sql(db, "select pg_column_size(request_payload), agent_bridge.payload_bytes("
                    "request_payload) from public.agent_task_requests where id = %s",
                [row["id"]]) == [(counted[1], counted[1])]
+
 
 # Day budgets -------------------------------------------------------------------------------
 
